@@ -1,0 +1,23 @@
+"""efficient_attn: every family of efficient attention behind one API, measured side by side.
+
+>>> import efficient_attn as ea
+>>> out = ea.attention(q, k, v, method="blockwise", causal=True)  # doctest: +SKIP
+"""
+
+from efficient_attn import methods as _methods  # noqa: F401  (registers the families)
+from efficient_attn.api import attention, attention_weights
+from efficient_attn.reference import numpy_reference, numpy_reference_grads
+from efficient_attn.registry import FEATURES, Method, get_method, methods, register_method
+
+__all__ = [
+    "FEATURES",
+    "Method",
+    "attention",
+    "attention_weights",
+    "get_method",
+    "methods",
+    "numpy_reference",
+    "numpy_reference_grads",
+    "register_method",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,192 @@
+"""The functional API: validation written once, dispatch through the registry."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from efficient_attn.registry import Method, get_method
+
+
+@dataclasses.dataclass(frozen=True)
+class Shapes:
+    """Named dimensions of one call: q [B,Tq,N,H], k [B,Tk,K,H], v [B,Tk,K,Hv]."""
+
+    batch: int
+    q_len: int
+    kv_len: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    value_dim: int
+
+
+def _check_rank(name: str, x: Any) -> None:
+    shape = getattr(x, "shape", None)
+    if shape is None or len(shape) != 4:
+        raise ValueError(
+            f"{name} must have rank 4 [batch, seq, heads, head_dim]; got shape {shape}"
+        )
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise ValueError(f"{name} must be a floating-point array; got dtype {x.dtype}")
+
+
+def check_inputs(query: jax.Array, key: jax.Array, value: jax.Array | None) -> Shapes:
+    """Validate ``query [B,Tq,N,H]``, ``key [B,Tk,K,H]``, ``value [B,Tk,K,Hv]``."""
+    _check_rank("query", query)
+    _check_rank("key", key)
+    if value is not None:
+        _check_rank("value", value)
+    b, tq, n, h = query.shape
+    bk, tk, kh, hk = key.shape
+    if bk != b:
+        raise ValueError(f"batch sizes differ: query {b}, key {bk}")
+    if hk != h:
+        raise ValueError(f"head_dim of query ({h}) and key ({hk}) must be equal")
+    if kh < 1 or n % kh != 0:
+        raise ValueError(
+            f"query heads N={n} must be a multiple of key/value heads K={kh} "
+            "(K == N: multi-head, K == 1: multi-query, otherwise grouped-query)"
+        )
+    if tk < 1 or tq < 1:
+        raise ValueError(f"sequence lengths must be >= 1; got Tq={tq}, Tk={tk}")
+    hv = h
+    if value is not None:
+        if value.shape[:3] != key.shape[:3]:
+            raise ValueError(
+                f"key {key.shape} and value {value.shape} must agree on "
+                "[batch, seq, kv_heads] (the key and value lengths must be equal)"
+            )
+        if value.dtype != query.dtype or key.dtype != query.dtype:
+            raise ValueError(
+                f"query, key and value must share a dtype; got {query.dtype}, "
+                f"{key.dtype}, {value.dtype}"
+            )
+        hv = value.shape[3]
+    elif key.dtype != query.dtype:
+        raise ValueError(f"query and key must share a dtype; got {query.dtype}, {key.dtype}")
+    return Shapes(b, tq, tk, n, kh, h, hv)
+
+
+def check_kv_lengths(kv_lengths: Any, shapes: Shapes) -> jax.Array | None:
+    """``kv_lengths`` as an int32 ``[B]`` array, values checked where concrete."""
+    if kv_lengths is None:
+        return None
+    arr = jnp.asarray(kv_lengths)
+    if arr.shape != (shapes.batch,) or not jnp.issubdtype(arr.dtype, jnp.integer):
+        raise ValueError(
+            f"kv_lengths must be an integer array of shape [batch]=({shapes.batch},); "
+            f"got shape {arr.shape}, dtype {arr.dtype}"
+        )
+    if not isinstance(arr, jax.core.Tracer):
+        values = np.asarray(arr)
+        if (values < 0).any() or (values > shapes.kv_len).any():
+            raise ValueError(
+                f"kv_lengths must lie in [0, Tk={shapes.kv_len}]; got {values.tolist()}"
+            )
+    return arr.astype(jnp.int32)
+
+
+def _check_features(spec: Method, shapes: Shapes, causal: bool, kv_lengths: Any) -> None:
+    needed = []
+    if causal:
+        needed.append("causal")
+    if kv_lengths is not None:
+        needed.append("kv_lengths")
+    if shapes.q_len != shapes.kv_len:
+        needed.append("cross")
+    if shapes.kv_heads != shapes.heads:
+        needed.append("gqa")
+    missing = [f for f in needed if f not in spec.supports]
+    if missing:
+        raise ValueError(
+            f"method {spec.name!r} does not support {missing}; it supports {sorted(spec.supports)}"
+        )
+    reason = spec.available()
+    if reason is not None:
+        raise ValueError(f"method {spec.name!r} is not available here: {reason}")
+
+
+def _prepare(query, key, value, method, causal, kv_lengths, scale, options):
+    spec = get_method(method)
+    if not isinstance(causal, (bool, np.bool_)):
+        raise ValueError(f"causal must be a bool; got {causal!r}")
+    shapes = check_inputs(query, key, value)
+    kv_lengths = check_kv_lengths(kv_lengths, shapes)
+    _check_features(spec, shapes, bool(causal), kv_lengths)
+    opts = spec.resolve_options(options)
+    if scale is None:
+        scale = 1.0 / float(np.sqrt(shapes.head_dim))
+    return spec, shapes, kv_lengths, scale, opts
+
+
+def attention(
+    query: jax.Array,
+    key: jax.Array,
+    value: jax.Array,
+    *,
+    method: str = "dense",
+    causal: bool = False,
+    kv_lengths: jax.Array | None = None,
+    scale: float | None = None,
+    **options: Any,
+) -> jax.Array:
+    """Attention of ``query`` over ``key``/``value`` with any registered method.
+
+    Args:
+      query: ``[B, Tq, N, H]``.
+      key: ``[B, Tk, K, H]`` with ``N % K == 0`` (K < N: grouped/multi-query).
+      value: ``[B, Tk, K, Hv]``.
+      method: a name from :func:`efficient_attn.methods`.
+      causal: bottom-right aligned: query ``i`` sees key ``j`` iff
+        ``j <= i + Tk - Tq``.
+      kv_lengths: int ``[B]``; keys at positions ``>= kv_lengths[b]`` are padding.
+      scale: logit scale, default ``1/sqrt(H)``.
+      **options: method options (see ``efficient-attn methods``).
+
+    Returns:
+      ``[B, Tq, N, Hv]`` in ``query.dtype``. Rows that see no key are zero.
+    """
+    query, key, value = jnp.asarray(query), jnp.asarray(key), jnp.asarray(value)
+    spec, shapes, kv_lengths, scale, opts = _prepare(
+        query, key, value, method, causal, kv_lengths, scale, options
+    )
+    out = spec.fn(
+        query, key, value, causal=bool(causal), kv_lengths=kv_lengths, scale=scale, **opts
+    )
+    expected = (shapes.batch, shapes.q_len, shapes.heads, shapes.value_dim)
+    if out.shape != expected:
+        raise RuntimeError(f"method {method!r} returned shape {out.shape}, expected {expected}")
+    return out.astype(query.dtype)
+
+
+def attention_weights(
+    query: jax.Array,
+    key: jax.Array,
+    *,
+    method: str = "dense",
+    causal: bool = False,
+    kv_lengths: jax.Array | None = None,
+    scale: float | None = None,
+    **options: Any,
+) -> jax.Array:
+    """The explicit ``[B, N, Tq, Tk]`` float32 weights that ``method`` applies.
+
+    ``einsum('bnqk,bknd->bqnd', weights, repeat(value))`` reproduces
+    :func:`attention`. Materialises ``Tq x Tk`` per head: for small sizes
+    (plots, approximation-error analysis).
+    """
+    query, key = jnp.asarray(query), jnp.asarray(key)
+    spec, _, kv_lengths, scale, opts = _prepare(
+        query, key, None, method, causal, kv_lengths, scale, options
+    )
+    weights_fn = spec.weights
+    if weights_fn is None:  # exact methods apply dense softmax weights
+        weights_fn = get_method("dense").weights
+        opts = {}
+    w = weights_fn(query, key, causal=bool(causal), kv_lengths=kv_lengths, scale=scale, **opts)
+    return w.astype(jnp.float32)

@@ -1,0 +1,131 @@
+"""Measurement helpers: timing done right, compiled memory, analytic FLOPs.
+
+Compile is separated from running; every timing warms up, blocks on the
+result, repeats, and reports the median and spread. Inputs are fresh random
+normals (never zeros).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from efficient_attn.api import attention
+
+
+@dataclasses.dataclass(frozen=True)
+class Timing:
+    median_s: float
+    min_s: float
+    max_s: float
+    compile_s: float
+    temp_bytes: int | None  # compiled temporary memory
+
+
+def random_inputs(
+    batch: int,
+    q_len: int,
+    kv_len: int,
+    heads: int,
+    kv_heads: int,
+    head_dim: int,
+    dtype: Any = jnp.float32,
+    seed: int = 0,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Random normal q [B,Tq,N,H], k [B,Tk,K,H], v [B,Tk,K,H]."""
+    kq, kk, kv = jax.random.split(jax.random.PRNGKey(seed), 3)
+    q = jax.random.normal(kq, (batch, q_len, heads, head_dim), dtype)
+    k = jax.random.normal(kk, (batch, kv_len, kv_heads, head_dim), dtype)
+    v = jax.random.normal(kv, (batch, kv_len, kv_heads, head_dim), dtype)
+    return q, k, v
+
+
+def attention_fn(method: str, *, causal: bool, backward: bool, **options: Any) -> Callable:
+    """``f(q, k, v)``: forward output, or (dq, dk, dv) of ``sum(out * dout)`` when ``backward``."""
+
+    def fwd(q, k, v):
+        return attention(q, k, v, method=method, causal=causal, **options)
+
+    if not backward:
+        return fwd
+
+    def fwd_bwd(q, k, v):
+        out, vjp = jax.vjp(fwd, q, k, v)
+        dout = jax.random.normal(jax.random.PRNGKey(1), out.shape, out.dtype)
+        return vjp(dout)
+
+    return fwd_bwd
+
+
+def compiled(f: Callable, *args: Any) -> tuple[Any, float]:
+    """(compiled executable, compile seconds) of ``jax.jit(f)`` for ``args``."""
+    start = time.perf_counter()
+    exe = jax.jit(f).lower(*args).compile()
+    return exe, time.perf_counter() - start
+
+
+def temp_bytes(exe: Any) -> int | None:
+    """Compiled temporary memory, or None where the backend does not report it."""
+    analysis = exe.memory_analysis()
+    return None if analysis is None else int(analysis.temp_size_in_bytes)
+
+
+def time_compiled(exe: Any, args: Sequence[Any], repeats: int = 5, warmup: int = 1) -> list[float]:
+    """Seconds per call of a compiled executable (after ``warmup`` calls)."""
+    for _ in range(warmup):
+        jax.block_until_ready(exe(*args))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(exe(*args))
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def measure(f: Callable, args: Sequence[Any], repeats: int = 5, warmup: int = 1) -> Timing:
+    """Compile ``f`` for ``args``, then time it; see :class:`Timing`."""
+    exe, compile_s = compiled(f, *args)
+    times = time_compiled(exe, args, repeats, warmup)
+    return Timing(
+        median_s=statistics.median(times),
+        min_s=min(times),
+        max_s=max(times),
+        compile_s=compile_s,
+        temp_bytes=temp_bytes(exe),
+    )
+
+
+def attention_flops(
+    batch: int, heads: int, q_len: int, kv_len: int, head_dim: int, *, causal: bool, backward: bool
+) -> float:
+    """Analytic FLOPs: forward 4*B*N*Tq*Tk*H (halved for causal self-attention), x3.5 fwd+bwd."""
+    flops = 4.0 * batch * heads * q_len * kv_len * head_dim
+    if causal:
+        flops /= 2
+    return flops * (3.5 if backward else 1.0)
+
+
+def matmul_flop_rate(n: int = 2048, dtype: Any = jnp.float32, repeats: int = 5) -> float:
+    """Measured FLOP/s of an ``n x n x n`` matmul: the machine's dense ceiling."""
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), dtype)
+    b = jax.random.normal(jax.random.PRNGKey(1), (n, n), dtype)
+    t = measure(jnp.matmul, (a, b), repeats=repeats)
+    return 2.0 * n**3 / t.median_s
+
+
+def device_description() -> str:
+    d = jax.devices()[0]
+    return f"{d.platform}:{getattr(d, 'device_kind', '?')} x{jax.device_count()}"
+
+
+def relative_error(x: Any, ref: Any) -> float:
+    """Relative Frobenius error ``|x - ref| / |ref|`` in float64."""
+    x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
+    return float(np.linalg.norm(x - ref) / max(np.linalg.norm(ref), 1e-300))

@@ -1,0 +1,73 @@
+"""Float64 NumPy ground truth for exact attention, independent of JAX."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def numpy_reference(
+    q: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
+    *,
+    causal: bool = False,
+    kv_lengths: np.ndarray | None = None,
+    scale: float | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Float64 NumPy softmax attention: (output ``[B,Tq,N,Hv]``, weights ``[B,N,Tq,Tk]``).
+
+    Independent of JAX; the ground truth that exact methods are tested against.
+    """
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+    b, tq, n, h = q.shape
+    tk, kh = k.shape[1], k.shape[2]
+    scale = 1.0 / np.sqrt(h) if scale is None else float(scale)
+    k_rep = np.repeat(k, n // kh, axis=2)
+    v_rep = np.repeat(v, n // kh, axis=2)
+    logits = np.einsum("bqnh,bknh->bnqk", q, k_rep) * scale
+    lengths = np.full(b, tk) if kv_lengths is None else np.asarray(kv_lengths)
+    mask = np.arange(tk)[None, None, :] < lengths[:, None, None]
+    if causal:
+        mask = mask & (np.arange(tk)[None, :] <= np.arange(tq)[:, None] + tk - tq)[None]
+    mask = np.broadcast_to(mask[:, None], logits.shape)
+    logits = np.where(mask, logits, -np.inf)
+    row_max = logits.max(-1, keepdims=True)
+    row_max = np.where(np.isfinite(row_max), row_max, 0.0)
+    p = np.exp(logits - row_max)
+    denom = p.sum(-1, keepdims=True)
+    w = p / np.where(denom == 0, 1.0, denom)
+    return np.einsum("bnqk,bknd->bqnd", w, v_rep), w
+
+
+def numpy_reference_grads(
+    q: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
+    dout: np.ndarray,
+    *,
+    causal: bool = False,
+    kv_lengths: np.ndarray | None = None,
+    scale: float | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Float64 (dq, dk, dv) of ``sum(attention(q, k, v) * dout)``, derived by hand.
+
+    dV = W^T dO; dW = dO V^T; dS = W * (dW - rowsum(dW * W)); dQ = scale dS K;
+    dK = scale dS^T Q. K/V gradients are summed over the query heads they serve.
+    """
+    q, k, v, dout = (np.asarray(x, np.float64) for x in (q, k, v, dout))
+    b, _, n, h = q.shape
+    tk, kh = k.shape[1], k.shape[2]
+    scale = 1.0 / np.sqrt(h) if scale is None else float(scale)
+    _, w = numpy_reference(q, k, v, causal=causal, kv_lengths=kv_lengths, scale=scale)
+    g = n // kh
+    k_rep, v_rep = np.repeat(k, g, axis=2), np.repeat(v, g, axis=2)
+    dv_rep = np.einsum("bnqk,bqnd->bknd", w, dout)
+    dw = np.einsum("bqnd,bknd->bnqk", dout, v_rep)
+    ds = w * (dw - np.sum(dw * w, axis=-1, keepdims=True))
+    dq = scale * np.einsum("bnqk,bknh->bqnh", ds, k_rep)
+    dk_rep = scale * np.einsum("bnqk,bqnh->bknh", ds, q)
+
+    def fold(x):  # [B, Tk, N, D] -> [B, Tk, K, D], summing each group
+        return x.reshape(b, tk, kh, g, -1).sum(axis=3)
+
+    return dq, fold(dk_rep), fold(dv_rep)

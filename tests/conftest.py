@@ -1,0 +1,47 @@
+"""Shared test helpers: random inputs and the list of registered methods."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, settings
+
+import efficient_attn as ea
+
+settings.register_profile(
+    "ci",
+    max_examples=int(os.environ.get("HYPOTHESIS_MAX_EXAMPLES", "15")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+    derandomize=True,
+)
+settings.load_profile("ci")
+
+
+def make_qkv(
+    batch=2, q_len=13, kv_len=13, heads=4, kv_heads=2, head_dim=16, value_dim=None, seed=0
+):
+    """Random normal float32 numpy q [B,Tq,N,H], k [B,Tk,K,H], v [B,Tk,K,Hv]."""
+    rng = np.random.default_rng(seed)
+    value_dim = head_dim if value_dim is None else value_dim
+    q = rng.standard_normal((batch, q_len, heads, head_dim)).astype(np.float32)
+    k = rng.standard_normal((batch, kv_len, kv_heads, head_dim)).astype(np.float32)
+    v = rng.standard_normal((batch, kv_len, kv_heads, value_dim)).astype(np.float32)
+    return q, k, v
+
+
+def rel_err(x, ref) -> float:
+    x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
+    return float(np.linalg.norm(x - ref) / max(np.linalg.norm(ref), 1e-30))
+
+
+def method_params():
+    """One pytest param per registered method; unavailable ones are marked to skip."""
+    params = []
+    for name in ea.methods():
+        reason = ea.get_method(name).available()
+        marks = [pytest.mark.skip(reason=reason)] if reason else []
+        params.append(pytest.param(name, id=name, marks=marks))
+    return params

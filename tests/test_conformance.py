@@ -1,0 +1,231 @@
+"""The conformance suite: every registered method, tested automatically.
+
+A method registered with ``@ea.register_method`` is picked up here with no
+edits. Features a method does not declare in ``supports`` must raise
+``ValueError``; exact methods are compared with a float64 NumPy reference.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import efficient_attn as ea
+from tests.conftest import make_qkv, method_params, rel_err
+
+METHODS = method_params()
+F32_TOL = 2e-5  # relative Frobenius error of exact methods in float32
+
+
+def supports(method: str, *features: str) -> bool:
+    return set(features) <= ea.get_method(method).supports
+
+
+def require(method: str, *features: str) -> None:
+    if not supports(method, *features):
+        pytest.skip(f"{method} does not support {features}")
+
+
+def call(method, q, k, v, **kw):
+    return np.asarray(ea.attention(q, k, v, method=method, **kw), np.float32)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_shape_and_dtype(method, dtype):
+    q, k, v = make_qkv(heads=4, kv_heads=4, head_dim=16, value_dim=8)
+    out = ea.attention(q.astype(dtype), k.astype(dtype), v.astype(dtype), method=method)
+    assert out.shape == (2, 13, 4, 8)
+    assert out.dtype == dtype
+    assert np.isfinite(np.asarray(out, np.float32)).all()
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_jit_matches_eager_and_is_deterministic(method):
+    q, k, v = make_qkv(heads=4, kv_heads=4)
+    f = jax.jit(lambda q, k, v: ea.attention(q, k, v, method=method))
+    a, b = np.asarray(f(q, k, v)), np.asarray(f(q, k, v))
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_allclose(a, call(method, q, k, v), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_gradients_finite(method):
+    require(method, "grad")
+    causal = supports(method, "causal")
+    q, k, v = make_qkv(heads=4, kv_heads=4)
+
+    def loss(q, k, v):
+        return jnp.sum(jnp.sin(ea.attention(q, k, v, method=method, causal=causal)))
+
+    for g in jax.grad(loss, argnums=(0, 1, 2))(q, k, v):
+        assert np.isfinite(np.asarray(g)).all()
+        assert np.abs(np.asarray(g)).max() > 0
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("kv_heads", [1, 2], ids=["mqa", "gqa"])
+def test_gqa_equals_repeated_kv(method, kv_heads):
+    q, k, v = make_qkv(heads=4, kv_heads=kv_heads)
+    if not supports(method, "gqa"):
+        with pytest.raises(ValueError, match="gqa"):
+            ea.attention(q, k, v, method=method)
+        return
+    rep = 4 // kv_heads
+    expected = call(method, q, np.repeat(k, rep, axis=2), np.repeat(v, rep, axis=2))
+    np.testing.assert_allclose(call(method, q, k, v), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("q_len,kv_len", [(13, 13), (5, 13)], ids=["self", "cross"])
+def test_causality(method, q_len, kv_len):
+    q, k, v = make_qkv(q_len=q_len, kv_len=kv_len)
+    if not supports(method, "causal"):
+        with pytest.raises(ValueError, match="causal"):
+            ea.attention(q, k, v, method=method, causal=True)
+        return
+    require(method, "cross") if q_len != kv_len else None
+    cut = kv_len - 3  # perturb keys/values at positions >= cut
+    k2, v2 = k.copy(), v.copy()
+    k2[:, cut:] += 5.0
+    v2[:, cut:] -= 3.0
+    a = call(method, q, k, v, causal=True)
+    b = call(method, q, k2, v2, causal=True)
+    unaffected = np.arange(q_len) + (kv_len - q_len) < cut  # rows that cannot see them
+    assert unaffected.any() and not unaffected.all()
+    np.testing.assert_allclose(a[:, unaffected], b[:, unaffected], rtol=1e-5, atol=1e-5)
+    assert not np.allclose(a[:, ~unaffected], b[:, ~unaffected])
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_padding_ignored(method, causal):
+    q, k, v = make_qkv()
+    lengths = np.array([13, 6])
+    if not supports(method, "kv_lengths"):
+        with pytest.raises(ValueError, match="kv_lengths"):
+            ea.attention(q, k, v, method=method, kv_lengths=lengths)
+        return
+    if causal:
+        require(method, "causal")
+    k2, v2 = k.copy(), v.copy()
+    k2[1, 6:] = 1e4  # huge values in padding must not leak
+    v2[1, 6:] = -1e6
+    a = call(method, q, k, v, causal=causal, kv_lengths=lengths)
+    b = call(method, q, k2, v2, causal=causal, kv_lengths=lengths)
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    assert np.isfinite(b).all()
+    # Truncating the padded example to its length gives the same rows.
+    short = call(method, q[1:], k[1:, :6], v[1:, :6], causal=False) if not causal else None
+    if short is not None and supports(method, "cross"):
+        np.testing.assert_allclose(a[1:], short, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_empty_rows_are_zero_not_nan(method):
+    require(method, "kv_lengths")
+    q, k, v = make_qkv()
+    lengths = jnp.array([0, 7])
+    out = call(method, q, k, v, kv_lengths=lengths)
+    assert np.isfinite(out).all()
+    np.testing.assert_array_equal(out[0], 0.0)
+    assert np.abs(out[1]).max() > 0
+    if supports(method, "grad"):
+
+        def loss(q, k, v):
+            return jnp.sum(ea.attention(q, k, v, method=method, kv_lengths=lengths) ** 2)
+
+        for g in jax.grad(loss, argnums=(0, 1, 2))(q, k, v):
+            assert np.isfinite(np.asarray(g)).all()
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_causal_cross_with_more_queries_than_keys_gives_zero_rows(method):
+    require(method, "causal", "cross")
+    q, k, v = make_qkv(q_len=9, kv_len=4)  # bottom-right: rows 0..4 see no key
+    out = call(method, q, k, v, causal=True)
+    assert np.isfinite(out).all()
+    np.testing.assert_array_equal(out[:, :5], 0.0)
+    assert np.abs(out[:, 5:]).min(axis=(0, 2, 3)).max() >= 0 and np.abs(out[:, 5:]).max() > 0
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_weights_reproduce_attention(method, causal):
+    if causal:
+        require(method, "causal")
+    q, k, v = make_qkv(q_len=11, kv_len=11, heads=4, kv_heads=2)
+    kw = {"causal": causal}
+    if supports(method, "kv_lengths"):
+        kw["kv_lengths"] = np.array([11, 5])
+    w = np.asarray(ea.attention_weights(q, k, method=method, **kw))
+    assert w.shape == (2, 4, 11, 11) and w.dtype == np.float32
+    v_rep = np.repeat(v, 2, axis=2).astype(np.float64)
+    expected = np.einsum("bnqk,bknd->bqnd", w.astype(np.float64), v_rep)
+    np.testing.assert_allclose(call(method, q, k, v, **kw), expected, rtol=1e-4, atol=1e-5)
+
+
+# ---- exact methods against the float64 reference ------------------------------
+
+EXACT = [p for p in METHODS if ea.get_method(p.values[0]).exact]
+
+SHAPES = [  # (B, Tq, Tk, N, K, H, causal, kv_lengths)
+    pytest.param(2, 63, 63, 4, 4, 32, False, None, id="B2-T63-N4-H32"),
+    pytest.param(1, 100, 100, 4, 2, 16, True, None, id="B1-T100-gqa-causal"),
+    pytest.param(2, 37, 81, 6, 2, 24, True, (81, 30), id="B2-Tq37-Tk81-gqa3-causal-pad"),
+    pytest.param(2, 50, 17, 2, 1, 8, True, (17, 9), id="B2-Tq50-Tk17-mqa-causal-pad"),
+]
+
+
+def _exact_inputs(b, tq, tk, n, kh, h, kv_lengths, seed=0):
+    q, k, v = make_qkv(b, tq, tk, n, kh, h, seed=seed)
+    lengths = None if kv_lengths is None else np.array(kv_lengths)
+    dout = np.random.default_rng(seed + 1).standard_normal((b, tq, n, h)).astype(np.float32)
+    return q, k, v, lengths, dout
+
+
+def _out_and_grads(method, q, k, v, dout, dtype, **kw):
+    cast = [jnp.asarray(x, dtype) for x in (q, k, v)]
+    out, vjp = jax.vjp(lambda q, k, v: ea.attention(q, k, v, method=method, **kw), *cast)
+    return (out, *vjp(jnp.asarray(dout, dtype)))
+
+
+@pytest.mark.parametrize("method", EXACT)
+@pytest.mark.parametrize("b,tq,tk,n,kh,h,causal,kv_lengths", SHAPES)
+def test_exact_float32_matches_float64_reference(method, b, tq, tk, n, kh, h, causal, kv_lengths):
+    q, k, v, lengths, dout = _exact_inputs(b, tq, tk, n, kh, h, kv_lengths)
+    kw = {"causal": causal, "kv_lengths": lengths}
+    ref_out, _ = ea.numpy_reference(q, k, v, **kw)
+    refs = (ref_out, *ea.numpy_reference_grads(q, k, v, dout, **kw))
+    got = _out_and_grads(method, q, k, v, dout, jnp.float32, **kw)
+    for name, x, ref in zip(("out", "dq", "dk", "dv"), got, refs, strict=True):
+        assert rel_err(x, ref) < F32_TOL, (name, rel_err(x, ref))
+
+
+@pytest.mark.parametrize("method", EXACT)
+@pytest.mark.parametrize("b,tq,tk,n,kh,h,causal,kv_lengths", SHAPES[1:3])
+def test_exact_bf16_within_2x_of_dense_bf16(method, b, tq, tk, n, kh, h, causal, kv_lengths):
+    """FlashAttention's convention: error vs float64 at most 2x dense-in-bf16's."""
+    q, k, v, lengths, dout = _exact_inputs(b, tq, tk, n, kh, h, kv_lengths, seed=3)
+    # Round inputs to bf16 first so both computations see identical data.
+    q, k, v, dout = (np.asarray(jnp.asarray(x, jnp.bfloat16), np.float32) for x in (q, k, v, dout))
+    kw = {"causal": causal, "kv_lengths": lengths}
+    ref_out, _ = ea.numpy_reference(q, k, v, **kw)
+    refs = (ref_out, *ea.numpy_reference_grads(q, k, v, dout, **kw))
+    got = _out_and_grads(method, q, k, v, dout, jnp.bfloat16, **kw)
+    base = _out_and_grads("dense", q, k, v, dout, jnp.bfloat16, **kw)
+    for name, x, y, ref in zip(("out", "dq", "dk", "dv"), got, base, refs, strict=True):
+        x, y = np.asarray(x, np.float32), np.asarray(y, np.float32)
+        assert rel_err(x, ref) <= 2 * rel_err(y, ref) + 1e-3, (name, rel_err(x, ref))
+
+
+@pytest.mark.parametrize("method", EXACT)
+def test_exact_large_logits_stable(method):
+    q, k, v = make_qkv(q_len=24, kv_len=24)
+    q = q * 30.0  # logits of magnitude ~100
+    out = call(method, q, k, v, causal=supports(method, "causal"))
+    ref, _ = ea.numpy_reference(q, k, v, causal=supports(method, "causal"))
+    assert np.isfinite(out).all()
+    assert rel_err(out, ref) < 1e-4
