@@ -5,7 +5,7 @@
 """
 
 from efficient_attn import methods as _methods  # noqa: F401  (registers the families)
-from efficient_attn.api import attention, attention_weights
+from efficient_attn.api import attention, attention_weights, sparsity_pattern
 from efficient_attn.reference import numpy_reference, numpy_reference_grads
 from efficient_attn.registry import FEATURES, Method, get_method, methods, register_method
 
@@ -19,5 +19,6 @@ __all__ = [
     "numpy_reference",
     "numpy_reference_grads",
     "register_method",
+    "sparsity_pattern",
 ]
 __version__ = "0.1.0"

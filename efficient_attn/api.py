@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from efficient_attn.registry import Method, get_method
+from efficient_attn.registry import Method, get_method, methods
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,3 +190,27 @@ def attention_weights(
         opts = {}
     w = weights_fn(query, key, causal=bool(causal), kv_lengths=kv_lengths, scale=scale, **opts)
     return w.astype(jnp.float32)
+
+
+def sparsity_pattern(method: str, tq: int, tk: int, *, causal: bool = False, **options: Any):
+    """Boolean ``[tq, tk]`` NumPy array: the query-key pairs ``method`` lets interact.
+
+    Includes the causal rule, excludes ``kv_lengths``. ``attention`` of a
+    sparse method equals dense softmax attention restricted to this pattern.
+    Methods without a pattern (dense, linear, ...) raise ``ValueError``.
+    """
+    spec = get_method(method)
+    if spec.pattern is None:
+        with_pattern = [m for m in methods() if get_method(m).pattern is not None]
+        raise ValueError(
+            f"method {method!r} has no sparsity pattern; methods with one: {with_pattern}"
+        )
+    if tq < 1 or tk < 1:
+        raise ValueError(f"{tq=} and {tk=} must be >= 1")
+    if "causal" not in spec.supports and causal:
+        raise ValueError(f"method {method!r} does not support ['causal']")
+    opts = spec.resolve_options(options)
+    pattern = np.asarray(spec.pattern(tq, tk, causal=bool(causal), **opts), dtype=bool)
+    if pattern.shape != (tq, tk):
+        raise RuntimeError(f"{method!r} pattern has shape {pattern.shape}, expected {(tq, tk)}")
+    return pattern

@@ -13,10 +13,13 @@ def numpy_reference(
     causal: bool = False,
     kv_lengths: np.ndarray | None = None,
     scale: float | None = None,
+    mask: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Float64 NumPy softmax attention: (output ``[B,Tq,N,Hv]``, weights ``[B,N,Tq,Tk]``).
 
     Independent of JAX; the ground truth that exact methods are tested against.
+    ``mask`` (bool ``[Tq, Tk]``, e.g. a sparsity pattern) further restricts
+    which pairs interact, on top of ``causal`` and ``kv_lengths``.
     """
     q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
     b, tq, n, h = q.shape
@@ -26,9 +29,12 @@ def numpy_reference(
     v_rep = np.repeat(v, n // kh, axis=2)
     logits = np.einsum("bqnh,bknh->bnqk", q, k_rep) * scale
     lengths = np.full(b, tk) if kv_lengths is None else np.asarray(kv_lengths)
+    extra_mask = mask
     mask = np.arange(tk)[None, None, :] < lengths[:, None, None]
     if causal:
         mask = mask & (np.arange(tk)[None, :] <= np.arange(tq)[:, None] + tk - tq)[None]
+    if extra_mask is not None:
+        mask = mask & np.asarray(extra_mask, bool)[None]
     mask = np.broadcast_to(mask[:, None], logits.shape)
     logits = np.where(mask, logits, -np.inf)
     row_max = logits.max(-1, keepdims=True)

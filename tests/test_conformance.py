@@ -229,3 +229,32 @@ def test_exact_large_logits_stable(method):
     ref, _ = ea.numpy_reference(q, k, v, causal=supports(method, "causal"))
     assert np.isfinite(out).all()
     assert rel_err(out, ref) < 1e-4
+
+
+# ---- sparse methods: attention == dense softmax restricted to the pattern ----
+
+PATTERNED = [p for p in METHODS if ea.get_method(p.values[0]).pattern is not None]
+
+
+@pytest.mark.parametrize("method", PATTERNED)
+@pytest.mark.parametrize(
+    "tq,tk,causal,kv_lengths",
+    [(77, 77, False, None), (77, 77, True, (77, 40)), (45, 130, True, (130, 3))],
+    ids=["T77", "T77-causal-pad", "Tq45-Tk130-causal-pad"],
+)
+def test_pattern_matches_masked_dense(method, tq, tk, causal, kv_lengths):
+    if causal:
+        require(method, "causal")
+    if tq != tk:
+        require(method, "cross")
+    pattern = ea.sparsity_pattern(method, tq, tk, causal=causal)
+    assert pattern.shape == (tq, tk) and pattern.dtype == bool
+    if causal:  # a causal pattern never reaches past the bottom-right diagonal
+        assert not (pattern & ~np.tril(np.ones((tq, tk), bool), k=tk - tq)).any()
+    q, k, v = make_qkv(2, tq, tk, 4, 2, 16)
+    lengths = None if kv_lengths is None else np.array(kv_lengths)
+    ref, ref_w = ea.numpy_reference(q, k, v, causal=causal, kv_lengths=lengths, mask=pattern)
+    out = call(method, q, k, v, causal=causal, kv_lengths=lengths)
+    assert rel_err(out, ref) < F32_TOL
+    w = ea.attention_weights(q, k, method=method, causal=causal, kv_lengths=lengths)
+    np.testing.assert_allclose(np.asarray(w), ref_w, atol=1e-5)

@@ -1,3 +1,11 @@
-"""Attention families, one file each; importing this package registers them."""
+"""Attention families, one file each.
 
-from efficient_attn.methods import baselines, blockwise, dense  # noqa: F401
+Every module in this package is imported here, which runs its
+``@register_method`` decorators: adding a variant is adding a file.
+"""
+
+import importlib
+import pkgutil
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")

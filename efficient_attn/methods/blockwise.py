@@ -223,7 +223,7 @@ def blockwise(
     kv_lengths: jax.Array | None,
     scale: float,
     block_q: int = 512,
-    block_k: int = 512,
+    block_k: int = 256,
 ) -> jax.Array:
     """Memory-efficient exact attention (Rabe & Staats 2021; FlashAttention-2 online softmax).
 

@@ -1,0 +1,5 @@
+import sys
+
+from efficient_attn.cli import main
+
+sys.exit(main())

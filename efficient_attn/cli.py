@@ -1,0 +1,157 @@
+"""``efficient-attn`` command line: thin subcommands over the library.
+
+efficient-attn methods     registered methods and their properties
+efficient-attn compare     a quick side-by-side comparison on this machine
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+import efficient_attn as ea
+from efficient_attn import bench
+
+#: name -> (help, run(args) -> exit code). Other modules add their
+#: subcommands with :func:`subcommand`.
+_SUBCOMMANDS: dict[str, tuple[str, Callable]] = {}
+
+
+def subcommand(name: str, help: str):
+    """Decorator registering ``run(args)``; ``run.add_arguments(parser)`` is optional."""
+
+    def decorator(run: Callable) -> Callable:
+        _SUBCOMMANDS[name] = (help, run)
+        return run
+
+    return decorator
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated ints, got {text!r}") from None
+
+
+def _methods_table() -> str:
+    rows = ["| method | exact | supports | options | available | description |", "|---" * 6 + "|"]
+    for name in ea.methods():
+        m = ea.get_method(name)
+        opts = ", ".join(f"{k}={v!r}" for k, v in m.options.items()) or "-"
+        reason = m.available()
+        rows.append(
+            f"| {name} | {m.exact} | {', '.join(sorted(m.supports))} | {opts} | "
+            f"{'yes' if reason is None else 'no: ' + reason} | {m.description} |"
+        )
+    return "\n".join(rows)
+
+
+@subcommand("methods", help="list registered methods with their properties")
+def run_methods(args: argparse.Namespace) -> int:
+    print(_methods_table())
+    return 0
+
+
+def compare_table(
+    methods: Sequence[str],
+    seq_lens: Sequence[int],
+    *,
+    batch: int = 1,
+    heads: int = 4,
+    head_dim: int = 64,
+    causal: bool = True,
+    repeats: int = 3,
+    echo: Callable[[str], None] = print,
+) -> list[dict]:
+    """Time fwd and fwd+bwd, compiled temp memory and error vs float64 for each point."""
+    rows = []
+    echo(
+        "| method | seq | fwd ms | fwd+bwd ms | fwd GFLOP/s | fwd+bwd temp MiB | rel. error |\n"
+        "|---|---:|---:|---:|---:|---:|---:|"
+    )
+    for t in seq_lens:
+        q, k, v = bench.random_inputs(batch, t, t, heads, heads, head_dim)
+        ref, _ = ea.numpy_reference(np.asarray(q), np.asarray(k), np.asarray(v), causal=causal)
+        for name in methods:
+            reason = ea.get_method(name).available()
+            if reason is not None:
+                echo(f"| {name} | {t} | unavailable: {reason} | | | | |")
+                continue
+            fwd = bench.measure(
+                bench.attention_fn(name, causal=causal, backward=False), (q, k, v), repeats
+            )
+            both = bench.measure(
+                bench.attention_fn(name, causal=causal, backward=True), (q, k, v), repeats
+            )
+            out = ea.attention(q, k, v, method=name, causal=causal)
+            flops = bench.attention_flops(
+                batch, heads, t, t, head_dim, causal=causal, backward=False
+            )
+            row = {
+                "method": name,
+                "seq_len": t,
+                "fwd_ms": fwd.median_s * 1e3,
+                "fwd_bwd_ms": both.median_s * 1e3,
+                "fwd_gflops": flops / fwd.median_s / 1e9,
+                "temp_mib": (both.temp_bytes or 0) / 2**20,
+                "rel_error": bench.relative_error(out, ref),
+            }
+            rows.append(row)
+            echo(
+                f"| {name} | {t} | {row['fwd_ms']:.1f} | {row['fwd_bwd_ms']:.1f} | "
+                f"{row['fwd_gflops']:.1f} | {row['temp_mib']:.1f} | {row['rel_error']:.1e} |"
+            )
+    return rows
+
+
+def _compare_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--methods", default=None, help="comma-separated (default: all available)")
+    p.add_argument("--seq-lens", type=_int_list, default=[512, 1024, 2048])
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--causal", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--repeats", type=int, default=3)
+
+
+@subcommand("compare", help="quick side-by-side comparison of methods on this machine")
+def run_compare(args: argparse.Namespace) -> int:
+    names = args.methods.split(",") if args.methods else list(ea.methods())
+    for name in names:
+        ea.get_method(name)  # unknown names fail before any work
+    print(f"# efficient_attn compare on {bench.device_description()}")
+    print(f"B=1, N={args.heads}, H={args.head_dim}, float32, causal={args.causal}\n")
+    compare_table(
+        names,
+        args.seq_lens,
+        heads=args.heads,
+        head_dim=args.head_dim,
+        causal=args.causal,
+        repeats=args.repeats,
+    )
+    return 0
+
+
+run_compare.add_arguments = _compare_args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="efficient-attn", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (help_text, run) in _SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=help_text)
+        getattr(run, "add_arguments", lambda p: None)(p)
+        p.set_defaults(run=run)
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except ValueError as e:
+        print(f"efficient-attn: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
