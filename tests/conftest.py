@@ -33,8 +33,10 @@ def make_qkv(
 
 
 def rel_err(x, ref) -> float:
+    """Relative Frobenius error, with an absolute floor of 1e-6 RMS for near-zero references."""
     x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
-    return float(np.linalg.norm(x - ref) / max(np.linalg.norm(ref), 1e-30))
+    floor = 1e-6 * np.sqrt(max(ref.size, 1))
+    return float(np.linalg.norm(x - ref) / max(np.linalg.norm(ref), floor))
 
 
 def method_params():

@@ -26,7 +26,7 @@ from efficient_attn.registry import register_method
 
 def _q_blocks(q: jax.Array, kv_heads: int, block: int) -> jax.Array:
     """[B, T, N, H] -> [nb, B, K, G, block, H] (zero-padded)."""
-    x = masking.pad_axis(masking.group_queries(q, kv_heads), 1, block)
+    x = masking.pad_axis(masking.group_queries(jnp.asarray(q), kv_heads), 1, block)
     b, t, k, g, h = x.shape
     return x.reshape(b, t // block, block, k, g, h).transpose(1, 0, 3, 4, 2, 5)
 
@@ -40,7 +40,7 @@ def _q_unblocks(x: jax.Array, length: int) -> jax.Array:
 
 def _kv_blocks(x: jax.Array, block: int) -> jax.Array:
     """[B, T, K, H] -> [nb, B, K, block, H] (zero-padded)."""
-    x = masking.pad_axis(x, 1, block)
+    x = masking.pad_axis(jnp.asarray(x), 1, block)
     b, t, k, h = x.shape
     return x.reshape(b, t // block, block, k, h).transpose(1, 0, 3, 2, 4)
 

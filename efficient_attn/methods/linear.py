@@ -1,0 +1,471 @@
+"""Linear attention: ``phi(Q) (phi(K)^T V)``, O(N) time and memory, causal by chunks.
+
+Katharopoulos et al. 2020, "Transformers are RNNs" (``elu + 1`` features);
+ReLU features; Shen et al. 2018, "Efficient Attention" (softmax over features
+for queries, over the sequence for keys); Choromanski et al. 2020,
+"Rethinking Attention with Performers" (FAVOR+ positive orthogonal random
+features). Causal attention is computed chunkwise as in GLA (Yang et al.
+2023) and flash-linear-attention: a quadratic part inside each chunk of
+``chunk`` positions plus the running state ``S = sum_j phi(k_j) v_j^T [F, Hv]``
+and normaliser ``z = sum_j phi(k_j) [F]`` carried across chunks by
+``jax.lax.scan``. The chunk body is rematerialised, so the backward pass
+stores one state per chunk, never one per position. The same chunk step with
+one position is the recurrent (RNN) form used for decoding: :func:`step`.
+
+Definitions. ``scale`` enters as ``sqrt(scale)`` on both sides:
+``x = sqrt(scale) q``, ``y = sqrt(scale) k`` (the split under which FAVOR+
+estimates ``exp(scale q·k)``; pass ``scale=1.0`` for the papers' unscaled
+elu/relu/softmax maps). Key ``j`` is *visible* to query ``i`` when
+``j < kv_lengths[b]`` and, if causal, ``j <= i + Tk - Tq``. Then
+
+* ``linear_elu``, ``linear_relu``, ``performer`` (row-normalised):
+  ``w_ij = phi(x_i)·phi(y_j) / max(sum_{visible j'} phi(x_i)·phi(y_j'), eps)``
+  (``eps > 0`` for ``linear_relu`` only; elsewhere an all-zero row stays 0);
+* ``linear_softmax`` (feature-normalised):
+  ``w_ij = sum_f softmax(x_i)_f exp(y_jf) / sum_{visible j'} exp(y_j'f)``:
+  the key softmax runs over the keys the query sees, so under ``causal=True``
+  it is a running (prefix) softmax over the keys up to the query's position.
+
+Rows that see no key are zero. Features, states and normalisers are float32
+(float64 for float64 inputs). Exponential features (``linear_softmax``,
+``performer``) are shifted by the running maximum of the visible keys'
+log-features (per head; per head and feature for ``linear_softmax``) and
+queries by their own maximum: constants that cancel in the ratio, are taken
+over valid keys only (padding never changes a result) and keep large logits
+finite in bf16.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from efficient_attn import masking
+from efficient_attn.registry import get_method, register_method
+
+FAMILY = ("linear_elu", "linear_relu", "linear_softmax", "performer")
+
+
+@functools.lru_cache(maxsize=64)
+def performer_projection(num_features: int, head_dim: int, seed: int) -> np.ndarray:
+    """FAVOR+ random projection ``W [F, H]`` drawn from ``jax.random.PRNGKey(seed)``.
+
+    Rows come in blocks of ``H`` mutually orthogonal directions (QR of a
+    Gaussian block), each row rescaled by the norm of an independent Gaussian
+    vector, so every row is marginally ``N(0, I_H)`` (Choromanski et al. 2020,
+    sec. 2.4). The same ``(num_features, head_dim, seed)`` always gives the
+    same array; it never depends on the data.
+    """
+    blocks = masking.cdiv(num_features, head_dim)
+    with jax.ensure_compile_time_eval():
+        k_dir, k_norm = jax.random.split(jax.random.PRNGKey(seed))
+        gauss = np.asarray(jax.random.normal(k_dir, (blocks, head_dim, head_dim), jnp.float32))
+        norms = np.asarray(jax.random.normal(k_norm, (num_features, head_dim), jnp.float32))
+    q, r = np.linalg.qr(gauss.astype(np.float64))  # [blocks, H, H]
+    q = q * np.sign(np.diagonal(r, axis1=-2, axis2=-1))[:, None, :]
+    rows = np.swapaxes(q, -1, -2).reshape(blocks * head_dim, head_dim)[:num_features]
+    w = (rows * np.linalg.norm(norms.astype(np.float64), axis=-1)[:, None]).astype(np.float32)
+    w.setflags(write=False)
+    return w
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class FeatureMap:
+    """``phi`` for queries and keys of one method.
+
+    ``query(x)`` gives non-negative features ``[..., F]`` (any per-row
+    positive factor cancels). ``key(y)`` gives features ``[..., F]`` for
+    elu/relu and log-features for the exponential maps (``exp_keys``), which
+    the caller exponentiates after subtracting a running maximum.
+    """
+
+    kind: str
+    eps: float = 0.0
+    projection: np.ndarray | None = None  # [F, H], performer
+
+    @property
+    def exp_keys(self) -> bool:
+        return self.kind in ("linear_softmax", "performer")
+
+    @property
+    def per_feature(self) -> bool:
+        """Normalised per feature (``linear_softmax``) instead of per row."""
+        return self.kind == "linear_softmax"
+
+    def num_features(self, head_dim: int) -> int:
+        return head_dim if self.projection is None else self.projection.shape[0]
+
+    def _favor_logits(self, x: jax.Array) -> jax.Array:
+        w = jnp.asarray(self.projection, x.dtype)
+        return x @ w.T - 0.5 * jnp.sum(x * x, axis=-1, keepdims=True)
+
+    def query(self, x: jax.Array) -> jax.Array:
+        if self.kind == "linear_elu":
+            return jax.nn.elu(x) + 1.0
+        if self.kind == "linear_relu":
+            return jax.nn.relu(x)
+        if self.kind == "linear_softmax":
+            return jax.nn.softmax(x, axis=-1)
+        logits = self._favor_logits(x)
+        return jnp.exp(logits - jax.lax.stop_gradient(logits.max(-1, keepdims=True)))
+
+    def key(self, y: jax.Array) -> jax.Array:
+        if self.kind == "linear_elu":
+            return jax.nn.elu(y) + 1.0
+        if self.kind == "linear_relu":
+            return jax.nn.relu(y)
+        if self.kind == "linear_softmax":
+            return y
+        return self._favor_logits(y)
+
+
+class LinearState(NamedTuple):
+    """What the keys seen so far leave behind, per batch element and K/V head.
+
+    ``s [B, K, F, Hv] = sum_j phi(k_j) v_j^T`` and ``z [B, K, F] = sum_j phi(k_j)``,
+    both times ``exp(-m)``; ``m`` is the running maximum of the key
+    log-features, ``[B, K, 1]`` (``performer``) or ``[B, K, F]``
+    (``linear_softmax``); it stays 0 for elu/relu.
+    """
+
+    s: jax.Array
+    z: jax.Array
+    m: jax.Array
+
+
+def _positive_int(name: str, value: Any) -> int:
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name}={value!r} must be a positive int")
+    return int(value)
+
+
+def _feature_map(method: str, head_dim: int, options: dict[str, Any]) -> tuple[FeatureMap, int]:
+    """(feature map, chunk) of ``method`` after validating option values."""
+    chunk = _positive_int("chunk", options["chunk"])
+    if method == "linear_relu":
+        eps = options["eps"]
+        if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not 0 < eps < np.inf:
+            raise ValueError(f"eps={eps!r} must be a positive finite float")
+        return FeatureMap(method, eps=float(eps)), chunk
+    if method == "performer":
+        num_features = _positive_int("num_features", options["num_features"])
+        seed = options["seed"]
+        if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
+            raise ValueError(f"seed={seed!r} must be a non-negative int")
+        projection = performer_projection(num_features, head_dim, int(seed))
+        return FeatureMap(method, projection=projection), chunk
+    return FeatureMap(method), chunk
+
+
+def _empty_state(fm: FeatureMap, b: int, kh: int, f: int, hv: int, dtype) -> LinearState:
+    m_width = f if fm.per_feature else 1
+    m = jnp.full((b, kh, m_width), -jnp.inf if fm.exp_keys else 0.0, dtype)
+    return LinearState(jnp.zeros((b, kh, f, hv), dtype), jnp.zeros((b, kh, f), dtype), m)
+
+
+def _safe_inverse(d: jax.Array, eps: float = 0.0) -> jax.Array:
+    """``1 / max(d, eps)``, or ``1/d`` with 0 where ``d == 0`` when ``eps == 0``."""
+    if eps > 0:
+        return 1.0 / jnp.maximum(d, eps)
+    return jnp.where(d > 0, 1.0 / jnp.where(d > 0, d, 1.0), 0.0)
+
+
+def _absorb(
+    fm: FeatureMap, state: LinearState, y: jax.Array, valid: jax.Array
+) -> tuple[jax.Array, LinearState]:
+    """Key features ``beta [B, K, C, F]`` of ``y [B, K, C, H]`` and ``state`` rescaled to match.
+
+    ``valid [B, 1, C]``: padded keys get zero features. Exponential features
+    are ``exp(log-feature - m)`` with ``m`` the running maximum over valid keys.
+    """
+    feats = fm.key(y)
+    mask = valid[..., None]
+    if not fm.exp_keys:
+        return jnp.where(mask, feats, 0.0), state
+    logits = jnp.where(mask, feats, -jnp.inf)
+    axes = -2 if fm.per_feature else (-2, -1)
+    c = jax.lax.stop_gradient(jnp.max(logits, axis=axes))  # [B, K, F] or [B, K]
+    m = jnp.maximum(state.m, c if fm.per_feature else c[..., None])
+    m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
+    r = jnp.exp(state.m - m_safe)  # [B, K, 1 or F]
+    beta = jnp.exp(logits - m_safe[:, :, None, :])
+    return beta, LinearState(state.s * r[..., None], state.z * r, m)
+
+
+def _readout(
+    fm: FeatureMap,
+    alpha: jax.Array,
+    state: LinearState,
+    beta: jax.Array | None = None,
+    v: jax.Array | None = None,
+) -> jax.Array:
+    """Outputs ``[B, K, G, C, Hv]`` of query features ``alpha [B, K, G, C, F]``.
+
+    Keys in ``state`` are visible to every query; with ``beta [B, K, C, F]``,
+    ``v [B, K, C, Hv]`` (the chunk's own keys), query ``c`` also sees keys ``<= c``.
+    """
+    c = alpha.shape[-2]
+    if fm.per_feature:
+        d = state.z[:, :, None, :]  # [B, K, 1, F]
+        if beta is not None:
+            d = d + jnp.cumsum(beta, axis=2)  # [B, K, C, F]
+        alpha = alpha * _safe_inverse(d)[:, :, None]
+    num = jnp.einsum("bkgcf,bkfd->bkgcd", alpha, state.s)
+    den = jnp.einsum("bkgcf,bkf->bkgc", alpha, state.z)
+    if beta is not None:
+        a = jnp.einsum("bkgif,bkjf->bkgij", alpha, beta) * jnp.tril(jnp.ones((c, c), bool))
+        num = num + jnp.einsum("bkgij,bkjd->bkgid", a, v)
+        den = den + jnp.sum(a, axis=-1)
+    if fm.per_feature:
+        return num
+    return num * _safe_inverse(den, fm.eps)[..., None]
+
+
+def _chunk_step(fm, state, x, y, v, valid):
+    """One chunk: x [B,K,G,C,H], y [B,K,C,H], v [B,K,C,Hv], valid [B,1,C] -> (out, state)."""
+    beta, state = _absorb(fm, state, y, valid)
+    out = _readout(fm, fm.query(x), state, beta, v)
+    s = state.s + jnp.einsum("bkcf,bkcd->bkfd", beta, v)
+    return out, LinearState(s, state.z + jnp.sum(beta, axis=2), state.m)
+
+
+def _add_keys(fm, state, y, v, valid):
+    """``state`` after absorbing y [B,K,T,H], v [B,K,T,Hv] all at once (no outputs)."""
+    beta, state = _absorb(fm, state, y, valid)
+    s = state.s + jnp.einsum("bkcf,bkcd->bkfd", beta, v)
+    return LinearState(s, state.z + jnp.sum(beta, axis=2), state.m)
+
+
+def _linear_attention(fm, q, k, v, *, causal, kv_lengths, scale, chunk):
+    """q [B,Tq,N,H], k [B,Tk,K,H], v [B,Tk,K,Hv] -> [B,Tq,N,Hv] (chunked when causal)."""
+    b, tq, n, h = q.shape
+    tk, kh, hv = k.shape[1], k.shape[2], v.shape[-1]
+    acc = masking.stat_dtype(q.dtype)
+    root = jnp.sqrt(jnp.asarray(scale, acc))
+    x = masking.group_queries(q.astype(acc) * root, kh).transpose(0, 2, 3, 1, 4)  # [B,K,G,Tq,H]
+    y = (k.astype(acc) * root).transpose(0, 2, 1, 3)  # [B, K, Tk, H]
+    vt = v.astype(acc).transpose(0, 2, 1, 3)  # [B, K, Tk, Hv]
+    kv_len = masking.full_kv_lengths(kv_lengths, b, tk)
+    valid = (jnp.arange(tk)[None, :] < kv_len[:, None])[:, None]  # [B, 1, Tk]
+    state = _empty_state(fm, b, kh, fm.num_features(h), hv, acc)
+
+    if not causal:
+        state = _add_keys(fm, state, y, vt, valid)
+        out = _readout(fm, fm.query(x), state)  # [B, K, G, Tq, Hv]
+        return out.transpose(0, 3, 1, 2, 4).reshape(b, tq, n, hv)
+
+    offset = tk - tq  # query i sits at key position i + offset
+    if offset > 0:
+        state = _add_keys(fm, state, y[:, :, :offset], vt[:, :, :offset], valid[..., :offset])
+        y, vt, valid = y[:, :, offset:], vt[:, :, offset:], valid[..., offset:]
+    elif offset < 0:
+        x = x[:, :, :, -offset:]
+    length = min(tq, tk)
+    c = min(chunk, length)
+    nc = masking.cdiv(length, c)
+
+    def blocks(t, axis):  # split ``axis`` (length ``length``) into [nc, ..., c, ...]
+        t = masking.pad_axis(t, axis, c)
+        t = t.reshape(*t.shape[:axis], nc, c, *t.shape[axis + 1 :])
+        return jnp.moveaxis(t, axis, 0)
+
+    def body(carry, xs):
+        out, carry = _chunk_step(fm, carry, *xs)
+        return carry, out
+
+    xs = (blocks(x, 3), blocks(y, 2), blocks(vt, 2), blocks(valid, 2))
+    _, out = jax.lax.scan(jax.checkpoint(body, prevent_cse=False), state, xs)
+    out = jnp.moveaxis(out, 0, 3).reshape(b, kh, -1, nc * c, hv)[:, :, :, :length]
+    out = out.transpose(0, 3, 1, 2, 4).reshape(b, length, n, hv)
+    if offset < 0:
+        out = jnp.pad(out, ((0, 0), (-offset, 0), (0, 0), (0, 0)))
+    return out
+
+
+def _quadratic_weights(fm, q, k, *, causal, kv_lengths, scale):
+    """The ``[B, N, Tq, Tk]`` weights of the module docstring, computed directly in O(Tq*Tk)."""
+    b, tq, n, _ = q.shape
+    tk, kh = k.shape[1], k.shape[2]
+    acc = masking.stat_dtype(q.dtype)
+    root = jnp.sqrt(jnp.asarray(scale, acc))
+    alpha = fm.query(masking.group_queries(q.astype(acc) * root, kh))  # [B, Tq, K, G, F]
+    feats = fm.key(k.astype(acc) * root)  # [B, Tk, K, F]
+    mask = masking.dense_mask(kv_lengths, b, tq, tk, causal=causal)  # [B, Tq, Tk]
+    valid = (jnp.arange(tk) < masking.full_kv_lengths(kv_lengths, b, tk)[:, None])[..., None, None]
+    if fm.exp_keys:
+        logits = jnp.where(valid, feats, -jnp.inf)
+        c = jnp.max(logits, axis=1 if fm.per_feature else (1, 3), keepdims=True)
+        beta = jnp.exp(logits - jnp.where(jnp.isfinite(c), c, 0.0))
+    else:
+        beta = jnp.where(valid, feats, 0.0)
+    if fm.per_feature:
+        d = jnp.einsum("bqs,bskf->bqkf", mask.astype(acc), beta)
+        alpha = alpha * _safe_inverse(d)[:, :, :, None]
+    w = jnp.einsum("bqkgf,bskf->bkgqs", alpha, beta) * mask[:, None, None]
+    if not fm.per_feature:
+        w = w * _safe_inverse(jnp.sum(w, axis=-1), fm.eps)[..., None]
+    return w.reshape(b, n, tq, tk)
+
+
+def _weights_of(method: str):
+    def weights(q, k, *, causal, kv_lengths, scale, **options):
+        fm, _ = _feature_map(method, q.shape[-1], options)
+        return _quadratic_weights(fm, q, k, causal=causal, kv_lengths=kv_lengths, scale=scale)
+
+    weights.__name__ = f"{method}_weights"
+    weights.__doc__ = f"``[B, N, Tq, Tk]`` weights of ``{method}`` (quadratic reference form)."
+    return weights
+
+
+def _run(method, q, k, v, causal, kv_lengths, scale, **options):
+    fm, chunk = _feature_map(method, q.shape[-1], options)
+    out = _linear_attention(
+        fm, q, k, v, causal=causal, kv_lengths=kv_lengths, scale=scale, chunk=chunk
+    )
+    return out.astype(q.dtype)
+
+
+@register_method("linear_elu", exact=False, weights=_weights_of("linear_elu"))
+def linear_elu(q, k, v, *, causal: bool, kv_lengths, scale, chunk: int = 64) -> jax.Array:
+    """Linear attention with ``phi = elu + 1`` (Katharopoulos et al. 2020); F = H features.
+
+    q: [B, Tq, N, H], k: [B, Tk, K, H], v: [B, Tk, K, Hv] -> [B, Tq, N, Hv].
+    ``chunk``: positions per chunk of the causal form (time O(N (chunk + H) Hv)).
+    """
+    return _run("linear_elu", q, k, v, causal, kv_lengths, scale, chunk=chunk)
+
+
+@register_method("linear_relu", exact=False, weights=_weights_of("linear_relu"))
+def linear_relu(
+    q, k, v, *, causal: bool, kv_lengths, scale, chunk: int = 64, eps: float = 1e-6
+) -> jax.Array:
+    """Linear attention with ``phi = relu``, normaliser floored at ``eps``; F = H features.
+
+    q: [B, Tq, N, H], k: [B, Tk, K, H], v: [B, Tk, K, Hv] -> [B, Tq, N, Hv].
+    Rows whose features all vanish return 0 (their weights sum to < 1).
+    ``scale`` cancels (relu is positively homogeneous) except against ``eps``.
+    """
+    return _run("linear_relu", q, k, v, causal, kv_lengths, scale, chunk=chunk, eps=eps)
+
+
+@register_method("linear_softmax", exact=False, weights=_weights_of("linear_softmax"))
+def linear_softmax(q, k, v, *, causal: bool, kv_lengths, scale, chunk: int = 64) -> jax.Array:
+    """Efficient attention ``softmax_H(Q) (softmax_T(K)^T V)`` (Shen et al. 2018).
+
+    q: [B, Tq, N, H], k: [B, Tk, K, H], v: [B, Tk, K, Hv] -> [B, Tq, N, Hv].
+    The key softmax over the sequence is taken over the keys each query sees:
+    with ``causal=True`` it is a running softmax over the prefix ``j <= i + Tk - Tq``.
+    """
+    return _run("linear_softmax", q, k, v, causal, kv_lengths, scale, chunk=chunk)
+
+
+@register_method("performer", exact=False, weights=_weights_of("performer"))
+def performer(
+    q,
+    k,
+    v,
+    *,
+    causal: bool,
+    kv_lengths,
+    scale,
+    chunk: int = 64,
+    num_features: int = 256,
+    seed: int = 0,
+) -> jax.Array:
+    """Performer FAVOR+ (Choromanski et al. 2020): positive orthogonal random features.
+
+    q: [B, Tq, N, H], k: [B, Tk, K, H], v: [B, Tk, K, Hv] -> [B, Tq, N, Hv].
+    ``phi(x) = exp(W x - |x|^2 / 2)`` with ``W = performer_projection(num_features,
+    H, seed)`` shared by all heads, so ``phi(x)·phi(y)`` estimates
+    ``exp(scale q·k)``; error shrinks like ``1/sqrt(num_features)``.
+    """
+    return _run(
+        "performer",
+        q,
+        k,
+        v,
+        causal,
+        kv_lengths,
+        scale,
+        chunk=chunk,
+        num_features=num_features,
+        seed=seed,
+    )
+
+
+def _recurrent_map(method: str, head_dim: int, options: dict[str, Any]) -> FeatureMap:
+    if method not in FAMILY:
+        raise ValueError(f"{method=} has no recurrent form; linear methods: {', '.join(FAMILY)}")
+    return _feature_map(method, head_dim, get_method(method).resolve_options(options))[0]
+
+
+def init_state(
+    method: str,
+    batch: int,
+    kv_heads: int,
+    head_dim: int,
+    value_dim: int,
+    *,
+    dtype: Any = jnp.float32,
+    **options: Any,
+) -> LinearState:
+    """The empty recurrent state of ``method`` (no key seen yet) for inputs of ``dtype``.
+
+    Shapes: ``s [B, K, F, Hv]``, ``z [B, K, F]``, ``m [B, K, 1 or F]`` with ``F = H``
+    (``num_features`` for performer); statistics are float32 (float64 for float64).
+    ``options`` are the method's options (``num_features``, ``seed``, ``eps``).
+    """
+    for name, value in (("batch", batch), ("kv_heads", kv_heads), ("head_dim", head_dim)):
+        _positive_int(name, value)
+    _positive_int("value_dim", value_dim)
+    fm = _recurrent_map(method, head_dim, options)
+    f = fm.num_features(head_dim)
+    return _empty_state(fm, batch, kv_heads, f, value_dim, masking.stat_dtype(dtype))
+
+
+def step(
+    method: str,
+    state: LinearState,
+    q_t: jax.Array,
+    k_t: jax.Array,
+    v_t: jax.Array,
+    *,
+    scale: float | None = None,
+    valid: jax.Array | None = None,
+    **options: Any,
+) -> tuple[jax.Array, LinearState]:
+    """One decoding step of the causal form: absorb ``(k_t, v_t)``, then attend with ``q_t``.
+
+    q_t: [B, N, H], k_t: [B, K, H], v_t: [B, K, Hv] -> (out_t [B, N, Hv], new state).
+    Running it over positions ``0..T-1`` equals ``attention(..., causal=True)``.
+    ``valid`` (bool ``[B]``, default all True): where False the token is padding,
+    the state is left unchanged and ``out_t`` reads the state as is.
+    ``scale`` defaults to ``1/sqrt(H)``; ``options`` as for :func:`init_state`.
+    """
+    if q_t.ndim != 3 or k_t.ndim != 3 or v_t.ndim != 3:
+        raise ValueError(
+            f"q_t, k_t, v_t must be [B, N, H], [B, K, H], [B, K, Hv]; "
+            f"got {q_t.shape}, {k_t.shape}, {v_t.shape}"
+        )
+    b, n, h = q_t.shape
+    kh, hv = k_t.shape[1], v_t.shape[-1]
+    if k_t.shape != (b, kh, h) or v_t.shape[:2] != (b, kh) or n % kh:
+        raise ValueError(f"bad step shapes q_t {q_t.shape}, k_t {k_t.shape}, v_t {v_t.shape}")
+    fm = _recurrent_map(method, h, options)
+    if state.s.shape != (b, kh, fm.num_features(h), hv):
+        raise ValueError(
+            f"state.s has shape {state.s.shape}; these inputs need "
+            f"{(b, kh, fm.num_features(h), hv)}"
+        )
+    acc = state.s.dtype
+    root = jnp.sqrt(jnp.asarray(1.0 / np.sqrt(h) if scale is None else scale, acc))
+    x = (q_t.astype(acc) * root).reshape(b, kh, n // kh, 1, h)
+    y = (k_t.astype(acc) * root)[:, :, None]
+    valid = jnp.ones((b,), bool) if valid is None else jnp.asarray(valid, bool)
+    out, state = _chunk_step(fm, state, x, y, v_t.astype(acc)[:, :, None], valid[:, None, None])
+    return out.reshape(b, n, hv).astype(q_t.dtype), state

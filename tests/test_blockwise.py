@@ -1,0 +1,150 @@
+"""Blockwise (flash-style) attention: tiling edge cases, tile skipping, O(N) memory, properties."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import efficient_attn as ea
+from efficient_attn import bench
+from tests.conftest import make_qkv, rel_err
+
+
+def _grads(method, q, k, v, dout, **kw):
+    out, vjp = jax.vjp(lambda q, k, v: ea.attention(q, k, v, method=method, **kw), q, k, v)
+    return (out, *vjp(dout))
+
+
+@pytest.mark.parametrize(
+    "tq,tk,bq,bk",
+    [(29, 29, 7, 5), (29, 29, 8, 8), (16, 40, 5, 9), (40, 11, 6, 4), (1, 33, 4, 8), (33, 1, 8, 4)],
+    ids=lambda x: str(x),
+)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_many_small_tiles_match_float64(tq, tk, bq, bk, causal):
+    """Lengths that are not multiples of the tiles, every causal offset sign, decode (Tq=1)."""
+    q, k, v = make_qkv(2, tq, tk, 4, 2, 8, seed=tq * 100 + tk)
+    lengths = np.array([tk, max(tk // 2, 1)])
+    dout = np.random.default_rng(0).standard_normal((2, tq, 4, 8)).astype(np.float32)
+    kw = {"causal": causal, "kv_lengths": lengths}
+    got = _grads("blockwise", q, k, v, dout, block_q=bq, block_k=bk, **kw)
+    ref_out, _ = ea.numpy_reference(q, k, v, **kw)
+    refs = (ref_out, *ea.numpy_reference_grads(q, k, v, dout, **kw))
+    for name, x, ref in zip(("out", "dq", "dk", "dv"), got, refs, strict=True):
+        assert np.isfinite(np.asarray(x)).all(), name
+        assert rel_err(x, ref) < 2e-5, (name, rel_err(x, ref))
+
+
+def test_block_size_does_not_change_result():
+    q, k, v = make_qkv(1, 50, 50, 2, 2, 16)
+    outs = [
+        np.asarray(ea.attention(q, k, v, method="blockwise", causal=True, block_q=a, block_k=b))
+        for a, b in [(50, 50), (16, 8), (7, 13), (1, 1)]
+    ]
+    for o in outs[1:]:
+        np.testing.assert_allclose(o, outs[0], rtol=1e-5, atol=1e-6)
+
+
+def test_causal_tiles_above_diagonal_are_not_visited():
+    """NaN values in key tiles the first query tile cannot see never reach it (0*NaN = NaN
+    would show a visited-then-masked tile), in the forward pass and in dq."""
+    q, k, v = make_qkv(1, 64, 64, 2, 2, 8)
+    v = v.copy()
+    v[:, 16:] = np.nan  # key tiles 1..3 with block_k=16; query tile 0 (rows 0..15) sees tile 0
+    kw = {"method": "blockwise", "causal": True, "block_q": 16, "block_k": 16}
+    out = np.asarray(ea.attention(q, k, v, **kw))
+    assert np.isfinite(out[:, :16]).all()
+    assert np.isnan(out[:, 16:]).all()
+    dq = jax.grad(lambda q: jnp.sum(ea.attention(q, k, v, **kw)[:, :16]))(q)
+    assert np.isfinite(np.asarray(dq)[:, :16]).all()
+
+
+def test_tiles_past_the_longest_kv_length_are_not_visited():
+    q, k, v = make_qkv(2, 20, 64, 2, 2, 8)
+    k, v = k.copy(), v.copy()
+    k[:, 32:], v[:, 32:] = np.nan, np.nan
+    lengths = np.array([32, 20])
+    out = ea.attention(q, k, v, method="blockwise", kv_lengths=lengths, block_k=16)
+    ref, _ = ea.numpy_reference(q[:, :, :, :], k[:, :32], v[:, :32], kv_lengths=lengths)
+    np.testing.assert_allclose(np.asarray(out), ref, rtol=2e-5, atol=2e-6)
+
+
+def test_geometry_visits_half_the_tiles_when_causal():
+    from efficient_attn.methods.blockwise import _Geometry
+
+    geo = _Geometry(tq=1024, tk=1024, bq=128, bk=128, causal=True)
+    fwd = sum(int(geo.kv_range_end(jnp.int32(i), jnp.int32(1024))) for i in range(geo.nq))
+    bwd = sum(geo.nq - int(geo.q_range_start(jnp.int32(j), jnp.int32(1024))) for j in range(8))
+    assert fwd == bwd == 8 * 9 // 2  # the lower triangle including the diagonal
+
+
+def test_compiled_memory_is_linear_in_length():
+    """Compiled (not timed) temporary memory of fwd+bwd: blockwise O(N), dense O(N^2)."""
+
+    def temp(method, t):
+        args = bench.random_inputs(1, t, t, 2, 2, 32)
+        f = bench.attention_fn(method, causal=True, backward=True)
+        return bench.temp_bytes(bench.compiled(f, *args)[0])
+
+    b1, b2 = temp("blockwise", 2048), temp("blockwise", 4096)
+    d2 = temp("dense", 4096)
+    assert b2 / b1 < 2.5
+    assert b2 < 0.1 * d2
+
+
+@given(
+    b=st.integers(1, 2),
+    tq=st.integers(1, 40),
+    tk=st.integers(1, 40),
+    kv_heads=st.sampled_from([1, 2]),
+    group=st.sampled_from([1, 2, 3]),
+    h=st.sampled_from([4, 8]),
+    hv=st.sampled_from([4, 6]),
+    bq=st.integers(1, 16),
+    bk=st.integers(1, 16),
+    causal=st.booleans(),
+    use_lengths=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_property_blockwise_and_dense_match_float64(
+    b, tq, tk, kv_heads, group, h, hv, bq, bk, causal, use_lengths, seed
+):
+    rng = np.random.default_rng(seed)
+    n = kv_heads * group
+    q = rng.standard_normal((b, tq, n, h)).astype(np.float32)
+    k = rng.standard_normal((b, tk, kv_heads, h)).astype(np.float32)
+    v = rng.standard_normal((b, tk, kv_heads, hv)).astype(np.float32)
+    lengths = rng.integers(0, tk + 1, size=b) if use_lengths else None
+    ref, _ = ea.numpy_reference(q, k, v, causal=causal, kv_lengths=lengths)
+    for method, opts in (("dense", {}), ("blockwise", {"block_q": bq, "block_k": bk})):
+        out = np.asarray(
+            ea.attention(q, k, v, method=method, causal=causal, kv_lengths=lengths, **opts)
+        )
+        assert np.isfinite(out).all()
+        np.testing.assert_allclose(out, ref, rtol=1e-4, atol=2e-5)
+
+
+@settings(max_examples=8)
+@given(
+    tq=st.integers(1, 24),
+    tk=st.integers(1, 24),
+    group=st.sampled_from([1, 2]),
+    bq=st.integers(2, 9),
+    bk=st.integers(2, 9),
+    causal=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_property_blockwise_gradients_match_float64(tq, tk, group, bq, bk, causal, seed):
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((1, tq, 2 * group, 8)).astype(np.float32)
+    k = rng.standard_normal((1, tk, 2, 8)).astype(np.float32)
+    v = rng.standard_normal((1, tk, 2, 8)).astype(np.float32)
+    dout = rng.standard_normal((1, tq, 2 * group, 8)).astype(np.float32)
+    got = _grads("blockwise", q, k, v, dout, causal=causal, block_q=bq, block_k=bk)[1:]
+    refs = ea.numpy_reference_grads(q, k, v, dout, causal=causal)
+    for x, ref in zip(got, refs, strict=True):
+        np.testing.assert_allclose(np.asarray(x), ref, rtol=1e-4, atol=5e-5)
