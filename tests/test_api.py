@@ -65,7 +65,7 @@ def test_kv_lengths_errors(lengths, match):
 def test_unknown_method_lists_registered_names():
     q, k, v = make_qkv()
     with pytest.raises(
-        ValueError, match="unknown method 'nope'; registered methods: dense, .*blockwise"
+        ValueError, match=r"unknown method 'nope'; registered methods: dense, .*blockwise"
     ):
         ea.attention(q, k, v, method="nope")
 

@@ -5,9 +5,14 @@ Rabe & Staats 2021, "Self-attention Does Not Need O(n^2) Memory"; Dao 2023,
 saved log-sum-exp). Queries are processed one tile at a time; for each query
 tile a loop runs over exactly the key tiles it can see, so tiles above the
 causal diagonal and tiles past the longest ``kv_lengths`` are skipped, not
-computed and masked. The backward pass is a ``custom_vjp`` that loops over key
-tiles and, inside, over the query tiles that see them, accumulating dK/dV per
-key tile and dQ in one O(N) buffer.
+computed and masked. The backward pass loops over key tiles and, inside, over
+the query tiles that see them, accumulating dK/dV per key tile and dQ in one
+O(N) buffer.
+
+The kernel pair :func:`flash_forward` / :func:`flash_backward` works on
+explicit token positions, so callers that hold a shard of a longer sequence
+(ring attention) reuse it: causal means ``k_pos <= q_pos`` and a key is
+padding when ``k_pos >= kv_len[b]``.
 """
 
 from __future__ import annotations
@@ -21,21 +26,28 @@ import jax.numpy as jnp
 from efficient_attn import masking
 from efficient_attn.registry import register_method
 
-# [nb, B, K, G, b, H]: query tiles; [nb, B, K, b, H]: key/value tiles.
+_NEVER = jnp.iinfo(jnp.int32).max  # position of tile padding keys: never visible
+
+# Tiled layouts: queries [nq, B, K, G, bq, H]; keys/values [nq, B, K, bk, H];
+# per-row statistics [nq, B, K, G, bq].
 
 
-def _q_blocks(q: jax.Array, kv_heads: int, block: int) -> jax.Array:
-    """[B, T, N, H] -> [nb, B, K, G, block, H] (zero-padded)."""
-    x = masking.pad_axis(masking.group_queries(jnp.asarray(q), kv_heads), 1, block)
-    b, t, k, g, h = x.shape
-    return x.reshape(b, t // block, block, k, g, h).transpose(1, 0, 3, 4, 2, 5)
+def _q_blocks(x: jax.Array, kv_heads: int, block: int, fill: float = 0.0) -> jax.Array:
+    """[B, T, N, *D] -> [nb, B, K, G, block, *D], padded with ``fill``."""
+    x = jnp.asarray(x)
+    b, t, n = x.shape[:3]
+    d = x.shape[3:]
+    nb = masking.cdiv(t, block)
+    x = jnp.pad(x, [(0, 0), (0, nb * block - t)] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
+    x = x.reshape(b, nb, block, kv_heads, n // kv_heads, *d)
+    return jnp.moveaxis(x, (1, 2), (0, 4))
 
 
 def _q_unblocks(x: jax.Array, length: int) -> jax.Array:
-    """[nb, B, K, G, block, D] -> [B, length, N, D]."""
-    nb, b, k, g, block, d = x.shape
-    x = x.transpose(1, 0, 4, 2, 3, 5).reshape(b, nb * block, k * g, d)
-    return x[:, :length]
+    """[nb, B, K, G, block, *D] -> [B, length, N, *D]."""
+    x = jnp.moveaxis(x, (0, 4), (1, 2))
+    b, nb, block, k, g = x.shape[:5]
+    return x.reshape(b, nb * block, k * g, *x.shape[5:])[:, :length]
 
 
 def _kv_blocks(x: jax.Array, block: int) -> jax.Array:
@@ -51,64 +63,77 @@ def _kv_unblocks(x: jax.Array, length: int) -> jax.Array:
     return x.transpose(1, 0, 3, 2, 4).reshape(b, nb * block, k, d)[:, :length]
 
 
-@dataclasses.dataclass(frozen=True)
-class _Geometry:
-    """Static tiling of one call and the tile ranges each tile must visit."""
+def _pad_positions(pos: jax.Array, block: int, fill) -> jax.Array:
+    pos = jnp.asarray(pos, jnp.int32)
+    return jnp.pad(
+        pos, (0, masking.cdiv(pos.shape[0], block) * block - pos.shape[0]), constant_values=fill
+    )
 
-    tq: int
-    tk: int
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """Padded positions of one call and the tile ranges each tile visits."""
+
+    q_pos: jax.Array  # [nq * bq], padded with the last position
+    k_pos: jax.Array  # [nk * bk], padded with _NEVER
+    kv_end: jax.Array  # [nq]: query tile i visits key tiles [0, kv_end[i])
+    q_start: jax.Array  # [nk]: key tile j is visited by query tiles [q_start[j], nq)
     bq: int
     bk: int
     causal: bool
 
-    @property
-    def nq(self) -> int:
-        return masking.cdiv(self.tq, self.bq)
-
-    @property
-    def nk(self) -> int:
-        return masking.cdiv(self.tk, self.bk)
-
-    @property
-    def offset(self) -> int:
-        return self.tk - self.tq
-
-    def kv_range_end(self, i: jax.Array, max_len: jax.Array) -> jax.Array:
-        """Key tiles [0, end) that query tile ``i`` sees."""
-        end = jnp.minimum(self.nk, (max_len + self.bk - 1) // self.bk)
-        if self.causal:
-            last_q = jnp.minimum((i + 1) * self.bq, self.tq) - 1
-            last_k = last_q + self.offset
-            end = jnp.minimum(end, jnp.where(last_k < 0, 0, last_k // self.bk + 1))
-        return end
-
-    def q_range_start(self, j: jax.Array, max_len: jax.Array) -> jax.Array:
-        """Query tiles [start, nq) that see key tile ``j``."""
-        start = jnp.where(j * self.bk >= max_len, self.nq, 0)
-        if self.causal:
-            first_q = j * self.bk - self.offset  # first query that sees key j*bk
-            causal_start = jnp.where(
-                first_q >= self.tq, self.nq, jnp.maximum(first_q, 0) // self.bq
-            )
-            start = jnp.maximum(start, causal_start)
-        return start
+    @classmethod
+    def make(cls, q_pos, k_pos, kv_len, *, causal: bool, bq: int, bk: int) -> _Plan:
+        q_pos = _pad_positions(q_pos, bq, jnp.asarray(q_pos)[-1])
+        k_pos = _pad_positions(k_pos, bk, _NEVER)
+        nq, nk = q_pos.shape[0] // bq, k_pos.shape[0] // bk
+        max_len = jnp.max(kv_len)
+        n_valid = jnp.searchsorted(k_pos, max_len, side="left")  # keys below max kv_len
+        q_last = q_pos[bq - 1 :: bq]  # [nq] last position of each query tile
+        k_first = k_pos[::bk]  # [nk] first position of each key tile
+        if causal:
+            n_keys = jnp.minimum(jnp.searchsorted(k_pos, q_last, side="right"), n_valid)
+            q_start = jnp.searchsorted(q_pos, k_first, side="left") // bq
+        else:
+            n_keys = jnp.broadcast_to(n_valid, (nq,))
+            q_start = jnp.zeros((nk,), jnp.int32)
+        kv_end = (n_keys + bk - 1) // bk
+        q_start = jnp.where(k_first >= max_len, nq, q_start)
+        return cls(q_pos, k_pos, kv_end, q_start, bq, bk, causal)
 
     def mask(self, i: jax.Array, j: jax.Array, kv_len: jax.Array) -> jax.Array:
-        """Boolean [B, 1, 1, bq, bk] mask of query tile i against key tile j."""
-        q_pos = i * self.bq + jnp.arange(self.bq)[:, None]
-        k_pos = j * self.bk + jnp.arange(self.bk)[None, :]
-        return masking.visible(
-            q_pos, k_pos, kv_len[:, None, None, None, None], causal=self.causal, offset=self.offset
-        )
+        """Boolean [B, 1, 1, bq, bk]: which pairs of query tile i and key tile j interact."""
+        qp = jax.lax.dynamic_slice_in_dim(self.q_pos, i * self.bq, self.bq)[:, None]
+        kp = jax.lax.dynamic_slice_in_dim(self.k_pos, j * self.bk, self.bk)[None, :]
+        mask = kp < kv_len[:, None, None, None, None]
+        return mask & (kp <= qp) if self.causal else mask
 
 
-def _forward(q, k, v, kv_len, scale, geo: _Geometry):
-    """Online-softmax forward. Returns (out [B,Tq,N,Hv], lse [nq,B,K,G,bq])."""
+def flash_forward(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    q_pos: jax.Array,
+    k_pos: jax.Array,
+    kv_len: jax.Array,
+    scale: jax.Array,
+    *,
+    causal: bool,
+    block_q: int,
+    block_k: int,
+) -> tuple[jax.Array, jax.Array]:
+    """Online-softmax forward over tiles: ``(out [B,Tq,N,Hv], lse [B,Tq,N] float32)``.
+
+    q: [B, Tq, N, H], k: [B, Tk, K, H], v: [B, Tk, K, Hv]; q_pos: int [Tq] and
+    k_pos: int [Tk] non-decreasing token positions; kv_len: int [B]. Query at
+    position p sees key at position r iff ``r < kv_len[b]`` and, when causal,
+    ``r <= p``. ``lse`` is -inf for rows that see no key (their output is 0).
+    """
     acc = masking.stat_dtype(q.dtype)
     kh = k.shape[2]
-    qb = _q_blocks(q, kh, geo.bq)
-    kb, vb = _kv_blocks(k, geo.bk), _kv_blocks(v, geo.bk)
-    max_len = jnp.max(kv_len)
+    plan = _Plan.make(q_pos, k_pos, kv_len, causal=causal, bq=block_q, bk=block_k)
+    qb = _q_blocks(q, kh, block_q)
+    kb, vb = _kv_blocks(k, block_k), _kv_blocks(v, block_k)
     scale = jnp.asarray(scale, acc)
 
     def q_tile(args):
@@ -118,7 +143,7 @@ def _forward(q, k, v, kv_len, scale, geo: _Geometry):
         def kv_step(j, carry):
             o, m, l = carry
             s = jnp.einsum("bkgqh,bksh->bkgqs", q_i, kb[j], preferred_element_type=acc)
-            s = jnp.where(geo.mask(i, j, kv_len), s * scale, -jnp.inf)
+            s = jnp.where(plan.mask(i, j, kv_len), s * scale, -jnp.inf)
             m_new = jnp.maximum(m, s.max(-1))
             m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
             p = jnp.exp(s - m_safe[..., None])
@@ -133,27 +158,50 @@ def _forward(q, k, v, kv_len, scale, geo: _Geometry):
             jnp.full(stats_shape, -jnp.inf, acc),
             jnp.zeros(stats_shape, acc),
         )
-        o, m, l = jax.lax.fori_loop(0, geo.kv_range_end(i, max_len), kv_step, init)
+        o, m, l = jax.lax.fori_loop(0, plan.kv_end[i], kv_step, init)
         nonempty = l > 0
         out = o / jnp.where(nonempty, l, 1.0)[..., None]
-        lse = jnp.where(nonempty, m + jnp.log(jnp.where(nonempty, l, 1.0)), jnp.inf)
+        lse = jnp.where(nonempty, m + jnp.log(jnp.where(nonempty, l, 1.0)), -jnp.inf)
         return out.astype(q.dtype), lse
 
-    out_b, lse = jax.lax.map(q_tile, (jnp.arange(geo.nq), qb))
-    return _q_unblocks(out_b, geo.tq), lse
+    out, lse = jax.lax.map(q_tile, (jnp.arange(qb.shape[0]), qb))
+    tq = q.shape[1]
+    return _q_unblocks(out, tq), _q_unblocks(lse, tq)
 
 
-def _backward(q, k, v, kv_len, scale, out, lse, dout, geo: _Geometry):
-    """FlashAttention-2 backward: recompute tiles from ``lse``; O(N) memory."""
+def flash_backward(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    q_pos: jax.Array,
+    k_pos: jax.Array,
+    kv_len: jax.Array,
+    scale: jax.Array,
+    out: jax.Array,
+    lse: jax.Array,
+    dout: jax.Array,
+    *,
+    causal: bool,
+    block_q: int,
+    block_k: int,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """FlashAttention-2 backward from the saved ``out`` and ``lse``: (dq, dk, dv, dscale).
+
+    Arguments as in :func:`flash_forward`; ``out``/``lse`` may be those of a
+    longer attention (all key shards of a ring), in which case the gradients
+    are this key shard's contributions (dq summed over shards gives the total).
+    O(N) memory: only tiles are materialised; dq accumulates in float32.
+    """
     acc = masking.stat_dtype(q.dtype)
     kh = k.shape[2]
-    qb, dob = _q_blocks(q, kh, geo.bq), _q_blocks(dout.astype(q.dtype), kh, geo.bq)
-    delta = jnp.sum(
-        _q_blocks(out, kh, geo.bq).astype(acc) * dob.astype(acc), axis=-1
-    )  # [nq, B, K, G, bq]
-    kb, vb = _kv_blocks(k, geo.bk), _kv_blocks(v, geo.bk)
-    max_len = jnp.max(kv_len)
-    scale_acc = jnp.asarray(scale, acc)
+    plan = _Plan.make(q_pos, k_pos, kv_len, causal=causal, bq=block_q, bk=block_k)
+    qb = _q_blocks(q, kh, block_q)
+    dob = _q_blocks(jnp.asarray(dout).astype(q.dtype), kh, block_q)
+    lseb = _q_blocks(lse, kh, block_q, fill=jnp.inf)  # [nq, B, K, G, bq]; pad rows: p = 0
+    delta = jnp.sum(_q_blocks(out, kh, block_q).astype(acc) * dob.astype(acc), axis=-1)
+    kb, vb = _kv_blocks(k, block_k), _kv_blocks(v, block_k)
+    scale = jnp.asarray(scale, acc)
+    nq = qb.shape[0]
 
     def kv_tile(dq, args):
         j, k_j, v_j = args  # k_j: [B, K, bk, H]
@@ -162,46 +210,69 @@ def _backward(q, k, v, kv_len, scale, out, lse, dout, geo: _Geometry):
             dk, dv, dq = carry
             q_i, do_i = qb[i], dob[i]
             s = jnp.einsum("bkgqh,bksh->bkgqs", q_i, k_j, preferred_element_type=acc)
-            p = jnp.where(geo.mask(i, j, kv_len), jnp.exp(s * scale_acc - lse[i][..., None]), 0.0)
+            p = jnp.where(plan.mask(i, j, kv_len), jnp.exp(s * scale - lseb[i][..., None]), 0.0)
             dv = dv + jnp.einsum(
                 "bkgqs,bkgqd->bksd", p.astype(v.dtype), do_i, preferred_element_type=acc
             )
             dp = jnp.einsum("bkgqd,bksd->bkgqs", do_i, v_j, preferred_element_type=acc)
-            ds = (p * (dp - delta[i][..., None])).astype(q.dtype)  # d logits
-            dq_i = jnp.einsum("bkgqs,bksh->bkgqh", ds, k_j, preferred_element_type=acc)
-            dq = dq.at[i].add(dq_i)
+            ds = (p * (dp - delta[i][..., None])).astype(q.dtype)  # d logits / scale
+            dq = dq.at[i].add(jnp.einsum("bkgqs,bksh->bkgqh", ds, k_j, preferred_element_type=acc))
             dk = dk + jnp.einsum("bkgqs,bkgqh->bksh", ds, q_i, preferred_element_type=acc)
             return dk, dv, dq
 
         init = (jnp.zeros(k_j.shape, acc), jnp.zeros(v_j.shape, acc), dq)
-        start = geo.q_range_start(j, max_len)
-        dk, dv, dq = jax.lax.fori_loop(start, geo.nq, q_step, init)
+        dk, dv, dq = jax.lax.fori_loop(plan.q_start[j], nq, q_step, init)
         return dq, (dk, dv)
 
     dq0 = jnp.zeros(qb.shape, acc)
-    dq_raw, (dk_raw, dv) = jax.lax.scan(kv_tile, dq0, (jnp.arange(geo.nk), kb, vb))
+    dq_raw, (dk_raw, dv) = jax.lax.scan(kv_tile, dq0, (jnp.arange(kb.shape[0]), kb, vb))
     dscale = jnp.sum(dq_raw * qb.astype(acc))  # d out / d scale = sum(dS * QK^T)
-    dq = _q_unblocks(dq_raw * scale_acc, geo.tq).astype(q.dtype)
-    dk = _kv_unblocks(dk_raw * scale_acc, geo.tk).astype(k.dtype)
-    dv = _kv_unblocks(dv, geo.tk).astype(v.dtype)
+    dq = _q_unblocks(dq_raw * scale, q.shape[1]).astype(q.dtype)
+    dk = _kv_unblocks(dk_raw * scale, k.shape[1]).astype(k.dtype)
+    dv = _kv_unblocks(dv, k.shape[1]).astype(v.dtype)
     return dq, dk, dv, dscale
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _blockwise(q, k, v, kv_len, scale, geo):
-    return _forward(q, k, v, kv_len, scale, geo)[0]
+def merge_partials(
+    out1: jax.Array, lse1: jax.Array, out2: jax.Array, lse2: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """Combine attention over two disjoint key sets from their (out, lse) pairs.
+
+    out: [B, T, N, Hv], lse: [B, T, N] (-inf where a row saw no key). Returns
+    the float32 output over the union of keys and its log-sum-exp.
+    """
+    lse = jnp.logaddexp(lse1, lse2)
+    w1 = jnp.where(lse1 == -jnp.inf, 0.0, jnp.exp(lse1 - lse))[..., None]
+    w2 = jnp.where(lse2 == -jnp.inf, 0.0, jnp.exp(lse2 - lse))[..., None]
+    return w1 * out1.astype(jnp.float32) + w2 * out2.astype(jnp.float32), lse
 
 
-def _blockwise_fwd(q, k, v, kv_len, scale, geo):
-    out, lse = _forward(q, k, v, kv_len, scale, geo)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _blockwise(q, k, v, kv_len, causal, block_q, block_k, scale):
+    return _blockwise_fwd(q, k, v, kv_len, causal, block_q, block_k, scale)[0]
+
+
+def _positions(q, k):
+    tq, tk = q.shape[1], k.shape[1]
+    return jnp.arange(tq, dtype=jnp.int32) + (tk - tq), jnp.arange(tk, dtype=jnp.int32)
+
+
+def _blockwise_fwd(q, k, v, kv_len, causal, block_q, block_k, scale):
+    q_pos, k_pos = _positions(q, k)
+    out, lse = flash_forward(
+        q, k, v, q_pos, k_pos, kv_len, scale, causal=causal, block_q=block_q, block_k=block_k
+    )
     return out, (q, k, v, kv_len, scale, out, lse)
 
 
-def _blockwise_bwd(geo, res, dout):
+def _blockwise_bwd(causal, block_q, block_k, res, dout):
     q, k, v, kv_len, scale, out, lse = res
-    dq, dk, dv, dscale = _backward(q, k, v, kv_len, scale, out, lse, dout, geo)
-    dscale = jnp.asarray(dscale, jnp.result_type(scale)).reshape(jnp.shape(scale))
-    return dq, dk, dv, None, dscale
+    q_pos, k_pos = _positions(q, k)
+    dq, dk, dv, dscale = flash_backward(
+        q, k, v, q_pos, k_pos, kv_len, scale, out, lse, dout,
+        causal=causal, block_q=block_q, block_k=block_k,
+    )  # fmt: skip
+    return dq, dk, dv, None, dscale.astype(scale.dtype).reshape(scale.shape)
 
 
 _blockwise.defvjp(_blockwise_fwd, _blockwise_bwd)
@@ -235,7 +306,6 @@ def blockwise(
     _check_block("block_k", block_k)
     b, tq = q.shape[:2]
     tk = k.shape[1]
-    geo = _Geometry(tq, tk, min(block_q, tq), min(block_k, tk), causal)
     kv_len = masking.full_kv_lengths(kv_lengths, b, tk)
     scale = jnp.asarray(scale, masking.stat_dtype(q.dtype))
-    return _blockwise(q, k, v, kv_len, scale, geo)
+    return _blockwise(q, k, v, kv_len, causal, min(block_q, tq), min(block_k, tk), scale)
