@@ -1,0 +1,85 @@
+"""A drop-in multi-head attention layer whose core is any registered method."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+import efficient_attn as ea
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head attention (MHA/GQA/MQA) with ``method=`` any name in ``ea.methods()``.
+
+    Attributes:
+      num_heads: query heads N.
+      head_dim: H.
+      num_kv_heads: K key/value heads (None: K = N; 1: multi-query, Shazeer
+        2019; 1 < K < N: grouped-query, Ainslie et al. 2023).
+      method: attention method name.
+      options: the method's options (``efficient-attn methods`` lists them).
+      causal: bottom-right causal masking.
+      out_features: output width (default: the input width).
+    """
+
+    num_heads: int
+    head_dim: int
+    num_kv_heads: int | None = None
+    method: str = "dense"
+    options: Mapping[str, Any] | None = None
+    causal: bool = False
+    out_features: int | None = None
+    dtype: Any = jnp.float32
+
+    def _project(self, x: jax.Array, context: jax.Array):
+        kv_heads = self.num_kv_heads or self.num_heads
+        dense = lambda heads, name: nn.DenseGeneral(  # noqa: E731
+            (heads, self.head_dim), dtype=self.dtype, name=name
+        )
+        q = dense(self.num_heads, "query")(x)  # [B, Tq, N, H]
+        k = dense(kv_heads, "key")(context)  # [B, Tk, K, H]
+        v = dense(kv_heads, "value")(context)  # [B, Tk, K, H]
+        return q, k, v
+
+    @nn.compact
+    def __call__(
+        self,
+        x: jax.Array,
+        context: jax.Array | None = None,
+        *,
+        kv_lengths: jax.Array | None = None,
+    ) -> jax.Array:
+        """x: [B, Tq, D]; context: [B, Tk, D'] (default: x, self-attention) -> [B, Tq, D_out]."""
+        context = x if context is None else context
+        q, k, v = self._project(x, context)
+        out = ea.attention(
+            q,
+            k,
+            v,
+            method=self.method,
+            causal=self.causal,
+            kv_lengths=kv_lengths,
+            **dict(self.options or {}),
+        )
+        features = self.out_features or x.shape[-1]
+        return nn.DenseGeneral(features, axis=(-2, -1), dtype=self.dtype, name="out")(out)
+
+    @nn.compact
+    def weights(
+        self, x: jax.Array, context: jax.Array | None = None, *, kv_lengths: jax.Array | None = None
+    ) -> jax.Array:
+        """The ``[B, N, Tq, Tk]`` attention weights this layer applies (for plots)."""
+        context = x if context is None else context
+        q, k, _ = self._project(x, context)
+        return ea.attention_weights(
+            q,
+            k,
+            method=self.method,
+            causal=self.causal,
+            kv_lengths=kv_lengths,
+            **dict(self.options or {}),
+        )

@@ -1,0 +1,351 @@
+"""Train a small :class:`DecoderLM` with any attention method on a synthetic task.
+
+AdamW with linear warmup and cosine decay (optax); held-out evaluation on a
+separate seed; orbax checkpoints (periodic, atomic, the last few kept).
+``resume=True`` restores the latest checkpoint and continues with the same
+data stream (batches are a function of (seed, step)) and optimizer state.
+
+Outputs in ``out``: ``config.json``, ``metrics.jsonl`` (one row per logged
+step), ``checkpoints/<step>/`` and ``final.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+
+import efficient_attn as ea
+from efficient_attn.nn import DecoderLM, ModelConfig
+from efficient_attn.tasks import Batch, make_task
+
+EVAL_SEED_OFFSET = 1_000_003  # held-out batches come from a disjoint seed
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything that defines a run; saved to ``config.json`` and checked on resume."""
+
+    task: str = "mqar"
+    seq_len: int = 64
+    vocab_size: int | None = None  # None: the task's default
+    num_pairs: int | None = None  # mqar
+    distance: int | None = None  # long_range
+    method: str = "dense"
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    kv_heads: int | None = None
+    d_model: int = 64
+    num_layers: int = 2
+    num_heads: int = 2
+    steps: int = 1000
+    batch_size: int = 64
+    learning_rate: float = 3e-3
+    warmup_steps: int = 200
+    weight_decay: float = 0.1
+    log_every: int = 50
+    eval_every: int = 250
+    eval_batches: int = 8
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 3
+    seed: int = 0
+
+    def task_obj(self):
+        return make_task(
+            self.task,
+            seq_len=self.seq_len,
+            vocab_size=self.vocab_size,
+            num_pairs=self.num_pairs,
+            distance=self.distance,
+        )
+
+    def model_config(self) -> ModelConfig:
+        task = self.task_obj()
+        return ModelConfig(
+            vocab_size=task.vocab_size,
+            max_len=self.seq_len,
+            d_model=self.d_model,
+            num_layers=self.num_layers,
+            num_heads=self.num_heads,
+            num_kv_heads=self.kv_heads,
+            method=self.method,
+            options=dict(self.options),
+        )
+
+    def validate(self) -> None:
+        ea.get_method(self.method).resolve_options(self.options)
+        for name in ("steps", "batch_size", "checkpoint_every", "log_every", "eval_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.d_model % self.num_heads:
+            raise ValueError(f"d_model={self.d_model} must be divisible by {self.num_heads=}")
+        if self.kv_heads is not None and (self.kv_heads < 1 or self.num_heads % self.kv_heads):
+            raise ValueError(f"num_heads={self.num_heads} must be a multiple of {self.kv_heads=}")
+        self.task_obj()
+
+
+def masked_metrics(logits: jax.Array, batch: Batch) -> tuple[jax.Array, jax.Array]:
+    """(mean cross-entropy, accuracy) over the scored positions."""
+    mask = batch.mask.astype(jnp.float32)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), batch.targets)
+    denom = jnp.maximum(mask.sum(), 1.0)
+    correct = (jnp.argmax(logits, -1) == batch.targets).astype(jnp.float32)
+    return (ce * mask).sum() / denom, (correct * mask).sum() / denom
+
+
+class Trainer:
+    """Holds the model, optimizer, jitted steps and checkpoint manager of one run."""
+
+    def __init__(self, config: TrainConfig, out: str | Path):
+        config.validate()
+        self.config, self.out = config, Path(out)
+        self.task = config.task_obj()
+        self.model = DecoderLM(config.model_config())
+        schedule = optax.warmup_cosine_decay_schedule(
+            0.0,
+            config.learning_rate,
+            config.warmup_steps,
+            max(config.steps, config.warmup_steps + 1),
+        )
+        self.tx = optax.adamw(schedule, weight_decay=config.weight_decay)
+
+        def loss_fn(params, batch):
+            return masked_metrics(self.model.apply(params, batch.inputs), batch)
+
+        def train_step(state, batch):
+            (loss, acc), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], batch)
+            updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
+            params = optax.apply_updates(state["params"], updates)
+            new = {"params": params, "opt_state": opt_state, "step": state["step"] + 1}
+            return new, {"loss": loss, "accuracy": acc, "grad_norm": optax.global_norm(grads)}
+
+        self.train_step = jax.jit(train_step, donate_argnums=0)
+        self.eval_step = jax.jit(loss_fn)
+
+    def init_state(self) -> dict[str, Any]:
+        sample = self.task.batch(self.config.seed, 0, 1).inputs
+        params = self.model.init(jax.random.PRNGKey(self.config.seed), sample)
+        return {"params": params, "opt_state": self.tx.init(params), "step": jnp.int32(0)}
+
+    def batch(self, step: int) -> Batch:
+        return self.task.batch(self.config.seed, step, self.config.batch_size)
+
+    def evaluate(self, params) -> dict[str, float]:
+        seed = self.config.seed + EVAL_SEED_OFFSET
+        losses, accs = zip(
+            *(
+                self.eval_step(params, self.task.batch(seed, i, self.config.batch_size))
+                for i in range(self.config.eval_batches)
+            ),
+            strict=True,
+        )
+        return {"eval_loss": float(np.mean(losses)), "eval_accuracy": float(np.mean(accs))}
+
+    def checkpoint_manager(self) -> ocp.CheckpointManager:
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=self.config.keep_checkpoints,
+            save_interval_steps=self.config.checkpoint_every,
+            enable_async_checkpointing=False,
+        )
+        return ocp.CheckpointManager((self.out / "checkpoints").absolute(), options=options)
+
+    def restore(self, manager: ocp.CheckpointManager, step: int | None = None) -> dict[str, Any]:
+        """The checkpointed state at ``step`` (default: the latest)."""
+        step = manager.latest_step() if step is None else step
+        target = jax.tree.map(ocp.utils.to_shape_dtype_struct, self.init_state())
+        return manager.restore(step, args=ocp.args.StandardRestore(target))
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)
+
+
+def _truncate_metrics(path: Path, last_step: int) -> None:
+    """Keep rows up to ``last_step`` (rows logged after the restored checkpoint are redone)."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a torn last line from a killed run
+        if row.get("step", math.inf) <= last_step:
+            keep.append(line)
+    path.write_text("".join(f"{line}\n" for line in keep))
+
+
+class _Bar:
+    """A one-line training progress bar on stderr: step, loss, accuracy, ETA."""
+
+    def __init__(self, total: int, start: int, enabled: bool):
+        self.total, self.start_step, self.enabled = total, start, enabled
+        self.t0 = time.perf_counter()
+
+    def update(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        done = step - self.start_step
+        rate = done / max(time.perf_counter() - self.t0, 1e-9)
+        eta = (self.total - step) / rate if rate > 0 else float("nan")
+        filled = int(24 * step / self.total)
+        sys.stderr.write(
+            f"\r[{'#' * filled}{'.' * (24 - filled)}] {step}/{self.total} "
+            f"loss {metrics.get('loss', float('nan')):.3f} acc {metrics.get('accuracy', 0):.2f} "
+            f"{rate:.1f} it/s ETA {eta:.0f}s"
+        )
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\n")
+
+
+def train(
+    config: TrainConfig,
+    out: str | Path,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    stop_after: int | None = None,
+    on_log: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Run (or resume) training; returns the contents of ``final.json``.
+
+    ``stop_after`` ends the process-local loop after that many steps without
+    writing ``final.json`` (used to test resumption as if the run was killed).
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    trainer = Trainer(config, out)
+    config_json = dataclasses.asdict(config)
+    manager = trainer.checkpoint_manager()
+    metrics_path = out / "metrics.jsonl"
+    if resume and manager.latest_step() is not None:
+        saved = json.loads((out / "config.json").read_text())
+        if saved != json.loads(json.dumps(config_json)):
+            diff = sorted(k for k in saved if saved[k] != config_json.get(k))
+            raise ValueError(f"--resume: config differs from the saved run in {diff}")
+        state = trainer.restore(manager)
+        _truncate_metrics(metrics_path, int(state["step"]))
+    else:
+        if any((out / "checkpoints").glob("*")) and not resume:
+            raise ValueError(f"{out} already holds checkpoints: pass --resume or a new --out")
+        state = trainer.init_state()
+        _write_json(out / "config.json", config_json)
+        metrics_path.write_text("")
+    start = int(state["step"])
+    bar = _Bar(config.steps, start, progress)
+    t0 = time.perf_counter()
+    with metrics_path.open("a") as log:
+        for step in range(start, config.steps):
+            if stop_after is not None and step - start >= stop_after:
+                manager.close()
+                bar.close()
+                return {}
+            state, metrics = trainer.train_step(state, trainer.batch(step))
+            done = step + 1
+            if done % config.log_every == 0 or done == config.steps:
+                row = {"step": done, **{k: float(v) for k, v in metrics.items()}}
+                row["wall_s"] = time.perf_counter() - t0
+                if done % config.eval_every == 0 or done == config.steps:
+                    row.update(trainer.evaluate(state["params"]))
+                log.write(json.dumps(row) + "\n")
+                log.flush()
+                bar.update(done, row)
+                if on_log is not None:
+                    on_log(row)
+            if done % config.checkpoint_every == 0 or done == config.steps:
+                manager.save(done, args=ocp.args.StandardSave(state), force=True)
+    manager.wait_until_finished()
+    manager.close()
+    bar.close()
+    final = {
+        **trainer.evaluate(state["params"]),
+        "step": int(state["step"]),
+        "config": config_json,
+        "train_wall_s": time.perf_counter() - t0,
+        "resumed_from": start,
+    }
+    final["accuracy"] = final["eval_accuracy"]
+    _write_json(out / "final.json", final)
+    return final
+
+
+def add_arguments(p) -> None:
+    """Flags of ``efficient-attn train`` (defaults are :class:`TrainConfig`'s)."""
+    d = TrainConfig()
+    p.add_argument("--task", default=d.task, help="mqar or long_range")
+    p.add_argument("--method", default=d.method)
+    p.add_argument("--options", default="{}", help="method options as JSON, e.g. '{\"window\": 8}'")
+    p.add_argument("--kv-heads", type=int, default=None, help="K/V heads (1: MQA)")
+    p.add_argument("--seq-len", type=int, default=d.seq_len)
+    p.add_argument("--vocab-size", type=int, default=None)
+    p.add_argument("--num-pairs", type=int, default=None, help="mqar key-value pairs")
+    p.add_argument("--distance", type=int, default=None, help="long_range distance")
+    p.add_argument("--d-model", type=int, default=d.d_model)
+    p.add_argument("--layers", type=int, default=d.num_layers)
+    p.add_argument("--heads", type=int, default=d.num_heads)
+    p.add_argument("--steps", type=int, default=d.steps)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--lr", type=float, default=d.learning_rate)
+    p.add_argument("--warmup", type=int, default=d.warmup_steps)
+    p.add_argument("--eval-every", type=int, default=d.eval_every)
+    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--out", default=None, help="run directory (default runs/train/<task>-<method>)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def config_from_args(args) -> TrainConfig:
+    try:
+        options = json.loads(args.options)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--options must be a JSON object: {e}") from None
+    if not isinstance(options, dict):
+        raise ValueError(f"--options must be a JSON object, got {args.options!r}")
+    return TrainConfig(
+        task=args.task,
+        seq_len=args.seq_len,
+        vocab_size=args.vocab_size,
+        num_pairs=args.num_pairs,
+        distance=args.distance,
+        method=args.method,
+        options=options,
+        kv_heads=args.kv_heads,
+        d_model=args.d_model,
+        num_layers=args.layers,
+        num_heads=args.heads,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        learning_rate=args.lr,
+        warmup_steps=args.warmup,
+        eval_every=args.eval_every,
+        checkpoint_every=args.checkpoint_every,
+        seed=args.seed,
+    )
+
+
+def run(args) -> int:
+    """``efficient-attn train``: train, then print the final held-out accuracy."""
+    config = config_from_args(args)
+    out = args.out or f"runs/train/{config.task}-{config.method}"
+    final = train(config, out, resume=args.resume, progress=not args.no_progress)
+    print(
+        f"{config.task} / {config.method}: held-out accuracy {final['accuracy']:.4f} "
+        f"after {final['step']} steps ({final['train_wall_s']:.0f} s); results in {out}"
+    )
+    return 0
