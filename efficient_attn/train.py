@@ -42,6 +42,7 @@ class TrainConfig:
     vocab_size: int | None = None  # None: the task's default
     num_pairs: int | None = None  # mqar
     distance: int | None = None  # long_range
+    num_queries: int | None = None  # long_range
     method: str = "dense"
     options: dict[str, Any] = dataclasses.field(default_factory=dict)
     kv_heads: int | None = None
@@ -67,6 +68,7 @@ class TrainConfig:
             vocab_size=self.vocab_size,
             num_pairs=self.num_pairs,
             distance=self.distance,
+            num_queries=self.num_queries,
         )
 
     def model_config(self) -> ModelConfig:
