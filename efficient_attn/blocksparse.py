@@ -109,6 +109,22 @@ class Plan:
     table: TileTable
     rule: Rule
 
+    @classmethod
+    def build(
+        cls,
+        tq: int,
+        bq: int,
+        bk: int,
+        slot_pos: np.ndarray,
+        pairs: tuple[np.ndarray, np.ndarray],
+        rule: Rule,
+        q_left: int = 0,
+    ) -> Plan:
+        """Plan visiting the (query tile, key tile) ``pairs``."""
+        nq, nk = masking.cdiv(q_left + tq, bq), slot_pos.size // bk
+        table = TileTable.from_pairs(*pairs, nq, nk, first_keys(slot_pos, bk))
+        return cls(tq, bq, bk, q_left, slot_pos, table, rule)
+
     @property
     def nq(self) -> int:
         return masking.cdiv(self.q_left + self.tq, self.bq)
@@ -142,13 +158,15 @@ def _gather_slots(x: jax.Array, slot_pos: np.ndarray) -> jax.Array:
     return jnp.concatenate([head, tail], axis=1)
 
 
+@functools.partial(jax.jit, static_argnames=("plan",))
 def attend(
     q: jax.Array, k: jax.Array, v: jax.Array, kv_len: jax.Array, scale: float, plan: Plan
 ) -> jax.Array:
     """Block-sparse attention.
 
     q: [B, Tq, N, H], k: [B, Tk, K, H], v: [B, Tk, K, Hv], kv_len: int [B]
-    -> [B, Tq, N, Hv]. Rows that see no key are zero.
+    -> [B, Tq, N, Hv]. Rows that see no key are zero. Compiled once per
+    ``plan`` object (plans are compared by identity: cache them).
     """
     kh = k.shape[2]
     rows = plan.nq * plan.bq
@@ -163,21 +181,6 @@ def attend(
     scale = jnp.asarray(scale, masking.stat_dtype(q.dtype))
     out = _block_sparse(qp, ks, vs, kv_len, scale, arrays, static)
     return out[:, plan.q_left : plan.q_left + plan.tq]
-
-
-def reference(
-    q: jax.Array, k: jax.Array, v: jax.Array, kv_len: jax.Array, scale: float, plan: Plan
-) -> jax.Array:
-    """The same computation as :func:`attend`, densely: softmax over ``plan_mask``."""
-    mask = jnp.asarray(plan_mask(plan, q.shape[1], k.shape[1]))  # [Tq, Tk]
-    acc = masking.stat_dtype(q.dtype)
-    kh = k.shape[2]
-    qg = masking.group_queries(q, kh)
-    s = jnp.einsum("bqkgh,bskh->bkgqs", qg, k, preferred_element_type=acc) * scale
-    valid = mask & (jnp.arange(k.shape[1]) < kv_len[:, None, None])  # [B, Tq, Tk]
-    w = masking.safe_softmax(s, valid[:, None, None])
-    out = jnp.einsum("bkgqs,bskd->bqkgd", w.astype(v.dtype), v, preferred_element_type=acc)
-    return masking.ungroup_heads(out).astype(q.dtype)
 
 
 def plan_mask(plan: Plan, tq: int, tk: int, *, counts: bool = False) -> np.ndarray:

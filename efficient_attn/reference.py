@@ -54,17 +54,19 @@ def numpy_reference_grads(
     causal: bool = False,
     kv_lengths: np.ndarray | None = None,
     scale: float | None = None,
+    mask: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Float64 (dq, dk, dv) of ``sum(attention(q, k, v) * dout)``, derived by hand.
 
     dV = W^T dO; dW = dO V^T; dS = W * (dW - rowsum(dW * W)); dQ = scale dS K;
     dK = scale dS^T Q. K/V gradients are summed over the query heads they serve.
+    ``mask`` is as in :func:`numpy_reference`.
     """
     q, k, v, dout = (np.asarray(x, np.float64) for x in (q, k, v, dout))
     b, _, n, h = q.shape
     tk, kh = k.shape[1], k.shape[2]
     scale = 1.0 / np.sqrt(h) if scale is None else float(scale)
-    _, w = numpy_reference(q, k, v, causal=causal, kv_lengths=kv_lengths, scale=scale)
+    _, w = numpy_reference(q, k, v, causal=causal, kv_lengths=kv_lengths, scale=scale, mask=mask)
     g = n // kh
     k_rep, v_rep = np.repeat(k, g, axis=2), np.repeat(v, g, axis=2)
     dv_rep = np.einsum("bnqk,bqnd->bknd", w, dout)

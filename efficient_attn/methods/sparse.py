@@ -14,11 +14,18 @@ not with ``Tq * Tk``.
 
 Cross attention: query ``i`` sits at the aligned position ``a_i = i + Tk - Tq``
 (bottom-right, like ``causal``); windows are measured from ``a_i``.
+
+Defaults: ``local`` window 256 (256 keys per causal query); ``strided`` window
+256 and stride 256 (Child et al. choose stride ~ sqrt(N); 256 suits N ~ 64k);
+``bigbird`` blocks of 64 with 2 global and 3 random blocks (the paper's ITC
+setting).
+Sequences shorter than a window or block are valid: the pattern is then dense.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -122,13 +129,16 @@ def local_plan(
 ) -> blocksparse.Plan:
     """Block-sparse plan of :func:`local_pattern`: O(Tq * (window + tile)) work."""
     window = _check_int("window", window, 1)
+    return _local_plan(tq, tk, bool(causal), window, _check_int("tile", tile, 1))
+
+
+@functools.lru_cache(maxsize=64)
+def _local_plan(tq: int, tk: int, causal: bool, window: int, tile: int) -> blocksparse.Plan:
     bq, bk = min(tile, tq), min(tile, tk)
     slot_pos = _keys(tk, bk)
-    qi, kj = _window_tiles(tq, tk, bq, bk, window, causal)
-    nq, nk = masking.cdiv(tq, bq), slot_pos.size // bk
-    table = blocksparse.TileTable.from_pairs(qi, kj, nq, nk, blocksparse.first_keys(slot_pos, bk))
+    pairs = _window_tiles(tq, tk, bq, bk, window, causal)
     rule = _WindowRule(window, causal, tk - tq, slot_pos.size)
-    return blocksparse.Plan(tq, bq, bk, 0, slot_pos, table, rule)
+    return blocksparse.Plan.build(tq, bq, bk, slot_pos, pairs, rule)
 
 
 @register_method("local", exact=False, weights=_weights(local_pattern), pattern=local_pattern)
@@ -176,11 +186,16 @@ def strided_plan(
     the regular keys, so the cost is O(Tq * (window + Tk / stride)); in-tile,
     summary slots exclude keys already in the window.
     """
-    window = _check_int("window", window, 1)
-    stride = _check_int("stride", stride, 1)
+    window, stride = _check_int("window", window, 1), _check_int("stride", stride, 1)
+    return _strided_plan(tq, tk, bool(causal), window, stride, _check_int("tile", tile, 1))
+
+
+@functools.lru_cache(maxsize=64)
+def _strided_plan(
+    tq: int, tk: int, causal: bool, window: int, stride: int, tile: int
+) -> blocksparse.Plan:
     bq, bk = min(tile, tq), min(tile, tk)
     regular = _keys(tk, bk)
-    nq, nr = masking.cdiv(tq, bq), regular.size // bk
     qi, kj = _window_tiles(tq, tk, bq, bk, window, causal)
     ns = tk // stride
     summary = np.full(masking.cdiv(ns, bk) * bk, -1)
@@ -194,12 +209,9 @@ def strided_plan(
         if not causal:
             need |= s_last[None, :] >= q_first[:, None] + window
         si, sj = np.nonzero(need)
-        qi, kj = np.concatenate([qi, si]), np.concatenate([kj, nr + sj])
-    table = blocksparse.TileTable.from_pairs(
-        qi, kj, nq, slot_pos.size // bk, blocksparse.first_keys(slot_pos, bk)
-    )
+        qi, kj = np.concatenate([qi, si]), np.concatenate([kj, regular.size // bk + sj])
     rule = _WindowRule(window, causal, tk - tq, regular.size)
-    return blocksparse.Plan(tq, bq, bk, 0, slot_pos, table, rule)
+    return blocksparse.Plan.build(tq, bq, bk, slot_pos, (qi, kj), rule)
 
 
 @register_method("strided", exact=False, weights=_weights(strided_pattern), pattern=strided_pattern)
@@ -335,26 +347,37 @@ def bigbird_plan(
     length-``max(Tq, Tk)`` pattern.
     """
     o = _bigbird_options(block, num_global_blocks, num_random_blocks, seed)
+    return _bigbird_plan(tq, tk, bool(causal), **o)
+
+
+@functools.lru_cache(maxsize=64)
+def _bigbird_plan(
+    tq: int,
+    tk: int,
+    causal: bool,
+    block: int,
+    num_global_blocks: int,
+    num_random_blocks: int,
+    seed: int,
+) -> blocksparse.Plan:
     length = max(tq, tk)
     nb = masking.cdiv(length, block)
     tile = min(block, length)
     q_blocks, q_left = divmod(length - tq, block)
     k_blocks, k_left = divmod(length - tk, block)
-    nq, nk = nb - q_blocks, nb - k_blocks
-    slot_pos = np.full(nk * tile, -1)
+    slot_pos = np.full((nb - k_blocks) * tile, -1)
     slot_pos[k_left : k_left + tk] = np.arange(tk)
     _, rows = bigbird_blocks(
         nb,
         causal=causal,
-        num_global_blocks=o["num_global_blocks"],
-        num_random_blocks=o["num_random_blocks"],
-        seed=o["seed"],
+        num_global_blocks=num_global_blocks,
+        num_random_blocks=num_random_blocks,
+        seed=seed,
     )
     rows = [row[row >= k_blocks] - k_blocks for row in rows[q_blocks:]]
-    qi = np.repeat(np.arange(nq), [row.size for row in rows])
-    kj = np.concatenate(rows)
-    table = blocksparse.TileTable.from_pairs(qi, kj, nq, nk, blocksparse.first_keys(slot_pos, tile))
-    return blocksparse.Plan(tq, tile, tile, q_left, slot_pos, table, _CausalRule(causal, tk - tq))
+    pairs = np.repeat(np.arange(len(rows)), [row.size for row in rows]), np.concatenate(rows)
+    rule = _CausalRule(causal, tk - tq)
+    return blocksparse.Plan.build(tq, tile, tile, slot_pos, pairs, rule, q_left=q_left)
 
 
 @register_method("bigbird", exact=False, weights=_weights(bigbird_pattern), pattern=bigbird_pattern)
