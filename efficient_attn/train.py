@@ -133,22 +133,23 @@ class Trainer:
 
         self.train_step = jax.jit(train_step, donate_argnums=0)
         self.eval_step = jax.jit(loss_fn)
+        self._batch = jax.jit(
+            lambda seed, step: self.task.batch(seed, step, self.config.batch_size)
+        )
 
     def init_state(self) -> dict[str, Any]:
         sample = self.task.batch(self.config.seed, 0, 1).inputs
         params = self.model.init(jax.random.PRNGKey(self.config.seed), sample)
         return {"params": params, "opt_state": self.tx.init(params), "step": jnp.int32(0)}
 
-    def batch(self, step: int) -> Batch:
-        return self.task.batch(self.config.seed, step, self.config.batch_size)
+    def batch(self, step: int, seed: int | None = None) -> Batch:
+        """Batch ``step`` of the stream of ``seed`` (default: the training seed)."""
+        return self._batch(self.config.seed if seed is None else seed, step)
 
     def evaluate(self, params) -> dict[str, float]:
         seed = self.config.seed + EVAL_SEED_OFFSET
         losses, accs = zip(
-            *(
-                self.eval_step(params, self.task.batch(seed, i, self.config.batch_size))
-                for i in range(self.config.eval_batches)
-            ),
+            *(self.eval_step(params, self.batch(i, seed)) for i in range(self.config.eval_batches)),
             strict=True,
         )
         return {"eval_loss": float(np.mean(losses)), "eval_accuracy": float(np.mean(accs))}

@@ -72,5 +72,5 @@ def test_preset_errors(tmp_path):
 def test_shipped_preset_expands():
     preset = quality.load_preset("experiments/quality.toml")
     runs = quality.expand(preset, ["dense", "local"])
-    assert len(runs) == 12
+    assert len(runs) == 8
     assert {r.config.options.get("window") for r in runs if r.method == "local"} == {16}
