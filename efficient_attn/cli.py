@@ -2,6 +2,8 @@
 
 efficient-attn methods     registered methods and their properties
 efficient-attn compare     a quick side-by-side comparison on this machine
+efficient-attn sweep       scaling sweeps of time, memory and error (resumable, sharded)
+efficient-attn report      markdown, LaTeX and plots of sweep results
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import numpy as np
 
@@ -138,6 +141,121 @@ def run_compare(args: argparse.Namespace) -> int:
 run_compare.add_arguments = _compare_args
 
 
+def _str_list(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def _sweep_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "experiment",
+        nargs="?",
+        default="default",
+        help="preset name in experiments/ or a .toml file (default: default)",
+    )
+    p.add_argument("--methods", type=_str_list, help="comma-separated, or 'all'")
+    p.add_argument("--seq-lens", type=_int_list, help="e.g. 1024,2048,4096")
+    p.add_argument("--batch", type=_int_list)
+    p.add_argument("--heads", type=_int_list)
+    p.add_argument("--kv-heads", type=_int_list, help="must divide --heads (1: multi-query)")
+    p.add_argument("--head-dim", type=_int_list)
+    p.add_argument("--dtype", type=_str_list, help="float32, bfloat16 or float16 (comma list)")
+    p.add_argument("--causal", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--passes", type=_str_list, help="fwd, fwd+bwd or both (comma list)")
+    p.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="METHOD.NAME=V[,V]",
+        help="method option values to sweep (repeatable), e.g. performer.num_features=64,256",
+    )
+    p.add_argument("--repeats", type=int)
+    p.add_argument("--timeout", type=float, help="seconds per point (default from preset)")
+    p.add_argument("--out", help="results directory (default: runs/EXPERIMENT)")
+    p.add_argument("--shard", help="I/N: run every N-th point starting at I (0 <= I < N)")
+    p.add_argument("--retry-errors", action="store_true", help="re-run points that errored")
+    p.add_argument("--no-report", action="store_true", help="do not write the report")
+    p.add_argument("--dry-run", action="store_true", help="print the points and exit")
+    p.add_argument("--list", action="store_true", help="list the presets and exit")
+
+
+@subcommand("sweep", help="scaling sweep of time, memory and error (a preset in experiments/)")
+def run_sweep(args: argparse.Namespace) -> int:
+    from efficient_attn.sweep import report, runner, spec
+
+    if args.list:
+        for name, path in spec.available_presets().items():
+            print(f"{name:16s} {spec.load_preset(str(path))[1].get('description', '')}")
+        return 0
+    registered = list(ea.methods())
+    overrides = {
+        "methods": args.methods and spec.check_methods(args.methods, registered),
+        "seq_lens": args.seq_lens,
+        "batch": args.batch,
+        "heads": args.heads,
+        "kv_heads": args.kv_heads,
+        "head_dim": args.head_dim,
+        "dtype": args.dtype,
+        "causal": args.causal,
+        "passes": args.passes,
+        "repeats": args.repeats,
+        "timeout_s": args.timeout,
+        "options": spec.parse_option_flags(
+            args.option, {m: ea.get_method(m).options for m in registered}
+        )
+        if args.option
+        else None,
+    }
+    shard = spec.parse_shard(args.shard) if args.shard else None
+    name, data = spec.load_preset(args.experiment)
+    sweep = spec.build_sweep(name, data, overrides, registered)
+    points = sweep.shard(*shard) if shard else sweep.points
+    if args.dry_run:
+        for p in points:
+            print(p.key)
+        print(f"{len(points)} of {len(sweep.points)} points", file=sys.stderr)
+        return 0
+    out = args.out or str(Path("runs") / name)
+    try:
+        outcome = runner.run_sweep(
+            sweep,
+            out,
+            shard=shard,
+            retry_errors=args.retry_errors,
+            meta={"command": ["efficient-attn", *getattr(args, "argv", [])]},
+        )
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; finished rows are in {out}; run the same command to resume")
+        return 130
+    counts = ", ".join(f"{n} {s}" for s, n in outcome.statuses.most_common()) or "nothing new"
+    print(f"ran {outcome.ran} points ({counts}), skipped {outcome.skipped} already done")
+    if shard and shard[1] > 1:
+        print(f"shard done; when all shards finish: efficient-attn report {out}")
+    elif not args.no_report:
+        report.write_report([out])
+        print(f"report: {Path(out) / 'report.md'}\n\n{report.headline([out])}")
+    return 0
+
+
+run_sweep.add_arguments = _sweep_args
+
+
+def _report_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("paths", nargs="+", help="results directories or results*.jsonl files")
+    p.add_argument("--out", help="where to write the report (default: the first path)")
+
+
+@subcommand("report", help="markdown, LaTeX and plots of sweep results (merges several)")
+def run_report(args: argparse.Namespace) -> int:
+    from efficient_attn.sweep import report
+
+    written = report.write_report(args.paths, args.out)
+    print(f"wrote {len(written)} files; {written[0]}")
+    return 0
+
+
+run_report.add_arguments = _report_args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="efficient-attn", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -146,6 +264,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         getattr(run, "add_arguments", lambda p: None)(p)
         p.set_defaults(run=run)
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return args.run(args)
     except ValueError as e:

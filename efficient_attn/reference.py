@@ -27,7 +27,7 @@ def numpy_reference(
     scale = 1.0 / np.sqrt(h) if scale is None else float(scale)
     k_rep = np.repeat(k, n // kh, axis=2)
     v_rep = np.repeat(v, n // kh, axis=2)
-    logits = np.einsum("bqnh,bknh->bnqk", q, k_rep) * scale
+    logits = np.einsum("bqnh,bknh->bnqk", q, k_rep, optimize=True) * scale
     lengths = np.full(b, tk) if kv_lengths is None else np.asarray(kv_lengths)
     extra_mask = mask
     mask = np.arange(tk)[None, None, :] < lengths[:, None, None]
@@ -42,7 +42,7 @@ def numpy_reference(
     p = np.exp(logits - row_max)
     denom = p.sum(-1, keepdims=True)
     w = p / np.where(denom == 0, 1.0, denom)
-    return np.einsum("bnqk,bknd->bqnd", w, v_rep), w
+    return np.einsum("bnqk,bknd->bqnd", w, v_rep, optimize=True), w
 
 
 def numpy_reference_grads(
@@ -69,11 +69,11 @@ def numpy_reference_grads(
     _, w = numpy_reference(q, k, v, causal=causal, kv_lengths=kv_lengths, scale=scale, mask=mask)
     g = n // kh
     k_rep, v_rep = np.repeat(k, g, axis=2), np.repeat(v, g, axis=2)
-    dv_rep = np.einsum("bnqk,bqnd->bknd", w, dout)
-    dw = np.einsum("bqnd,bknd->bnqk", dout, v_rep)
+    dv_rep = np.einsum("bnqk,bqnd->bknd", w, dout, optimize=True)
+    dw = np.einsum("bqnd,bknd->bnqk", dout, v_rep, optimize=True)
     ds = w * (dw - np.sum(dw * w, axis=-1, keepdims=True))
-    dq = scale * np.einsum("bnqk,bknh->bqnh", ds, k_rep)
-    dk_rep = scale * np.einsum("bnqk,bqnh->bknh", ds, q)
+    dq = scale * np.einsum("bnqk,bknh->bqnh", ds, k_rep, optimize=True)
+    dk_rep = scale * np.einsum("bnqk,bqnh->bknh", ds, q, optimize=True)
 
     def fold(x):  # [B, Tk, N, D] -> [B, Tk, K, D], summing each group
         return x.reshape(b, tk, kh, g, -1).sum(axis=3)

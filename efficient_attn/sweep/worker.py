@@ -1,0 +1,339 @@
+"""Measure one sweep point in a fresh process and print its row as JSON.
+
+``python -m efficient_attn.sweep.worker < point.json`` reads a point
+(:meth:`Point.identity` plus ``repeats``, ``warmup``,
+``reference_max_elements`` and optionally ``timing_budget_s`` and
+``cache_dir``) and prints one JSON row on its last stdout line. Compilation is
+timed separately; the compiled call is warmed up, then timed ``repeats`` times
+with ``block_until_ready`` (fewer when one call takes longer than
+``timing_budget_s / repeats``; the row records how many).
+Memory is XLA's compiled temp + argument + output bytes, plus the device's
+measured peak where it reports one. ``rel_error`` compares the output (and
+for ``fwd+bwd`` the gradients) with float64 exact attention from
+:mod:`efficient_attn.reference` where that reference is affordable.
+
+Statuses: ``ok``; ``unsupported`` (method not registered, not available on
+this platform, or lacking a feature the point needs); ``oom``; ``error``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import importlib.metadata
+import json
+import os
+import platform
+import re
+import resource
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+#: Test hook: ``"METHOD:SIGNAL"`` makes the worker for METHOD kill itself with
+#: SIGNAL (e.g. ``dense:SIGKILL``, as the kernel's OOM killer would).
+CRASH_ENV = "EFFICIENT_ATTN_SWEEP_CRASH"
+
+#: Measurement fields of a row; all None unless the point ran.
+MEASUREMENTS: tuple[str, ...] = (
+    "resolved_options",
+    "time_ms",
+    "time_ms_min",
+    "time_ms_max",
+    "time_ms_std",
+    "times_ms",
+    "compile_s",
+    "flops",
+    "flops_per_s",
+    "memory_bytes",
+    "memory_temp_bytes",
+    "memory_argument_bytes",
+    "memory_output_bytes",
+    "compiled_peak_bytes",
+    "peak_bytes",
+    "host_peak_rss_bytes",
+    "rel_error",
+    "grad_rel_error",
+    "grad_rel_errors",
+    "rel_error_note",
+)
+_OOM_PATTERN = re.compile(
+    r"resource.?exhausted|out of memory|memoryerror|bad_alloc|cannot allocate memory|\boom\b",
+    re.IGNORECASE,
+)
+
+
+def looks_like_oom(text: str) -> bool:
+    """Whether an error message or a crashed worker's stderr reports exhausted memory."""
+    return _OOM_PATTERN.search(text) is not None
+
+
+def _package_version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def git_commit() -> str | None:
+    """Commit of the source tree this package runs from (``+dirty`` with local changes)."""
+    root = Path(__file__).resolve().parents[2]
+    try:
+        run = dict(cwd=root, capture_output=True, text=True, timeout=10, check=True)
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], **run).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "-uno"], **run).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("+dirty" if dirty else "")
+
+
+def utc_now() -> str:
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+
+
+def environment(devices: bool = True) -> dict[str, Any]:
+    """Versions, device, git commit and date; ``devices=False`` avoids starting a backend."""
+    env: dict[str, Any] = {
+        "jax": _package_version("jax"),
+        "jaxlib": _package_version("jaxlib"),
+        "flax": _package_version("flax"),
+        "numpy": _package_version("numpy"),
+        "python": platform.python_version(),
+        "platform": None,
+        "device_kind": None,
+        "device_count": None,
+        "host": platform.node(),
+        "cpu_count": os.cpu_count(),
+        "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "git_commit": git_commit(),
+        "date": utc_now(),
+    }
+    if devices:
+        import jax
+
+        d = jax.devices()[0]
+        env.update(platform=d.platform, device_kind=d.device_kind, device_count=jax.device_count())
+    return env
+
+
+def base_row(point: dict[str, Any], status: str, message: str = "") -> dict[str, Any]:
+    """A row for ``point`` with every measurement field present (None)."""
+    identity = {k: point.get(k) for k in _IDENTITY}
+    return {
+        **identity,
+        "repeats": point.get("repeats"),
+        "status": status,
+        "message": message,
+        **dict.fromkeys(MEASUREMENTS),
+        "worker_s": None,
+        "skipped": False,
+        "env": None,
+    }
+
+
+_IDENTITY = (
+    "key",
+    "method",
+    "options",
+    "seq_len",
+    "batch",
+    "heads",
+    "kv_heads",
+    "head_dim",
+    "dtype",
+    "causal",
+    "pass",
+    "seed",
+)
+
+
+def _available_bytes(device: Any) -> tuple[int | None, str]:
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    if stats and "bytes_limit" in stats:
+        return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0)), device.platform
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        return int(info["MemAvailable"].split()[0]) * 1024, "host (MemAvailable)"
+    except (OSError, KeyError, ValueError):
+        return None, ""
+
+
+def _reference(point: dict[str, Any], arrays: dict[str, Any], grads: bool) -> dict[str, Any]:
+    """Float64 reference output (and gradients), cached on disk under ``cache_dir``."""
+    import numpy as np
+
+    import efficient_attn as ea
+
+    ident = {k: point[k] for k in _IDENTITY if k not in ("key", "method", "options", "pass")}
+    digest = hashlib.sha256(json.dumps([ident, grads], sort_keys=True).encode()).hexdigest()[:20]
+    cache = point.get("cache_dir")
+    path = Path(cache) / f"ref-{digest}{'-grads' if grads else ''}.npz" if cache else None
+    for known in [path, path.with_name(f"ref-{digest}-grads.npz")] if path else []:
+        try:
+            with np.load(known) as f:
+                return dict(f)
+        except (OSError, ValueError):
+            continue
+    q, k, v = (np.asarray(arrays[n]) for n in "qkv")
+    causal = bool(point["causal"])
+    ref = {"out": ea.numpy_reference(q, k, v, causal=causal)[0]}
+    if grads:
+        dq, dk, dv = ea.numpy_reference_grads(q, k, v, np.asarray(arrays["dout"]), causal=causal)
+        ref.update(dq=dq, dk=dk, dv=dv)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
+        np.savez(tmp, **ref)
+        os.replace(tmp, path)
+    return ref
+
+
+def _measure(point: dict[str, Any], row: dict[str, Any]) -> None:
+    """Fill ``row`` for a point whose method exists and supports it."""
+    import jax
+    import numpy as np
+
+    import efficient_attn as ea
+    from efficient_attn import bench
+
+    spec = ea.get_method(point["method"])
+    row["resolved_options"] = spec.resolve_options(point["options"])
+    b, t, n, kh, h = (point[x] for x in ("batch", "seq_len", "heads", "kv_heads", "head_dim"))
+    causal, backward = bool(point["causal"]), point["pass"] == "fwd+bwd"
+    seed = int(point["seed"])
+    q, k, v = bench.random_inputs(b, t, t, n, kh, h, point["dtype"], seed=seed)
+    fwd = bench.attention_fn(spec.name, causal=causal, backward=False, **point["options"])
+    args: tuple[Any, ...] = (q, k, v)
+    f = fwd
+    if backward:
+        dout = jax.random.normal(jax.random.PRNGKey(seed + 1), (b, t, n, h), q.dtype)
+        args = (q, k, v, dout)
+
+        def f(q, k, v, dout):
+            out, vjp = jax.vjp(fwd, q, k, v)
+            return (out, *vjp(dout))
+
+    exe, row["compile_s"] = bench.compiled(f, *args)
+    mem = exe.memory_analysis()
+    if mem is not None:
+        parts = {
+            "memory_temp_bytes": int(mem.temp_size_in_bytes),
+            "memory_argument_bytes": int(mem.argument_size_in_bytes),
+            "memory_output_bytes": int(mem.output_size_in_bytes),
+        }
+        row.update(parts, memory_bytes=sum(parts.values()))
+        row["compiled_peak_bytes"] = getattr(mem, "peak_memory_in_bytes", None)
+        available, where = _available_bytes(jax.devices()[0])
+        if available is not None and row["memory_bytes"] > available:
+            raise MemoryError(
+                f"out of memory: the compiled program needs {row['memory_bytes'] / 2**30:.2f} GiB "
+                f"(temp + arguments + outputs), {where} has {available / 2**30:.2f} GiB free; "
+                "not run"
+            )
+    start = time.perf_counter()
+    result = jax.block_until_ready(exe(*args))  # first warm-up call; its output is checked
+    first_s = time.perf_counter() - start
+    repeats = int(point["repeats"])
+    budget = point.get("timing_budget_s")
+    if budget is not None:  # slow points: fewer repeats, so that timing takes about `budget`
+        repeats = max(1, min(repeats, int(budget / max(first_s, 1e-9))))
+    row["repeats"] = repeats
+    times = bench.time_compiled(exe, args, repeats, int(point["warmup"]) - 1)
+    times_ms = [s * 1e3 for s in times]
+    row.update(
+        time_ms=statistics.median(times_ms),
+        time_ms_min=min(times_ms),
+        time_ms_max=max(times_ms),
+        time_ms_std=statistics.stdev(times_ms) if len(times_ms) > 1 else 0.0,
+        times_ms=times_ms,
+    )
+    row["flops"] = bench.attention_flops(b, n, t, t, h, causal=causal, backward=backward)
+    row["flops_per_s"] = row["flops"] / (row["time_ms"] / 1e3)
+    stats = jax.devices()[0].memory_stats()
+    row["peak_bytes"] = None if not stats else stats.get("peak_bytes_in_use")
+    row["host_peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    outs = result if backward else (result,)
+    if not all(bool(np.isfinite(np.asarray(x, np.float32)).all()) for x in outs):
+        raise FloatingPointError("the output or its gradients contain NaN or Inf")
+    elements = b * n * t * t
+    if elements > int(point["reference_max_elements"]):
+        row["rel_error_note"] = (
+            f"not computed: the float64 reference needs B*N*Tq*Tk = {elements:,} elements, "
+            f"more than reference_max_elements = {int(point['reference_max_elements']):,}"
+        )
+        return
+    arrays = {"q": q, "k": k, "v": v, "dout": args[3] if backward else None}
+    ref = _reference(point, arrays, grads=backward)
+    row["rel_error"] = bench.relative_error(outs[0], ref["out"])
+    if backward:
+        names = ("dq", "dk", "dv")
+        errs = {g: bench.relative_error(x, ref[g]) for g, x in zip(names, outs[1:], strict=True)}
+        row["grad_rel_errors"] = errs
+        row["grad_rel_error"] = max(errs.values())
+
+
+def _unsupported_reason(point: dict[str, Any]) -> str | None:
+    import efficient_attn as ea
+
+    if point["method"] not in ea.methods():
+        valid = ", ".join(ea.methods())
+        return f"method {point['method']!r} is not registered; registered: {valid}"
+    spec = ea.get_method(point["method"])
+    reason = spec.available()
+    if reason is not None:
+        return f"method {spec.name!r} is not available here: {reason}"
+    needed = [
+        feature
+        for feature, used in (
+            ("causal", point["causal"]),
+            ("gqa", point["kv_heads"] != point["heads"]),
+            ("grad", point["pass"] == "fwd+bwd"),
+        )
+        if used
+    ]
+    missing = [f for f in needed if f not in spec.supports]
+    if missing:
+        valid = sorted(spec.supports)
+        return f"method {spec.name!r} does not support {missing}; it supports {valid}"
+    return None
+
+
+def run_point(point: dict[str, Any]) -> dict[str, Any]:
+    """Measure ``point`` and return its row; failures become rows, never exceptions."""
+    start = time.perf_counter()
+    crash = os.environ.get(CRASH_ENV, "")
+    if crash.partition(":")[0] == point.get("method"):
+        os.kill(os.getpid(), getattr(signal, crash.partition(":")[2] or "SIGKILL"))
+    row = base_row(point, "ok")
+    try:
+        row["env"] = environment()
+        reason = _unsupported_reason(point)
+        if reason is not None:
+            row.update(status="unsupported", message=reason)
+        else:
+            _measure(point, row)
+    except Exception as e:
+        text = f"{type(e).__name__}: {e}".strip()
+        row.update(status="oom" if looks_like_oom(text) else "error", message=text[:2000])
+        if row["status"] == "error" and not isinstance(e, FloatingPointError):
+            for field in MEASUREMENTS[1:]:
+                row[field] = None
+    row["worker_s"] = time.perf_counter() - start
+    return row
+
+
+def main() -> int:
+    point = json.loads(sys.stdin.read())
+    row = run_point(point)
+    sys.stdout.write("\n" + json.dumps(row) + "\n")
+    sys.stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
