@@ -4,6 +4,8 @@ efficient-attn methods     registered methods and their properties
 efficient-attn compare     a quick side-by-side comparison on this machine
 efficient-attn sweep       scaling sweeps of time, memory and error (resumable, sharded)
 efficient-attn report      markdown, LaTeX and plots of sweep results
+efficient-attn train       train a small model with any method on a synthetic task
+efficient-attn quality     train every method across task difficulty (accuracy report)
 """
 
 from __future__ import annotations
@@ -254,6 +256,36 @@ def run_report(args: argparse.Namespace) -> int:
 
 
 run_report.add_arguments = _report_args
+
+
+@subcommand("train", help="train a small Flax model with any method on a synthetic task")
+def run_train(args: argparse.Namespace) -> int:
+    from efficient_attn import train  # flax/optax/orbax only load for training
+
+    return train.run(args)
+
+
+@subcommand("quality", help="train every method across task difficulty; accuracy report")
+def run_quality(args: argparse.Namespace) -> int:
+    from efficient_attn import quality
+
+    return quality.run(args)
+
+
+def _train_args(p: argparse.ArgumentParser) -> None:
+    from efficient_attn import train
+
+    train.add_arguments(p)
+
+
+def _quality_args(p: argparse.ArgumentParser) -> None:
+    from efficient_attn import quality
+
+    quality.add_arguments(p)
+
+
+run_train.add_arguments = _train_args
+run_quality.add_arguments = _quality_args
 
 
 def main(argv: Sequence[str] | None = None) -> int:

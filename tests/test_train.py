@@ -150,3 +150,18 @@ def test_model_config_defaults_follow_zoology():
     c = ModelConfig()
     assert (c.d_model, c.num_layers, c.num_heads, c.token_shift) == (64, 2, 2, True)
     assert DecoderLM(c).config.method == "dense"
+
+
+def test_train_cli_writes_metrics_checkpoints_and_final(tmp_path):
+    from efficient_attn.cli import main
+
+    out = tmp_path / "run"
+    argv = ["train", "--task", "long_range", "--seq-len", "16", "--distance", "4", "--steps", "4"]
+    argv += ["--d-model", "16", "--layers", "1", "--batch-size", "8", "--eval-every", "2"]
+    argv += ["--checkpoint-every", "2", "--warmup", "1", "--kv-heads", "1", "--no-progress"]
+    assert main([*argv, "--out", str(out)]) == 0
+    final = json.loads((out / "final.json").read_text())
+    assert final["step"] == 4 and 0.0 <= final["accuracy"] <= 1.0
+    assert final["config"]["task"] == "long_range" and final["config"]["kv_heads"] == 1
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["2", "4"]
+    assert main([*argv, "--out", str(out), "--options", "[1]"]) == 2
