@@ -6,6 +6,7 @@
 
 from efficient_attn import methods as _methods  # noqa: F401  (registers the families)
 from efficient_attn.api import attention, attention_weights, sparsity_pattern
+from efficient_attn.parallel import sequence_parallel_attention
 from efficient_attn.reference import numpy_reference, numpy_reference_grads
 from efficient_attn.registry import FEATURES, Method, get_method, methods, register_method
 
@@ -19,6 +20,7 @@ __all__ = [
     "numpy_reference",
     "numpy_reference_grads",
     "register_method",
+    "sequence_parallel_attention",
     "sparsity_pattern",
 ]
 __version__ = "0.1.0"
