@@ -6,16 +6,22 @@
 
 from efficient_attn import methods as _methods  # noqa: F401  (registers the families)
 from efficient_attn.api import attention, attention_weights, sparsity_pattern
+from efficient_attn.methods.linear import LinearState
+from efficient_attn.methods.linear import init_state as linear_init_state
+from efficient_attn.methods.linear import step as linear_step
 from efficient_attn.parallel import sequence_parallel_attention
 from efficient_attn.reference import numpy_reference, numpy_reference_grads
 from efficient_attn.registry import FEATURES, Method, get_method, methods, register_method
 
 __all__ = [
     "FEATURES",
+    "LinearState",
     "Method",
     "attention",
     "attention_weights",
     "get_method",
+    "linear_init_state",
+    "linear_step",
     "methods",
     "numpy_reference",
     "numpy_reference_grads",

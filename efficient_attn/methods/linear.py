@@ -27,12 +27,16 @@ elu/relu/softmax maps). Key ``j`` is *visible* to query ``i`` when
   it is a running (prefix) softmax over the keys up to the query's position.
 
 Rows that see no key are zero. Features, states and normalisers are float32
-(float64 for float64 inputs). Exponential features (``linear_softmax``,
-``performer``) are shifted by the running maximum of the visible keys'
-log-features (per head; per head and feature for ``linear_softmax``) and
-queries by their own maximum: constants that cancel in the ratio, are taken
-over valid keys only (padding never changes a result) and keep large logits
-finite in bf16.
+(float64 for float64 inputs). Exponential key features (``linear_softmax``,
+``performer``) are shifted by the running maximum of the valid keys'
+log-features (per head; per head and feature for ``linear_softmax``), and
+performer queries per row (see :class:`FeatureMap`): constants that cancel in
+the ratio, taken over valid keys only (padding never changes a result), that
+keep logits of any magnitude finite in bf16. ``linear_softmax`` stays exact
+while one chunk's key logits span less than float32's exp range (~87).
+
+Cost of the causal form per position and head: ``O(chunk (F + Hv) + F Hv)``
+time; memory ``O(N (H + Hv) + (N / chunk) F Hv)`` with gradients.
 """
 
 from __future__ import annotations
@@ -49,6 +53,22 @@ from efficient_attn import masking
 from efficient_attn.registry import get_method, register_method
 
 FAMILY = ("linear_elu", "linear_relu", "linear_softmax", "performer")
+_EXP_CAP = 80.0  # exp(80) * 4096 features < float32 max
+
+
+def _normals(seed: int, stream: int, count: int, draw: int = 4096) -> np.ndarray:
+    """``count`` standard normals of ``PRNGKey(seed)``'s stream ``stream``, ``draw`` at a time.
+
+    Fixed-size draws share one compiled kernel whatever the count; evaluated
+    eagerly even under ``jit``.
+    """
+    with jax.ensure_compile_time_eval():
+        key = jax.random.fold_in(jax.random.PRNGKey(seed), stream)
+        parts = [
+            np.asarray(jax.random.normal(jax.random.fold_in(key, i), (draw,), jnp.float32))
+            for i in range(masking.cdiv(count, draw))
+        ]
+    return np.concatenate(parts)[:count].astype(np.float64)
 
 
 @functools.lru_cache(maxsize=64)
@@ -62,14 +82,12 @@ def performer_projection(num_features: int, head_dim: int, seed: int) -> np.ndar
     same array; it never depends on the data.
     """
     blocks = masking.cdiv(num_features, head_dim)
-    with jax.ensure_compile_time_eval():
-        k_dir, k_norm = jax.random.split(jax.random.PRNGKey(seed))
-        gauss = np.asarray(jax.random.normal(k_dir, (blocks, head_dim, head_dim), jnp.float32))
-        norms = np.asarray(jax.random.normal(k_norm, (num_features, head_dim), jnp.float32))
-    q, r = np.linalg.qr(gauss.astype(np.float64))  # [blocks, H, H]
+    gauss = _normals(seed, 0, blocks * head_dim * head_dim).reshape(blocks, head_dim, head_dim)
+    norms = _normals(seed, 1, num_features * head_dim).reshape(num_features, head_dim)
+    q, r = np.linalg.qr(gauss)  # [blocks, H, H]
     q = q * np.sign(np.diagonal(r, axis1=-2, axis2=-1))[:, None, :]
     rows = np.swapaxes(q, -1, -2).reshape(blocks * head_dim, head_dim)[:num_features]
-    w = (rows * np.linalg.norm(norms.astype(np.float64), axis=-1)[:, None]).astype(np.float32)
+    w = (rows * np.linalg.norm(norms, axis=-1)[:, None]).astype(np.float32)
     w.setflags(write=False)
     return w
 
@@ -82,11 +100,17 @@ class FeatureMap:
     positive factor cancels). ``key(y)`` gives features ``[..., F]`` for
     elu/relu and log-features for the exponential maps (``exp_keys``), which
     the caller exponentiates after subtracting a running maximum.
+
+    Performer queries are shifted per row by ``max_f (log phi(x)_f + log D_f)``
+    with ``D`` the row's visible key mass per feature, so the row's normaliser
+    ``phi(x)·D`` lies in ``[1, F]``: neither it nor its gradient under- or
+    overflows however large the logits. Exponents are capped at ``_EXP_CAP``
+    (only reached where float32 would overflow anyway).
     """
 
     kind: str
     eps: float = 0.0
-    projection: np.ndarray | None = None  # [F, H], performer
+    projection: jax.Array | np.ndarray | None = None  # [F, H], performer
 
     @property
     def exp_keys(self) -> bool:
@@ -104,7 +128,9 @@ class FeatureMap:
         w = jnp.asarray(self.projection, x.dtype)
         return x @ w.T - 0.5 * jnp.sum(x * x, axis=-1, keepdims=True)
 
-    def query(self, x: jax.Array) -> jax.Array:
+    def query(self, x: jax.Array, mass: jax.Array) -> jax.Array:
+        """Features ``[..., F]`` of ``x [..., H]``; ``mass`` (broadcasts to ``[..., F]``):
+        the visible keys' feature sums, which only set performer's per-row shift."""
         if self.kind == "linear_elu":
             return jax.nn.elu(x) + 1.0
         if self.kind == "linear_relu":
@@ -112,7 +138,10 @@ class FeatureMap:
         if self.kind == "linear_softmax":
             return jax.nn.softmax(x, axis=-1)
         logits = self._favor_logits(x)
-        return jnp.exp(logits - jax.lax.stop_gradient(logits.max(-1, keepdims=True)))
+        plain = jax.lax.stop_gradient(logits)
+        shift = jnp.max(plain + jnp.log(jax.lax.stop_gradient(mass)), axis=-1, keepdims=True)
+        shift = jnp.where(jnp.isfinite(shift), shift, jnp.max(plain, axis=-1, keepdims=True))
+        return jnp.exp(jnp.minimum(logits - shift, _EXP_CAP))
 
     def key(self, y: jax.Array) -> jax.Array:
         if self.kind == "linear_elu":
@@ -169,10 +198,11 @@ def _empty_state(fm: FeatureMap, b: int, kh: int, f: int, hv: int, dtype) -> Lin
 
 
 def _safe_inverse(d: jax.Array, eps: float = 0.0) -> jax.Array:
-    """``1 / max(d, eps)``, or ``1/d`` with 0 where ``d == 0`` when ``eps == 0``."""
+    """``1 / max(d, eps)``; for ``eps == 0``, ``1/d`` with 0 where ``d`` is 0 (or subnormal)."""
     if eps > 0:
         return 1.0 / jnp.maximum(d, eps)
-    return jnp.where(d > 0, 1.0 / jnp.where(d > 0, d, 1.0), 0.0)
+    ok = d >= jnp.finfo(d.dtype).tiny
+    return jnp.where(ok, 1.0 / jnp.where(ok, d, 1.0), 0.0)
 
 
 def _absorb(
@@ -199,26 +229,28 @@ def _absorb(
 
 def _readout(
     fm: FeatureMap,
-    alpha: jax.Array,
+    x: jax.Array,
     state: LinearState,
     beta: jax.Array | None = None,
     v: jax.Array | None = None,
 ) -> jax.Array:
-    """Outputs ``[B, K, G, C, Hv]`` of query features ``alpha [B, K, G, C, F]``.
+    """Outputs ``[B, K, G, C, Hv]`` of queries ``x [B, K, G, C, H]``.
 
     Keys in ``state`` are visible to every query; with ``beta [B, K, C, F]``,
     ``v [B, K, C, Hv]`` (the chunk's own keys), query ``c`` also sees keys ``<= c``.
     """
-    c = alpha.shape[-2]
+    c = x.shape[-2]
+    mass = state.z[:, :, None, :]  # visible key mass per feature: [B, K, 1, F]
+    if beta is not None:
+        mass = mass + jnp.cumsum(beta, axis=2)  # [B, K, C, F]
+    alpha = fm.query(x, mass[:, :, None])  # [B, K, G, C, F]
     if fm.per_feature:
-        d = state.z[:, :, None, :]  # [B, K, 1, F]
-        if beta is not None:
-            d = d + jnp.cumsum(beta, axis=2)  # [B, K, C, F]
-        alpha = alpha * _safe_inverse(d)[:, :, None]
+        alpha = alpha * _safe_inverse(mass)[:, :, None]
     num = jnp.einsum("bkgcf,bkfd->bkgcd", alpha, state.s)
     den = jnp.einsum("bkgcf,bkf->bkgc", alpha, state.z)
     if beta is not None:
-        a = jnp.einsum("bkgif,bkjf->bkgij", alpha, beta) * jnp.tril(jnp.ones((c, c), bool))
+        a = jnp.einsum("bkgif,bkjf->bkgij", alpha, beta)
+        a = jnp.where(jnp.tril(jnp.ones((c, c), bool)), a, 0.0)
         num = num + jnp.einsum("bkgij,bkjd->bkgid", a, v)
         den = den + jnp.sum(a, axis=-1)
     if fm.per_feature:
@@ -226,19 +258,22 @@ def _readout(
     return num * _safe_inverse(den, fm.eps)[..., None]
 
 
+def _accumulate(state: LinearState, beta: jax.Array, v: jax.Array) -> LinearState:
+    """``state`` plus keys ``beta [B, K, C, F]`` with values ``v [B, K, C, Hv]``."""
+    s = state.s + jnp.einsum("bkcf,bkcd->bkfd", beta, v)
+    return LinearState(s, state.z + jnp.sum(beta, axis=2), state.m)
+
+
 def _chunk_step(fm, state, x, y, v, valid):
     """One chunk: x [B,K,G,C,H], y [B,K,C,H], v [B,K,C,Hv], valid [B,1,C] -> (out, state)."""
     beta, state = _absorb(fm, state, y, valid)
-    out = _readout(fm, fm.query(x), state, beta, v)
-    s = state.s + jnp.einsum("bkcf,bkcd->bkfd", beta, v)
-    return out, LinearState(s, state.z + jnp.sum(beta, axis=2), state.m)
+    return _readout(fm, x, state, beta, v), _accumulate(state, beta, v)
 
 
 def _add_keys(fm, state, y, v, valid):
     """``state`` after absorbing y [B,K,T,H], v [B,K,T,Hv] all at once (no outputs)."""
     beta, state = _absorb(fm, state, y, valid)
-    s = state.s + jnp.einsum("bkcf,bkcd->bkfd", beta, v)
-    return LinearState(s, state.z + jnp.sum(beta, axis=2), state.m)
+    return _accumulate(state, beta, v)
 
 
 def _linear_attention(fm, q, k, v, *, causal, kv_lengths, scale, chunk):
@@ -256,7 +291,7 @@ def _linear_attention(fm, q, k, v, *, causal, kv_lengths, scale, chunk):
 
     if not causal:
         state = _add_keys(fm, state, y, vt, valid)
-        out = _readout(fm, fm.query(x), state)  # [B, K, G, Tq, Hv]
+        out = _readout(fm, x, state)  # [B, K, G, Tq, Hv]
         return out.transpose(0, 3, 1, 2, 4).reshape(b, tq, n, hv)
 
     offset = tk - tq  # query i sits at key position i + offset
@@ -279,7 +314,10 @@ def _linear_attention(fm, q, k, v, *, causal, kv_lengths, scale, chunk):
         return carry, out
 
     xs = (blocks(x, 3), blocks(y, 2), blocks(vt, 2), blocks(valid, 2))
-    _, out = jax.lax.scan(jax.checkpoint(body, prevent_cse=False), state, xs)
+    if nc == 1:
+        out = _chunk_step(fm, state, *(t[0] for t in xs))[0][None]
+    else:
+        _, out = jax.lax.scan(jax.checkpoint(body, prevent_cse=False), state, xs)
     out = jnp.moveaxis(out, 0, 3).reshape(b, kh, -1, nc * c, hv)[:, :, :, :length]
     out = out.transpose(0, 3, 1, 2, 4).reshape(b, length, n, hv)
     if offset < 0:
@@ -293,7 +331,7 @@ def _quadratic_weights(fm, q, k, *, causal, kv_lengths, scale):
     tk, kh = k.shape[1], k.shape[2]
     acc = masking.stat_dtype(q.dtype)
     root = jnp.sqrt(jnp.asarray(scale, acc))
-    alpha = fm.query(masking.group_queries(q.astype(acc) * root, kh))  # [B, Tq, K, G, F]
+    x = masking.group_queries(q.astype(acc) * root, kh)  # [B, Tq, K, G, H]
     feats = fm.key(k.astype(acc) * root)  # [B, Tk, K, F]
     mask = masking.dense_mask(kv_lengths, b, tq, tk, causal=causal)  # [B, Tq, Tk]
     valid = (jnp.arange(tk) < masking.full_kv_lengths(kv_lengths, b, tk)[:, None])[..., None, None]
@@ -303,46 +341,80 @@ def _quadratic_weights(fm, q, k, *, causal, kv_lengths, scale):
         beta = jnp.exp(logits - jnp.where(jnp.isfinite(c), c, 0.0))
     else:
         beta = jnp.where(valid, feats, 0.0)
+    mass = jnp.einsum("bqs,bskf->bqkf", mask.astype(acc), beta)[:, :, :, None]  # [B,Tq,K,1,F]
+    alpha = fm.query(x, mass)  # [B, Tq, K, G, F]
     if fm.per_feature:
-        d = jnp.einsum("bqs,bskf->bqkf", mask.astype(acc), beta)
-        alpha = alpha * _safe_inverse(d)[:, :, :, None]
+        alpha = alpha * _safe_inverse(mass)
     w = jnp.einsum("bqkgf,bskf->bkgqs", alpha, beta) * mask[:, None, None]
     if not fm.per_feature:
         w = w * _safe_inverse(jnp.sum(w, axis=-1), fm.eps)[..., None]
     return w.reshape(b, n, tq, tk)
 
 
+@functools.partial(jax.jit, static_argnames=("method", "causal", "eps"))
+def _jitted_weights(q, k, kv_lengths, scale, projection, *, method, causal, eps):
+    fm = FeatureMap(method, eps=eps, projection=projection)
+    return _quadratic_weights(fm, q, k, causal=causal, kv_lengths=kv_lengths, scale=scale)
+
+
 def _weights_of(method: str):
     def weights(q, k, *, causal, kv_lengths, scale, **options):
         fm, _ = _feature_map(method, q.shape[-1], options)
-        return _quadratic_weights(fm, q, k, causal=causal, kv_lengths=kv_lengths, scale=scale)
+        return _jitted_weights(
+            q, k, kv_lengths, scale, fm.projection, method=method, causal=causal, eps=fm.eps
+        )
 
     weights.__name__ = f"{method}_weights"
     weights.__doc__ = f"``[B, N, Tq, Tk]`` weights of ``{method}`` (quadratic reference form)."
     return weights
 
 
-def _run(method, q, k, v, causal, kv_lengths, scale, **options):
-    fm, chunk = _feature_map(method, q.shape[-1], options)
+@functools.partial(jax.jit, static_argnames=("method", "causal", "chunk", "eps"))
+def _jitted(q, k, v, kv_lengths, scale, projection, *, method, causal, chunk, eps):
+    fm = FeatureMap(method, eps=eps, projection=projection)
     out = _linear_attention(
         fm, q, k, v, causal=causal, kv_lengths=kv_lengths, scale=scale, chunk=chunk
     )
     return out.astype(q.dtype)
 
 
+def _run(method, q, k, v, causal, kv_lengths, scale, **options):
+    """Validate options, then one compiled program per (shapes, method, causal, chunk)."""
+    fm, chunk = _feature_map(method, q.shape[-1], options)
+    static = {"method": method, "causal": causal, "chunk": chunk, "eps": fm.eps}
+    return _jitted(q, k, v, kv_lengths, scale, fm.projection, **static)
+
+
 @register_method("linear_elu", exact=False, weights=_weights_of("linear_elu"))
-def linear_elu(q, k, v, *, causal: bool, kv_lengths, scale, chunk: int = 64) -> jax.Array:
+def linear_elu(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    causal: bool,
+    kv_lengths: jax.Array | None,
+    scale: float,
+    chunk: int = 64,
+) -> jax.Array:
     """Linear attention with ``phi = elu + 1`` (Katharopoulos et al. 2020); F = H features.
 
     q: [B, Tq, N, H], k: [B, Tk, K, H], v: [B, Tk, K, Hv] -> [B, Tq, N, Hv].
-    ``chunk``: positions per chunk of the causal form (time O(N (chunk + H) Hv)).
+    ``chunk``: positions per chunk of the causal form (see the module docstring).
     """
     return _run("linear_elu", q, k, v, causal, kv_lengths, scale, chunk=chunk)
 
 
 @register_method("linear_relu", exact=False, weights=_weights_of("linear_relu"))
 def linear_relu(
-    q, k, v, *, causal: bool, kv_lengths, scale, chunk: int = 64, eps: float = 1e-6
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    causal: bool,
+    kv_lengths: jax.Array | None,
+    scale: float,
+    chunk: int = 64,
+    eps: float = 1e-6,
 ) -> jax.Array:
     """Linear attention with ``phi = relu``, normaliser floored at ``eps``; F = H features.
 
@@ -354,7 +426,16 @@ def linear_relu(
 
 
 @register_method("linear_softmax", exact=False, weights=_weights_of("linear_softmax"))
-def linear_softmax(q, k, v, *, causal: bool, kv_lengths, scale, chunk: int = 64) -> jax.Array:
+def linear_softmax(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    causal: bool,
+    kv_lengths: jax.Array | None,
+    scale: float,
+    chunk: int = 64,
+) -> jax.Array:
     """Efficient attention ``softmax_H(Q) (softmax_T(K)^T V)`` (Shen et al. 2018).
 
     q: [B, Tq, N, H], k: [B, Tk, K, H], v: [B, Tk, K, Hv] -> [B, Tq, N, Hv].
@@ -366,13 +447,13 @@ def linear_softmax(q, k, v, *, causal: bool, kv_lengths, scale, chunk: int = 64)
 
 @register_method("performer", exact=False, weights=_weights_of("performer"))
 def performer(
-    q,
-    k,
-    v,
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
     *,
     causal: bool,
-    kv_lengths,
-    scale,
+    kv_lengths: jax.Array | None,
+    scale: float,
     chunk: int = 64,
     num_features: int = 256,
     seed: int = 0,
@@ -384,18 +465,8 @@ def performer(
     H, seed)`` shared by all heads, so ``phi(x)·phi(y)`` estimates
     ``exp(scale q·k)``; error shrinks like ``1/sqrt(num_features)``.
     """
-    return _run(
-        "performer",
-        q,
-        k,
-        v,
-        causal,
-        kv_lengths,
-        scale,
-        chunk=chunk,
-        num_features=num_features,
-        seed=seed,
-    )
+    options = {"chunk": chunk, "num_features": num_features, "seed": seed}
+    return _run("performer", q, k, v, causal, kv_lengths, scale, **options)
 
 
 def _recurrent_map(method: str, head_dim: int, options: dict[str, Any]) -> FeatureMap:
