@@ -311,3 +311,85 @@ def test_report_without_matplotlib_still_writes_tables(tmp_path, monkeypatch):
     assert not [p for p in written if p.suffix in (".png", ".pdf")]
     assert "matplotlib is not installed" in (tmp_path / "report.md").read_text()
     assert "\\toprule" in (tmp_path / "report.tex").read_text()
+
+
+# ----------------------------------------------------------------------------- sequence parallel
+
+
+def test_sequence_parallel_axes_keep_old_keys_and_validate(tmp_path):
+    old = spec.Point("dense", {}, 16, 1, 2, 2, 8, "float32", True, "fwd")
+    assert old.key == "dense|{}|L16|B1|N2|K2|H8|float32|causal|fwd|seed0"  # resume of old rows
+    legacy = {k: v for k, v in old.identity().items() if k not in ("devices", "strategy")}
+    assert spec.Point.from_identity(legacy) == old
+    sp = dataclasses.replace(old, devices=4, strategy="ring")
+    assert sp.key == old.key + "|P4|sp=ring" and spec.Point.from_identity(sp.identity()) == sp
+    assert "ring P=4" in sp.label
+
+    text = TINY.replace('[[grid]]\n[[grid]]\nmethods = ["no_such_method"]\n', "")
+    sweep = _sweep(text + 'strategy = ["none", "ring", "all_to_all"]\n', tmp_path, devices=[1, 2])
+    assert {(p.strategy, p.devices) for p in sweep.points} == {
+        (None, 1),
+        ("ring", 1),
+        ("ring", 2),
+        ("all_to_all", 1),
+        ("all_to_all", 2),
+    }  # one-device attention ("none") only at devices=1
+    with pytest.raises(spec.SpecError, match="needs a sequence-parallel strategy"):
+        _sweep(text, tmp_path, devices=[2])
+    with pytest.raises(spec.SpecError, match="valid values: none, ring, all_to_all"):
+        _sweep(text + 'strategy = "zigzag"\n', tmp_path)
+
+    from efficient_attn.parallel.api import STRATEGIES
+
+    assert set(spec.STRATEGIES) == set(STRATEGIES)
+    name, data = spec.load_preset("sequence_parallel")
+    preset = spec.build_sweep(name, data, {}, ea.methods())
+    assert "share" in preset.note and preset.time_max_elements > 0
+    assert {(p.strategy, p.devices, p.heads) for p in preset.points} == {
+        (s, d, 4 if s == "ring" else 8) for s in spec.STRATEGIES for d in (1, 2, 4, 8)
+    }
+    env = worker.device_env(4, {"XLA_FLAGS": "--a=1 --xla_force_host_platform_device_count=8"})
+    assert env["XLA_FLAGS"] == "--a=1 --xla_force_host_platform_device_count=4"
+    assert worker.device_env(1, {"XLA_FLAGS": "--a=1"}) == {"XLA_FLAGS": "--a=1"}
+
+
+def test_compile_only_points_record_memory_without_time():
+    point = spec.Point("dense", {}, 16, 1, 2, 2, 8, "float32", True, "fwd")
+    payload = {**point.identity(), "repeats": 1, "warmup": 1, "reference_max_elements": 10**6}
+    row = worker.run_point({**payload, "time_max_elements": 100})
+    assert row["status"] == "ok" and row["memory_bytes"] > 0 and row["compile_s"] > 0
+    assert row["time_ms"] is None and row["rel_error"] is None
+    assert "time_max_elements" in row["time_note"]
+    assert "compiled only" in runner.row_summary(row)
+
+
+def test_sequence_parallel_points_on_two_host_devices(tmp_path):
+    """Fresh workers started with 2 host devices: ring is exact; all_to_all needs K % P == 0."""
+    text = """
+note = "host devices share the cores"
+methods = ["blockwise"]
+heads = 2
+kv_heads = 1
+head_dim = 8
+repeats = 2
+timeout_s = 120
+passes = ["fwd+bwd"]
+seq_lens = [31]
+devices = 2
+strategy = ["ring", "all_to_all"]
+"""
+    sweep = _sweep(text, tmp_path)
+    out = tmp_path / "out"
+    runner.run_sweep(sweep, out, stream=None)
+    rows = {r["strategy"]: r for r in runner.read_rows(out / runner.RESULTS)}
+    ring = rows["ring"]
+    assert ring["status"] == "ok", ring["message"]
+    assert ring["devices"] == 2 and ring["env"]["device_count"] == 2
+    assert ring["rel_error"] < 1e-5 and ring["grad_rel_error"] < 1e-5
+    assert ring["memory_bytes"] > 0 and ring["time_ms"] > 0
+    a2a = rows["all_to_all"]
+    assert a2a["status"] == "unsupported" and "divisible" in a2a["message"]
+    report.write_report([out])
+    text = (out / "report.md").read_text()
+    assert "host devices share the cores" in text and "sequence parallel: ring" in text
+    assert "blockwise ring P=2" in text and "Compiled memory per device" in text

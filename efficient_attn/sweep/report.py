@@ -1,7 +1,8 @@
 """Reports of sweep results: markdown, LaTeX (booktabs) tables and log-log plots.
 
 Rows are grouped into panels (pass, dtype, mask, batch, heads, kv_heads,
-head_dim); in each panel a table row is a method with its options and a
+head_dim, sequence-parallel strategy); in each panel a table row is a method
+with its options (and its device count, for sequence-parallel points) and a
 column is a sequence length. Scaling exponents are least-squares slopes of
 ``log(value)`` on ``log(seq_len)`` over the longest :data:`FIT_POINTS` lengths
 a method ran at (short lengths are dominated by fixed overheads). A crossover
@@ -40,6 +41,7 @@ class Panel:
     heads: int
     kv_heads: int
     head_dim: int
+    strategy: str | None = None
 
     @property
     def slug(self) -> str:
@@ -47,6 +49,7 @@ class Panel:
         return (
             f"{self.pass_.replace('+', '')}-{self.dtype}-{mask}-b{self.batch}-n{self.heads}"
             f"-k{self.kv_heads}-h{self.head_dim}"
+            + (f"-{self.strategy.replace('_', '')}" if self.strategy else "")
         )
 
     @property
@@ -55,6 +58,7 @@ class Panel:
         return (
             f"{self.pass_}, {self.dtype}, {mask}, batch {self.batch}, {self.heads} heads, "
             f"{self.kv_heads} kv heads, head dim {self.head_dim}"
+            + (f", sequence parallel: {self.strategy}" if self.strategy else "")
         )
 
     @classmethod
@@ -67,13 +71,20 @@ class Panel:
             row["heads"],
             row["kv_heads"],
             row["head_dim"],
+            row.get("strategy"),
         )
 
 
 def variant(row: dict[str, Any]) -> str:
-    """Method name with its non-default options, e.g. ``performer(num_features=64)``."""
+    """Method name with its non-default options, e.g. ``performer(num_features=64)``.
+
+    Sequence-parallel points add strategy and device count: ``blockwise ring P=8``.
+    """
     opts = ",".join(f"{k}={v}" for k, v in sorted((row.get("options") or {}).items()))
-    return f"{row['method']}({opts})" if opts else row["method"]
+    name = f"{row['method']}({opts})" if opts else row["method"]
+    if row.get("strategy"):
+        name += f" {row['strategy']} P={row.get('devices') or 1}"
+    return name
 
 
 @dataclasses.dataclass
@@ -402,6 +413,7 @@ def write_report(paths: Sequence[str | Path], out_dir: str | Path | None = None)
         f"# Attention sweep: {meta.get('name', out.name)}",
         "",
         *([meta["description"], ""] if meta.get("description") else []),
+        *([f"**Note.** {meta['note']}", ""] if meta.get("note") else []),
         f"{len(rows)} points from {', '.join(map(str, paths))}: "
         + ", ".join(f"{n} {s}" for s, n in statuses.most_common())
         + ".",
@@ -413,7 +425,12 @@ def write_report(paths: Sequence[str | Path], out_dir: str | Path | None = None)
         "Error: relative Frobenius error of the output vs float64 exact attention "
         "(fwd+bwd: output / worst of dq, dk, dv); n/c: not computed (reference too large). "
         f"Exponent: log-log slope over the {FIT_POINTS} longest lengths. OOM: out of memory; "
-        "n/a: unsupported here.",
+        "n/a: unsupported here."
+        + (
+            " Time n/c: compiled only, not run (B*N*T^2 above the preset's time_max_elements)."
+            if any(r.get("time_note") for r in rows)
+            else ""
+        ),
         *(
             []
             if plots
@@ -433,8 +450,10 @@ def write_report(paths: Sequence[str | Path], out_dir: str | Path | None = None)
             written += figure
             if figure:
                 md += [f"![{metric.name}]({figure[0].name})", ""]
-            md += [f"**{metric.caption}** ({metric.unit})", "", markdown_table(header, body), ""]
-            caption = f"{metric.caption} ({metric.unit}) vs sequence length; {title}; {device}."
+            per_device = data.panel.strategy and metric is MEMORY
+            name = metric.caption + (" per device" if per_device else "")
+            md += [f"**{name}** ({metric.unit})", "", markdown_table(header, body), ""]
+            caption = f"{name} ({metric.unit}) vs sequence length; {title}; {device}."
             label = f"tab:{metric.name}-{slug}"
             t = latex_table(header, body, caption, label)
             path = out / "tables" / f"{metric.name}-{slug}.tex"
@@ -463,10 +482,14 @@ def write_report(paths: Sequence[str | Path], out_dir: str | Path | None = None)
 
 
 def headline(paths: Sequence[str | Path]) -> str:
-    """The time table of every panel, for the terminal."""
+    """The time table of every panel (and memory per device where sequence parallel)."""
     parts = []
     for data in group(merge_rows(paths)):
-        header, body = table(data, TIME)
-        if body:
-            parts += [f"{data.panel.title}: time (ms)", markdown_table(header, body), ""]
+        metrics = [(TIME, "time (ms)")]
+        if data.panel.strategy:
+            metrics.append((MEMORY, "memory per device (MiB)"))
+        for metric, what in metrics:
+            header, body = table(data, metric)
+            if body:
+                parts += [f"{data.panel.title}: {what}", markdown_table(header, body), ""]
     return "\n".join(parts)

@@ -27,7 +27,13 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from efficient_attn.sweep.spec import Point, Sweep
-from efficient_attn.sweep.worker import base_row, environment, looks_like_oom, utc_now
+from efficient_attn.sweep.worker import (
+    base_row,
+    device_env,
+    environment,
+    looks_like_oom,
+    utc_now,
+)
 
 RESULTS = "results.jsonl"
 WORKER = (sys.executable, "-m", "efficient_attn.sweep.worker")
@@ -102,10 +108,14 @@ def _row_from_output(stdout: str) -> dict[str, Any] | None:
 def run_worker(
     payload: dict[str, Any], timeout_s: float, command: Sequence[str] = WORKER
 ) -> dict[str, Any]:
-    """Run one point in a fresh process; a crash, kill or timeout becomes a row."""
+    """Run one point in a fresh process; a crash, kill or timeout becomes a row.
+
+    The process starts with ``payload["devices"]`` devices (:func:`device_env`).
+    """
     start = time.perf_counter()
     proc = subprocess.Popen(
         list(command),
+        env=device_env(int(payload.get("devices") or 1)),
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -151,7 +161,7 @@ def row_summary(row: dict[str, Any]) -> str:
     """A few words on a finished row for the progress log."""
     if row["status"] != "ok":
         return f"{row['status']}: {str(row.get('message', ''))[:100]}"
-    parts = [f"{row['time_ms']:.3g} ms"]
+    parts = ["compiled only" if row["time_ms"] is None else f"{row['time_ms']:.3g} ms"]
     if row.get("memory_bytes") is not None:
         parts.append(f"{row['memory_bytes'] / 2**20:.3g} MiB")
     if row.get("rel_error") is not None:
@@ -232,12 +242,14 @@ def _write_meta(out_dir: Path, sweep: Sweep, extra: dict[str, Any]) -> None:
         **extra,
         "name": sweep.name,
         "description": sweep.description,
+        "note": sweep.note,
         "points": len(sweep.points),
         "repeats": sweep.repeats,
         "warmup": sweep.warmup,
         "timeout_s": sweep.timeout_s,
         "timing_budget_s": sweep.timing_budget_s,
         "reference_max_elements": sweep.reference_max_elements,
+        "time_max_elements": sweep.time_max_elements,
     }
     tmp = out_dir / f".sweep.json.{os.getpid()}"
     tmp.write_text(json.dumps(meta, indent=1) + "\n")
@@ -324,6 +336,7 @@ def run_sweep(
             "warmup": sweep.warmup,
             "reference_max_elements": sweep.reference_max_elements,
             "timing_budget_s": sweep.timing_budget_s,
+            "time_max_elements": sweep.time_max_elements,
             "cache_dir": str(out_dir / ".cache"),
         }
         progress.started(i, point)

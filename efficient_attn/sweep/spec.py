@@ -18,7 +18,14 @@ of them, and the sweep is the union of the grids' cartesian products
 
 Command-line flags override an axis in every grid. A point is one
 (method, options, seq_len, batch, heads, kv_heads, head_dim, dtype, causal,
-pass, seed); its :attr:`Point.key` identifies it in ``results.jsonl``.
+pass, seed, devices, strategy); its :attr:`Point.key` identifies it in
+``results.jsonl``. ``strategy`` (``"ring"``, ``"all_to_all"``; ``"none"``, the
+default, is ordinary one-device attention, swept with ``devices = 1`` only)
+runs :func:`efficient_attn.parallel.sequence_parallel_attention` with the
+sequence split over ``devices`` host devices (the worker process starts with
+``--xla_force_host_platform_device_count``). ``time_max_elements`` (nonzero)
+compiles points with ``B * N * T**2`` above it for memory only. A preset's
+``note`` is printed at the top of its report.
 """
 
 from __future__ import annotations
@@ -46,10 +53,15 @@ AXES: tuple[str, ...] = (
     "causal",
     "passes",
     "options",
+    "devices",
+    "strategy",
 )
+#: Sequence-parallel strategies (``efficient_attn.parallel.api.STRATEGIES``); None: one device.
+STRATEGIES: tuple[str, ...] = ("ring", "all_to_all")
 #: Settings of the whole sweep (top level only).
 SETTINGS: dict[str, Any] = {
     "description": "",
+    "note": "",
     "repeats": 5,
     "warmup": 1,
     "seed": 0,
@@ -58,6 +70,8 @@ SETTINGS: dict[str, Any] = {
     "timing_budget_s": 60.0,
     # float64 reference only where B * N * Tq * Tk <= this (about 4 s of NumPy at 2**24)
     "reference_max_elements": 2**24,
+    # run and time only where B * N * Tq * Tk <= this; beyond, compile only (memory); 0: no limit
+    "time_max_elements": 0,
 }
 _AXIS_DEFAULTS: dict[str, Any] = {
     "methods": "all",
@@ -70,6 +84,8 @@ _AXIS_DEFAULTS: dict[str, Any] = {
     "causal": True,
     "passes": ["fwd"],
     "options": {},
+    "devices": 1,
+    "strategy": "none",
 }
 
 
@@ -92,6 +108,8 @@ class Point:
     causal: bool
     pass_: str
     seed: int = 0
+    devices: int = 1
+    strategy: str | None = None
 
     @property
     def key(self) -> str:
@@ -101,13 +119,16 @@ class Point:
             f"{self.method}|{opts}|L{self.seq_len}|B{self.batch}|N{self.heads}|K{self.kv_heads}"
             f"|H{self.head_dim}|{self.dtype}|{'causal' if self.causal else 'full'}"
             f"|{self.pass_}|seed{self.seed}"
+            + (f"|P{self.devices}" if self.devices != 1 else "")
+            + (f"|sp={self.strategy}" if self.strategy is not None else "")
         )
 
     @property
     def label(self) -> str:
         opts = ",".join(f"{k}={v}" for k, v in sorted(self.options.items()))
         name = f"{self.method}({opts})" if opts else self.method
-        return f"{name} L={self.seq_len} {self.pass_} {self.dtype}"
+        where = f" {self.strategy} P={self.devices}" if self.strategy is not None else ""
+        return f"{name}{where} L={self.seq_len} {self.pass_} {self.dtype}"
 
     def identity(self) -> dict[str, Any]:
         """The row fields that describe the point (``pass`` spelled as in the rows)."""
@@ -124,6 +145,8 @@ class Point:
             "causal": self.causal,
             "pass": self.pass_,
             "seed": self.seed,
+            "devices": self.devices,
+            "strategy": self.strategy,
         }
 
     @classmethod
@@ -140,6 +163,8 @@ class Point:
             causal=bool(d["causal"]),
             pass_=str(d["pass"]),
             seed=int(d.get("seed", 0)),
+            devices=int(d.get("devices") or 1),
+            strategy=d.get("strategy"),
         )
 
 
@@ -155,6 +180,8 @@ class Sweep:
     timeout_s: float
     timing_budget_s: float
     reference_max_elements: int
+    note: str = ""
+    time_max_elements: int = 0
 
     def shard(self, index: int, count: int) -> tuple[Point, ...]:
         """Every ``count``-th point starting at ``index``: shards partition the sweep."""
@@ -273,6 +300,16 @@ def _expand_grid(grid: Mapping[str, Any], registered: Sequence[str], seed: int) 
     dtypes = _choices("dtype", grid["dtype"], DTYPES)
     causals = _choices("causal", grid["causal"], (True, False))
     passes = _choices("passes", grid["passes"], PASSES)
+    devices = _ints("devices", grid["devices"])
+    strategies = [
+        None if s == "none" else s
+        for s in _choices("strategy", grid["strategy"], ("none", *STRATEGIES))
+    ]
+    if any(p != 1 for p in devices) and strategies == [None]:
+        raise SpecError(
+            f"devices={devices} needs a sequence-parallel strategy ({', '.join(STRATEGIES)}); "
+            'strategy = "none" runs on one device'
+        )
     options = grid["options"]
     if not isinstance(options, Mapping):
         raise SpecError("options must be a table: [options.METHOD] NAME = value or [values]")
@@ -285,8 +322,14 @@ def _expand_grid(grid: Mapping[str, Any], registered: Sequence[str], seed: int) 
                 divisors = [d for d in range(1, n + 1) if n % d == 0]
                 raise SpecError(f"kv_heads={k} must divide heads={n}; valid kv_heads: {divisors}")
             for method in methods:
-                for opts in _option_grid(method, options.get(method, {})):
-                    points.append(Point(method, opts, t, b, n, k, h, dtype, causal, pass_, seed))
+                for opts, strategy, p in itertools.product(
+                    _option_grid(method, options.get(method, {})), strategies, devices
+                ):
+                    if strategy is None and p != 1:
+                        continue  # one-device attention: devices=1 only
+                    points.append(
+                        Point(method, opts, t, b, n, k, h, dtype, causal, pass_, seed, p, strategy)
+                    )
     return points
 
 
@@ -331,6 +374,7 @@ def build_sweep(
     return Sweep(
         name=name,
         description=str(settings["description"]),
+        note=str(settings["note"]),
         points=tuple(ordered),
         repeats=_ints("repeats", settings["repeats"])[0],
         warmup=_ints("warmup", settings["warmup"], minimum=1)[0],
@@ -339,6 +383,7 @@ def build_sweep(
         reference_max_elements=_ints(
             "reference_max_elements", settings["reference_max_elements"], minimum=0
         )[0],
+        time_max_elements=_ints("time_max_elements", settings["time_max_elements"], minimum=0)[0],
     )
 
 

@@ -2,15 +2,24 @@
 
 ``python -m efficient_attn.sweep.worker < point.json`` reads a point
 (:meth:`Point.identity` plus ``repeats``, ``warmup``,
-``reference_max_elements`` and optionally ``timing_budget_s`` and
-``cache_dir``) and prints one JSON row on its last stdout line. Compilation is
-timed separately; the compiled call is warmed up, then timed ``repeats`` times
-with ``block_until_ready`` (fewer when one call takes longer than
-``timing_budget_s / repeats``; the row records how many).
+``reference_max_elements`` and optionally ``timing_budget_s``,
+``time_max_elements`` and ``cache_dir``) and prints one JSON row on its last
+stdout line. Compilation is timed separately; the compiled call is warmed up,
+then timed ``repeats`` times with ``block_until_ready`` (fewer when one call takes longer than
+``timing_budget_s / repeats``; the row records how many). Where
+``B * N * Tq * Tk`` exceeds a nonzero ``time_max_elements`` the point is only
+compiled: memory is recorded, time and error are null (``time_note`` says why).
 Memory is XLA's compiled temp + argument + output bytes, plus the device's
 measured peak where it reports one. ``rel_error`` compares the output (and
 for ``fwd+bwd`` the gradients) with float64 exact attention from
 :mod:`efficient_attn.reference` where that reference is affordable.
+
+A point with a ``strategy`` runs
+:func:`efficient_attn.parallel.sequence_parallel_attention` on a mesh of its
+first ``devices`` devices, inputs split along the sequence; the memory fields
+are then one device's share of the compiled SPMD program. The process must
+start with that many devices (the runner sets
+``--xla_force_host_platform_device_count``: see :func:`device_env`).
 
 Statuses: ``ok``; ``unsupported`` (method not registered, not available on
 this platform, or lacking a feature the point needs); ``oom``; ``error``.
@@ -60,6 +69,7 @@ MEASUREMENTS: tuple[str, ...] = (
     "grad_rel_error",
     "grad_rel_errors",
     "rel_error_note",
+    "time_note",
 )
 _OOM_PATTERN = re.compile(
     r"resource.?exhausted|out of memory|memoryerror|bad_alloc|cannot allocate memory|\boom\b",
@@ -70,6 +80,22 @@ _OOM_PATTERN = re.compile(
 def looks_like_oom(text: str) -> bool:
     """Whether an error message or a crashed worker's stderr reports exhausted memory."""
     return _OOM_PATTERN.search(text) is not None
+
+
+_DEVICE_FLAG = "--xla_force_host_platform_device_count"
+
+
+def device_env(devices: int, environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a worker for a point on ``devices`` devices.
+
+    On CPU, XLA splits the host into ``devices`` devices (read when JAX starts).
+    """
+    env = dict(os.environ if environ is None else environ)
+    if devices > 1:
+        flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith(_DEVICE_FLAG)]
+        env["XLA_FLAGS"] = " ".join([*flags, f"{_DEVICE_FLAG}={devices}"])
+        env.pop("JAX_NUM_CPU_DEVICES", None)
+    return env
 
 
 def _package_version(name: str) -> str | None:
@@ -148,6 +174,8 @@ _IDENTITY = (
     "causal",
     "pass",
     "seed",
+    "devices",
+    "strategy",
 )
 
 
@@ -169,7 +197,8 @@ def _reference(point: dict[str, Any], arrays: dict[str, Any], grads: bool) -> di
 
     import efficient_attn as ea
 
-    ident = {k: point[k] for k in _IDENTITY if k not in ("key", "method", "options", "pass")}
+    shared = ("key", "method", "options", "pass", "devices", "strategy")  # same inputs
+    ident = {k: point[k] for k in _IDENTITY if k not in shared}
     digest = hashlib.sha256(json.dumps([ident, grads], sort_keys=True).encode()).hexdigest()[:20]
     cache = point.get("cache_dir")
     path = Path(cache) / f"ref-{digest}{'-grads' if grads else ''}.npz" if cache else None
@@ -207,11 +236,14 @@ def _measure(point: dict[str, Any], row: dict[str, Any]) -> None:
     causal, backward = bool(point["causal"]), point["pass"] == "fwd+bwd"
     seed = int(point["seed"])
     q, k, v = bench.random_inputs(b, t, t, n, kh, h, point["dtype"], seed=seed)
-    fwd = bench.attention_fn(spec.name, causal=causal, backward=False, **point["options"])
+    dout = jax.random.normal(jax.random.PRNGKey(seed + 1), (b, t, n, h), q.dtype)
+    if point.get("strategy") is None:
+        fwd = bench.attention_fn(spec.name, causal=causal, backward=False, **point["options"])
+    else:
+        fwd, (q, k, v, dout) = _sequence_parallel(point, (q, k, v, dout))
     args: tuple[Any, ...] = (q, k, v)
     f = fwd
     if backward:
-        dout = jax.random.normal(jax.random.PRNGKey(seed + 1), (b, t, n, h), q.dtype)
         args = (q, k, v, dout)
 
         def f(q, k, v, dout):
@@ -235,6 +267,15 @@ def _measure(point: dict[str, Any], row: dict[str, Any]) -> None:
                 f"(temp + arguments + outputs), {where} has {available / 2**30:.2f} GiB free; "
                 "not run"
             )
+    elements = b * n * t * t
+    time_limit = int(point.get("time_max_elements") or 0)
+    if time_limit and elements > time_limit:
+        row["repeats"] = 0
+        row["time_note"] = (
+            f"compiled only: B*N*Tq*Tk = {elements:,} elements, more than "
+            f"time_max_elements = {time_limit:,}"
+        )
+        return
     start = time.perf_counter()
     result = jax.block_until_ready(exe(*args))  # first warm-up call; its output is checked
     first_s = time.perf_counter() - start
@@ -260,7 +301,6 @@ def _measure(point: dict[str, Any], row: dict[str, Any]) -> None:
     outs = result if backward else (result,)
     if not all(bool(np.isfinite(np.asarray(x, np.float32)).all()) for x in outs):
         raise FloatingPointError("the output or its gradients contain NaN or Inf")
-    elements = b * n * t * t
     if elements > int(point["reference_max_elements"]):
         row["rel_error_note"] = (
             f"not computed: the float64 reference needs B*N*Tq*Tk = {elements:,} elements, "
@@ -275,6 +315,41 @@ def _measure(point: dict[str, Any], row: dict[str, Any]) -> None:
         errs = {g: bench.relative_error(x, ref[g]) for g, x in zip(names, outs[1:], strict=True)}
         row["grad_rel_errors"] = errs
         row["grad_rel_error"] = max(errs.values())
+
+
+class _Unsupported(Exception):
+    """The point's configuration is rejected by the library (a ValueError naming the rule)."""
+
+
+def _sequence_parallel(point: dict[str, Any], arrays: tuple[Any, ...]) -> tuple[Any, tuple]:
+    """``fwd(q, k, v)`` split over ``point["devices"]`` devices, and the arrays placed on them."""
+    import jax
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    from efficient_attn.parallel import sequence_parallel_attention
+
+    devices = int(point["devices"])
+    if jax.device_count() < devices:
+        raise RuntimeError(
+            f"devices={devices} but this process has {jax.device_count()} "
+            f"(start it with XLA_FLAGS={_DEVICE_FLAG}={devices} on CPU)"
+        )
+    mesh = Mesh(jax.devices()[:devices], ("sp",))
+    options, strategy = dict(point["options"]), point["strategy"]
+
+    def fwd(q, k, v):
+        return sequence_parallel_attention(
+            q, k, v, mesh=mesh, axis="sp", strategy=strategy, method=point["method"],
+            causal=bool(point["causal"]), **options,
+        )  # fmt: skip
+
+    split = PartitionSpec(None, "sp") if point["seq_len"] % devices == 0 else PartitionSpec()
+    arrays = tuple(jax.device_put(x, NamedSharding(mesh, split)) for x in arrays)
+    try:
+        jax.eval_shape(fwd, *arrays[:3])
+    except ValueError as e:
+        raise _Unsupported(f"{strategy} on {devices} devices: {e}") from e
+    return fwd, arrays
 
 
 def _unsupported_reason(point: dict[str, Any]) -> str | None:
@@ -317,6 +392,10 @@ def run_point(point: dict[str, Any]) -> dict[str, Any]:
             row.update(status="unsupported", message=reason)
         else:
             _measure(point, row)
+    except _Unsupported as e:
+        row.update(status="unsupported", message=str(e)[:2000])
+        for field in MEASUREMENTS[1:]:
+            row[field] = None
     except Exception as e:
         text = f"{type(e).__name__}: {e}".strip()
         row.update(status="oom" if looks_like_oom(text) else "error", message=text[:2000])
