@@ -298,6 +298,7 @@ def add_arguments(p) -> None:
     p.add_argument("--vocab-size", type=int, default=None)
     p.add_argument("--num-pairs", type=int, default=None, help="mqar key-value pairs")
     p.add_argument("--distance", type=int, default=None, help="long_range distance")
+    p.add_argument("--num-queries", type=int, default=None, help="long_range queries")
     p.add_argument("--d-model", type=int, default=d.d_model)
     p.add_argument("--layers", type=int, default=d.num_layers)
     p.add_argument("--heads", type=int, default=d.num_heads)
@@ -326,6 +327,7 @@ def config_from_args(args) -> TrainConfig:
         vocab_size=args.vocab_size,
         num_pairs=args.num_pairs,
         distance=args.distance,
+        num_queries=args.num_queries,
         method=args.method,
         options=options,
         kv_heads=args.kv_heads,

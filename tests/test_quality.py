@@ -36,15 +36,16 @@ def test_expand_names_every_run():
 
 
 def test_grid_runs_resumes_and_reports(tmp_path):
-    preset = {**TINY, "methods": ["dense"], "grid": TINY["grid"][:1]}
+    grid = [{"task": "mqar", "seq_len": 16, "num_pairs": [2]}]
+    preset = {**TINY, "methods": ["dense"], "grid": grid}
     rows = quality.run_grid(preset, tmp_path, log=lambda s: None)
-    assert [r["status"] for r in rows] == ["ok"] * 2
-    assert all(0.0 <= r["accuracy"] <= 1.0 for r in rows)
+    assert [r["status"] for r in rows] == ["ok"]
+    assert 0.0 <= rows[0]["accuracy"] <= 1.0
     again = quality.run_grid(preset, tmp_path, log=lambda s: None)  # everything finished
-    assert len(again) == 2
+    assert again == rows
     quality.write_report(tmp_path, preset)
     md = (tmp_path / "report.md").read_text()
-    assert "| method | num_pairs=2 | num_pairs=3 |" in md and "| dense |" in md
+    assert "| method | num_pairs=2 |" in md and "| dense |" in md
     tex = (tmp_path / "report.tex").read_text()
     assert "\\toprule" in tex and "\\bottomrule" in tex
     assert (tmp_path / "accuracy.png").stat().st_size > 0

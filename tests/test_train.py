@@ -156,8 +156,19 @@ def test_train_cli_writes_metrics_checkpoints_and_final(tmp_path):
     from efficient_attn.cli import main
 
     out = tmp_path / "run"
-    argv = ["train", "--task", "long_range", "--seq-len", "16", "--distance", "4", "--steps", "4"]
-    argv += ["--d-model", "16", "--layers", "1", "--batch-size", "8", "--eval-every", "2"]
+    argv = ["train", "--task", "long_range", "--seq-len", "16", "--distance", "6", "--steps", "4"]
+    argv += [
+        "--num-queries",
+        "3",
+        "--d-model",
+        "16",
+        "--layers",
+        "1",
+        "--batch-size",
+        "8",
+        "--eval-every",
+        "2",
+    ]
     argv += ["--checkpoint-every", "2", "--warmup", "1", "--kv-heads", "1", "--no-progress"]
     assert main([*argv, "--out", str(out)]) == 0
     final = json.loads((out / "final.json").read_text())
