@@ -239,12 +239,14 @@ def merge_partials(
     """Combine attention over two disjoint key sets from their (out, lse) pairs.
 
     out: [B, T, N, Hv], lse: [B, T, N] (-inf where a row saw no key). Returns
-    the float32 output over the union of keys and its log-sum-exp.
+    the output over the union of keys, in float32 (float64 if either input is
+    float64), and its log-sum-exp.
     """
+    acc = jnp.promote_types(masking.stat_dtype(out1.dtype), out2.dtype)
     lse = jnp.logaddexp(lse1, lse2)
     w1 = jnp.where(lse1 == -jnp.inf, 0.0, jnp.exp(lse1 - lse))[..., None]
     w2 = jnp.where(lse2 == -jnp.inf, 0.0, jnp.exp(lse2 - lse))[..., None]
-    return w1 * out1.astype(jnp.float32) + w2 * out2.astype(jnp.float32), lse
+    return w1 * out1.astype(acc) + w2 * out2.astype(acc), lse
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec
 
 from efficient_attn import masking
+from efficient_attn.methods.blockwise import merge_partials
 from efficient_attn.parallel import layout
 from efficient_attn.parallel.kernels import RingKernel
 
@@ -58,14 +59,6 @@ class _Ring:
         return visible & (k_pos[0] <= q_pos[-1]) if self.causal else visible
 
 
-def merge(o, lse, o_s, lse_s):
-    """Fold a partial (out, lse) over new keys into running statistics ``(o, lse)``."""
-    new = jnp.logaddexp(lse, lse_s)
-    w = jnp.where(lse == -jnp.inf, 0.0, jnp.exp(lse - new))[..., None]
-    w_s = jnp.where(lse_s == -jnp.inf, 0.0, jnp.exp(lse_s - new))[..., None]
-    return w * o + w_s * o_s.astype(o.dtype), new
-
-
 def _forward_shard(cfg: _Ring, q, k, v, kv_len, scale):
     """Per device: q [B, Cq, N, H], k [B, Ck, K, H] -> (out [B, Cq, N, Hv], lse [B, Cq, N])."""
     fwd, _ = cfg.kernel.kernels()
@@ -84,7 +77,7 @@ def _forward_shard(cfg: _Ring, q, k, v, kv_len, scale):
             lambda: fwd(q, k, v, q_pos, k_pos, kv_len, scale, causal=cfg.causal, zigzag=cfg.causal),
             lambda: (o0.astype(q.dtype), lse0),
         )
-        o, lse = merge(o, lse, o_i, lse_i.astype(acc))
+        o, lse = merge_partials(o, lse, o_i, lse_i.astype(acc))
         return (k_next, v_next, o, lse), None
 
     (_, _, o, lse), _ = jax.lax.scan(step, (k, v, o0, lse0), jnp.arange(cfg.size))
