@@ -15,6 +15,8 @@ import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import numpy as np
+
 #: Features a method may support. The API raises ``ValueError`` when a call
 #: needs a feature the method does not declare, so nothing is silently ignored.
 FEATURES: tuple[str, ...] = (
@@ -140,6 +142,16 @@ def register_method(
         return fn
 
     return decorator
+
+
+def positive_int(name: str, value: Any) -> int:
+    """``value`` as an int if it is a positive integer (not a bool), else ``ValueError``.
+
+    For methods validating their integer options (tile sizes, chunks, features).
+    """
+    if not isinstance(value, int | np.integer) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name}={value!r} must be a positive int")
+    return int(value)
 
 
 def methods() -> tuple[str, ...]:

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from efficient_attn import masking
-from efficient_attn.registry import register_method
+from efficient_attn.registry import positive_int, register_method
 
 _NEVER = jnp.iinfo(jnp.int32).max  # position of tile padding keys: never visible
 
@@ -280,12 +280,6 @@ def _blockwise_bwd(causal, block_q, block_k, res, dout):
 _blockwise.defvjp(_blockwise_fwd, _blockwise_bwd)
 
 
-def _check_block(name: str, value: int) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name}={value!r} must be a positive int")
-    return value
-
-
 @register_method("blockwise", exact=True)
 def blockwise(
     q: jax.Array,
@@ -304,8 +298,7 @@ def blockwise(
     Any lengths (tiles are padded and masked internally); tiles of
     ``block_q`` queries and ``block_k`` keys (clipped to the sequence length).
     """
-    _check_block("block_q", block_q)
-    _check_block("block_k", block_k)
+    block_q, block_k = positive_int("block_q", block_q), positive_int("block_k", block_k)
     b, tq = q.shape[:2]
     tk = k.shape[1]
     kv_len = masking.full_kv_lengths(kv_lengths, b, tk)

@@ -50,7 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from efficient_attn import masking
-from efficient_attn.registry import get_method, register_method
+from efficient_attn.registry import get_method, positive_int, register_method
 
 FAMILY = ("linear_elu", "linear_relu", "linear_softmax", "performer")
 _EXP_CAP = 80.0  # exp(80) * 4096 features < float32 max
@@ -167,22 +167,16 @@ class LinearState(NamedTuple):
     m: jax.Array
 
 
-def _positive_int(name: str, value: Any) -> int:
-    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name}={value!r} must be a positive int")
-    return int(value)
-
-
 def _feature_map(method: str, head_dim: int, options: dict[str, Any]) -> tuple[FeatureMap, int]:
     """(feature map, chunk) of ``method`` after validating option values."""
-    chunk = _positive_int("chunk", options["chunk"])
+    chunk = positive_int("chunk", options["chunk"])
     if method == "linear_relu":
         eps = options["eps"]
         if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not 0 < eps < np.inf:
             raise ValueError(f"eps={eps!r} must be a positive finite float")
         return FeatureMap(method, eps=float(eps)), chunk
     if method == "performer":
-        num_features = _positive_int("num_features", options["num_features"])
+        num_features = positive_int("num_features", options["num_features"])
         seed = options["seed"]
         if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
             raise ValueError(f"seed={seed!r} must be a non-negative int")
@@ -492,8 +486,8 @@ def init_state(
     ``options`` are the method's options (``num_features``, ``seed``, ``eps``).
     """
     for name, value in (("batch", batch), ("kv_heads", kv_heads), ("head_dim", head_dim)):
-        _positive_int(name, value)
-    _positive_int("value_dim", value_dim)
+        positive_int(name, value)
+    positive_int("value_dim", value_dim)
     fm = _recurrent_map(method, head_dim, options)
     f = fm.num_features(head_dim)
     return _empty_state(fm, batch, kv_heads, f, value_dim, masking.stat_dtype(dtype))

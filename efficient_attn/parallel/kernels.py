@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 from efficient_attn import masking
 from efficient_attn.methods import blockwise as _blockwise
-from efficient_attn.registry import get_method
+from efficient_attn.registry import get_method, positive_int
 
 
 def _mask(q_pos, k_pos, kv_len, causal):
@@ -74,14 +74,9 @@ def dense_backward(q, k, v, q_pos, k_pos, kv_len, scale, out, lse, dout, *, caus
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dscale
 
 
-def _check_positive_int(name: str, value: Any) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name}={value!r} must be a positive int")
-
-
 def _blockwise_kernels(block_q: int = 512, block_k: int = 256):
-    _check_positive_int("block_q", block_q)
-    _check_positive_int("block_k", block_k)
+    positive_int("block_q", block_q)
+    positive_int("block_k", block_k)
 
     def blocks(tq, tk, zigzag):
         # Tiles no longer than a zigzag chunk, so causal tile skipping stays effective.
