@@ -11,15 +11,25 @@ from efficient_attn.methods.linear import init_state as linear_init_state
 from efficient_attn.methods.linear import step as linear_step
 from efficient_attn.parallel import sequence_parallel_attention
 from efficient_attn.reference import numpy_reference, numpy_reference_grads
-from efficient_attn.registry import FEATURES, Method, get_method, methods, register_method
+from efficient_attn.registry import (
+    FEATURES,
+    ArrayOption,
+    Method,
+    get_method,
+    init_arrays,
+    methods,
+    register_method,
+)
 
 __all__ = [
     "FEATURES",
+    "ArrayOption",
     "LinearState",
     "Method",
     "attention",
     "attention_weights",
     "get_method",
+    "init_arrays",
     "linear_init_state",
     "linear_step",
     "methods",

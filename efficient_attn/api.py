@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from efficient_attn.registry import Method, get_method, methods
+from efficient_attn.registry import HEAD_DIM, Method, get_method, methods
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,6 +111,38 @@ def _check_features(spec: Method, shapes: Shapes, causal: bool, kv_lengths: Any)
         raise ValueError(f"method {spec.name!r} is not available here: {reason}")
 
 
+def _check_arrays(spec: Method, opts: dict[str, Any], shapes: Shapes) -> None:
+    """Every array option ``spec`` requires is given, with agreeing shapes."""
+    if not spec.arrays:
+        return
+    missing = [n for n in spec.arrays if opts.get(n) is None]
+    if missing:
+        wanted = ", ".join(f"{n} [{', '.join(spec.arrays[n].shape)}]" for n in spec.arrays)
+        raise ValueError(
+            f"method {spec.name!r} requires array option(s) {missing} (it takes {wanted}; "
+            f"H = head_dim); create them with ea.init_arrays({spec.name!r}, key, head_dim) "
+            "or learn them (efficient_attn.nn.MultiHeadAttention does)"
+        )
+    bound: dict[str, tuple[int, str]] = {HEAD_DIM: (shapes.head_dim, "query/key head_dim")}
+    for name, array in spec.arrays.items():
+        x = opts[name]
+        shape = getattr(x, "shape", None)
+        if shape is None or len(shape) != len(array.shape):
+            raise ValueError(
+                f"{name} of method {spec.name!r} must have shape [{', '.join(array.shape)}]; "
+                f"got {shape}"
+            )
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise ValueError(f"{name} must be a floating-point array; got dtype {x.dtype}")
+        for dim, size in zip(array.shape, shape, strict=True):
+            expected, where = bound.setdefault(dim, (size, name))
+            if size != expected:
+                raise ValueError(
+                    f"{name} has {dim}={size} but {where} has {dim}={expected} "
+                    f"(method {spec.name!r}: {name} is [{', '.join(array.shape)}])"
+                )
+
+
 def _prepare(query, key, value, method, causal, kv_lengths, scale, options):
     spec = get_method(method)
     if not isinstance(causal, (bool, np.bool_)):
@@ -119,8 +151,9 @@ def _prepare(query, key, value, method, causal, kv_lengths, scale, options):
     kv_lengths = check_kv_lengths(kv_lengths, shapes)
     _check_features(spec, shapes, bool(causal), kv_lengths)
     opts = spec.resolve_options(options)
+    _check_arrays(spec, opts, shapes)
     if scale is None:
-        scale = 1.0 / float(np.sqrt(shapes.head_dim))
+        scale = spec.default_scale(shapes.head_dim)
     return spec, shapes, kv_lengths, scale, opts
 
 
@@ -145,8 +178,10 @@ def attention(
       causal: bottom-right aligned: query ``i`` sees key ``j`` iff
         ``j <= i + Tk - Tq``.
       kv_lengths: int ``[B]``; keys at positions ``>= kv_lengths[b]`` are padding.
-      scale: logit scale, default ``1/sqrt(H)``.
-      **options: method options (see ``efficient-attn methods``).
+      scale: logit scale; default ``1/sqrt(H)`` (the method's own default
+        where it defines one, e.g. 1.0 for ``additive``).
+      **options: method options (see ``efficient-attn methods``), including
+        the arrays a method requires (:func:`efficient_attn.init_arrays`).
 
     Returns:
       ``[B, Tq, N, Hv]`` in ``query.dtype``. Rows that see no key are zero.

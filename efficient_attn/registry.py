@@ -3,9 +3,12 @@
 A method is a function ``fn(q, k, v, *, causal, kv_lengths, scale, **options)``
 with ``q: [B, Tq, N, H]``, ``k: [B, Tk, K, H]``, ``v: [B, Tk, K, Hv]`` returning
 ``[B, Tq, N, Hv]``. Its options are its remaining keyword-only parameters; each
-must have a default, which is the method's recommended setting. The API checks
-shapes, dtypes, ``kv_lengths`` and option names before a method is called, so
-a method only has to compute.
+must have a default, which is the method's recommended setting. A method may
+also *require* array options (learned projections, e.g. ``additive``): it
+declares them with :class:`ArrayOption` (shape and initialiser), callers create
+them with :func:`init_arrays`, and the Flax layer learns them as parameters.
+The API checks shapes, dtypes, ``kv_lengths``, option names and array shapes
+before a method is called, so a method only has to compute.
 """
 
 from __future__ import annotations
@@ -29,6 +32,32 @@ FEATURES: tuple[str, ...] = (
 
 _STANDARD_KWARGS = ("causal", "kv_lengths", "scale")
 
+#: Dimension name of :attr:`ArrayOption.shape` bound to the query/key head_dim.
+HEAD_DIM = "H"
+
+
+@dataclasses.dataclass(frozen=True)
+class ArrayOption:
+    """An array a method requires as an option, e.g. a projection learned with the model.
+
+    Attributes:
+      shape: dimension names. ``"H"`` is the head_dim of query and key; any
+        other name is a size the method's arrays share (checked to agree;
+        its default for :func:`init_arrays` is in the method's ``sizes``).
+      init: ``init(key, shape, dtype) -> array``, e.g. a
+        :mod:`jax.nn.initializers` function; used by :func:`init_arrays` and
+        by the Flax layer to create the parameter.
+      description: what the array is, for ``efficient-attn methods``.
+    """
+
+    shape: tuple[str, ...]
+    init: Callable[..., Any]
+    description: str = ""
+
+
+def _default_scale(head_dim: int) -> float:
+    return 1.0 / float(np.sqrt(head_dim))
+
 
 @dataclasses.dataclass(frozen=True)
 class Method:
@@ -50,6 +79,15 @@ class Method:
       available: returns None when the method can run on the default backend,
         else the reason it cannot.
       description: first line of ``fn``'s docstring.
+      arrays: array option name -> :class:`ArrayOption`: arrays the method
+        requires (keyword-only parameters of ``fn`` defaulting to None).
+      sizes: default sizes of the named dimensions of ``arrays``.
+      default_scale: ``head_dim -> scale`` used when ``scale=None``
+        (``1/sqrt(head_dim)`` unless the method defines its own).
+      reference: optional float64 NumPy formula
+        ``reference(q, k, v, *, causal, kv_lengths, scale, **options) -> out``
+        of a method that defines its own function (not softmax attention);
+        the conformance suite and the sweep compare the method with it.
     """
 
     name: str
@@ -61,29 +99,49 @@ class Method:
     pattern: Callable[..., Any] | None = None
     available: Callable[[], str | None] = lambda: None
     description: str = ""
+    arrays: Mapping[str, ArrayOption] = dataclasses.field(default_factory=dict)
+    sizes: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    default_scale: Callable[[int], float] = _default_scale
+    reference: Callable[..., Any] | None = None
 
     def resolve_options(self, given: Mapping[str, Any]) -> dict[str, Any]:
-        """Defaults overridden by ``given``; unknown names raise ``ValueError``."""
-        unknown = sorted(set(given) - set(self.options))
+        """Defaults overridden by ``given``; unknown names raise ``ValueError``.
+
+        Array options are passed through unchecked (the API checks their shapes).
+        """
+        unknown = sorted(set(given) - set(self.options) - set(self.arrays))
         if unknown:
-            valid = ", ".join(sorted(self.options)) or "none"
+            valid = ", ".join(sorted([*self.options, *self.arrays])) or "none"
             raise ValueError(
                 f"unknown option(s) {unknown} for method {self.name!r}; valid options: {valid}"
             )
         return {**self.options, **given}
 
+    def array_shapes(self, head_dim: int, **sizes: int) -> dict[str, tuple[int, ...]]:
+        """Concrete shape of each array option for ``head_dim`` and ``sizes`` (else defaults)."""
+        unknown = sorted(set(sizes) - set(self.sizes))
+        if unknown:
+            valid = ", ".join(f"{k}={v}" for k, v in self.sizes.items()) or "none"
+            raise ValueError(f"method {self.name!r} has no size(s) {unknown}; its sizes: {valid}")
+        dims = {**self.sizes, **sizes, HEAD_DIM: head_dim}
+        for name, value in dims.items():
+            positive_int(name, value)
+        return {name: tuple(dims[d] for d in a.shape) for name, a in self.arrays.items()}
+
 
 _REGISTRY: dict[str, Method] = {}
 
 
-def _options_from_signature(name: str, fn: Callable[..., Any]) -> dict[str, Any]:
+def _options_from_signature(
+    name: str, fn: Callable[..., Any], arrays: Mapping[str, ArrayOption]
+) -> dict[str, Any]:
     params = inspect.signature(fn).parameters
-    missing = [p for p in _STANDARD_KWARGS if p not in params]
+    missing = [p for p in (*_STANDARD_KWARGS, *arrays) if p not in params]
     if missing:
         raise TypeError(f"method {name!r}: fn must accept keyword arguments {missing}")
     options = {}
     for p in params.values():
-        if p.kind is not inspect.Parameter.KEYWORD_ONLY or p.name in _STANDARD_KWARGS:
+        if p.kind is not inspect.Parameter.KEYWORD_ONLY or p.name in (*_STANDARD_KWARGS, *arrays):
             continue
         if p.default is inspect.Parameter.empty:
             raise TypeError(f"method {name!r}: option {p.name!r} needs a default value")
@@ -99,6 +157,10 @@ def register_method(
     weights: Callable[..., Any] | None = None,
     pattern: Callable[..., Any] | None = None,
     available: Callable[[], str | None] | None = None,
+    arrays: Mapping[str, ArrayOption] | None = None,
+    sizes: Mapping[str, int] | None = None,
+    default_scale: Callable[[int], float] | None = None,
+    reference: Callable[..., Any] | None = None,
     replace: bool = False,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorator registering ``fn(q, k, v, *, causal, kv_lengths, scale, **options)``.
@@ -116,6 +178,10 @@ def register_method(
       weights: explicit-weights function; required for approximate methods.
       pattern: sparsity-pattern function for sparse methods.
       available: platform check returning None or the reason it cannot run.
+      arrays: array options the method requires (see :class:`ArrayOption`).
+      sizes: default sizes of the dimension names used in ``arrays``.
+      default_scale: ``head_dim -> scale`` when the caller passes no scale.
+      reference: float64 NumPy formula of a method that is not softmax attention.
       replace: allow re-registering an existing name.
     """
     unknown = sorted(set(supports) - set(FEATURES))
@@ -123,6 +189,13 @@ def register_method(
         raise ValueError(f"unknown feature(s) {unknown}; valid features: {', '.join(FEATURES)}")
     if not exact and weights is None:
         raise ValueError(f"approximate method {name!r} must provide weights=")
+    arrays, sizes = dict(arrays or {}), dict(sizes or {})
+    named = {d for a in arrays.values() for d in a.shape} - {HEAD_DIM}
+    if named != set(sizes):
+        raise ValueError(
+            f"method {name!r}: sizes= must give a default for each dimension named in "
+            f"arrays= other than {HEAD_DIM!r}: expected {sorted(named)}, got {sorted(sizes)}"
+        )
 
     def decorator(fn: Callable[..., Any]) -> Callable[..., Any]:
         if name in _REGISTRY and not replace:
@@ -132,12 +205,16 @@ def register_method(
             name=name,
             fn=fn,
             exact=exact,
-            options=_options_from_signature(name, fn),
+            options=_options_from_signature(name, fn, arrays),
             supports=frozenset(supports),
             weights=weights,
             pattern=pattern,
             available=available or (lambda: None),
             description=doc.splitlines()[0] if doc else "",
+            arrays=arrays,
+            sizes=sizes,
+            default_scale=default_scale or _default_scale,
+            reference=reference,
         )
         return fn
 
@@ -152,6 +229,34 @@ def positive_int(name: str, value: Any) -> int:
     if not isinstance(value, int | np.integer) or isinstance(value, bool) or value < 1:
         raise ValueError(f"{name}={value!r} must be a positive int")
     return int(value)
+
+
+def init_arrays(
+    method: str, key: Any, head_dim: int, *, dtype: Any = None, **sizes: int
+) -> dict[str, Any]:
+    """Fresh array options of ``method`` (empty for methods that need none).
+
+    ``ea.attention(q, k, v, method=m, **ea.init_arrays(m, key, q.shape[-1]))``
+    works for every registered method. ``sizes`` override the method's
+    default dimension sizes (e.g. ``A=128`` for ``additive``).
+
+    Args:
+      method: a registered method name.
+      key: a ``jax.random`` key (split once per array).
+      head_dim: H of the queries and keys.
+      dtype: dtype of the arrays (default float32).
+    """
+    import jax
+    import jax.numpy as jnp
+
+    spec = get_method(method)
+    shapes = spec.array_shapes(head_dim, **sizes)
+    dtype = jnp.float32 if dtype is None else dtype
+    keys = jax.random.split(key, max(len(shapes), 1))
+    return {
+        name: spec.arrays[name].init(k, shape, dtype)
+        for k, (name, shape) in zip(keys, shapes.items(), strict=False)
+    }
 
 
 def methods() -> tuple[str, ...]:

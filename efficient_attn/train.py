@@ -46,6 +46,7 @@ class TrainConfig:
     method: str = "dense"
     options: dict[str, Any] = dataclasses.field(default_factory=dict)
     kv_heads: int | None = None
+    scale: float | None = None  # attention logit scale (None: the method's default)
     d_model: int = 64
     num_layers: int = 2
     num_heads: int = 2
@@ -82,6 +83,7 @@ class TrainConfig:
             num_kv_heads=self.kv_heads,
             method=self.method,
             options=dict(self.options),
+            scale=self.scale,
         )
 
     def validate(self) -> None:
@@ -294,6 +296,7 @@ def add_arguments(p) -> None:
     p.add_argument("--method", default=d.method)
     p.add_argument("--options", default="{}", help="method options as JSON, e.g. '{\"window\": 8}'")
     p.add_argument("--kv-heads", type=int, default=None, help="K/V heads (1: MQA)")
+    p.add_argument("--scale", type=float, default=None, help="logit scale (default: 1/sqrt(H))")
     p.add_argument("--seq-len", type=int, default=d.seq_len)
     p.add_argument("--vocab-size", type=int, default=None)
     p.add_argument("--num-pairs", type=int, default=None, help="mqar key-value pairs")
@@ -331,6 +334,7 @@ def config_from_args(args) -> TrainConfig:
         method=args.method,
         options=options,
         kv_heads=args.kv_heads,
+        scale=args.scale,
         d_model=args.d_model,
         num_layers=args.layers,
         num_heads=args.heads,

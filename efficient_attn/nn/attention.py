@@ -24,6 +24,10 @@ class MultiHeadAttention(nn.Module):
       options: the method's options (``efficient-attn methods`` lists them).
       causal: bottom-right causal masking.
       out_features: output width (default: the input width).
+      scale: logit scale (default: the method's, ``1/sqrt(head_dim)`` for most).
+      sizes: sizes of the method's array options (e.g. ``{"A": 32}`` for
+        ``additive``); those arrays are learned as parameters of this layer,
+        initialised by the method's :class:`efficient_attn.ArrayOption`.
     """
 
     num_heads: int
@@ -33,7 +37,19 @@ class MultiHeadAttention(nn.Module):
     options: Mapping[str, Any] | None = None
     causal: bool = False
     out_features: int | None = None
+    scale: float | None = None
+    sizes: Mapping[str, int] | None = None
     dtype: Any = jnp.float32
+
+    def _method_options(self) -> dict[str, Any]:
+        """The method's options plus its array options, created as parameters."""
+        spec = ea.get_method(self.method)
+        shapes = spec.array_shapes(self.head_dim, **dict(self.sizes or {}))
+        arrays = {
+            name: self.param(name, spec.arrays[name].init, shape, jnp.float32).astype(self.dtype)
+            for name, shape in shapes.items()
+        }
+        return {**dict(self.options or {}), **arrays}
 
     def _project(self, x: jax.Array, context: jax.Array):
         kv_heads = self.num_kv_heads or self.num_heads
@@ -63,7 +79,8 @@ class MultiHeadAttention(nn.Module):
             method=self.method,
             causal=self.causal,
             kv_lengths=kv_lengths,
-            **dict(self.options or {}),
+            scale=self.scale,
+            **self._method_options(),
         )
         features = self.out_features or x.shape[-1]
         return nn.DenseGeneral(features, axis=(-2, -1), dtype=self.dtype, name="out")(out)
@@ -81,5 +98,6 @@ class MultiHeadAttention(nn.Module):
             method=self.method,
             causal=self.causal,
             kv_lengths=kv_lengths,
-            **dict(self.options or {}),
+            scale=self.scale,
+            **self._method_options(),
         )

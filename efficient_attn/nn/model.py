@@ -27,6 +27,7 @@ class ModelConfig:
     method: str = "dense"
     options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     token_shift: bool = True
+    scale: float | None = None  # attention logit scale (None: the method's default)
 
 
 class TokenShift(nn.Module):
@@ -56,6 +57,7 @@ class Block(nn.Module):
             num_kv_heads=c.num_kv_heads,
             method=c.method,
             options=c.options,
+            scale=c.scale,
             causal=True,
             name="attention",
         )(nn.LayerNorm(name="ln_attention")(x))
