@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from efficient_attn.api import attention
+from efficient_attn.registry import get_method, init_arrays
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,11 +48,44 @@ def random_inputs(
     return q, k, v
 
 
+def with_arrays(method: str, head_dim: int, options: dict[str, Any], seed: int = 0) -> dict:
+    """``options`` plus the array options ``method`` requires and ``options`` lacks.
+
+    Missing arrays are initialised from ``PRNGKey(seed)`` by the method's
+    initialisers (concrete even when called while tracing), so benchmarks
+    and sweeps run methods with learned arrays (``additive``) with no special case.
+    """
+    if all(name in options for name in get_method(method).arrays):
+        return options
+    with jax.ensure_compile_time_eval():
+        made = init_arrays(method, jax.random.PRNGKey(seed), head_dim)
+    return {**made, **options}
+
+
+def own_reference(method: str, q: Any, k: Any, v: Any, *, causal: bool, **options: Any):
+    """Float64 output of the method's own formula (``Method.reference``), or None.
+
+    For methods that define their own function (``additive``) rather than
+    approximating softmax attention; arrays as in :func:`with_arrays`.
+    """
+    spec = get_method(method)
+    if spec.reference is None:
+        return None
+    given = with_arrays(method, q.shape[-1], options)
+    arrays = {name: np.asarray(given[name]) for name in spec.arrays}  # the formula's only options
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+    return spec.reference(q, k, v, causal=causal, scale=spec.default_scale(q.shape[-1]), **arrays)
+
+
 def attention_fn(method: str, *, causal: bool, backward: bool, **options: Any) -> Callable:
-    """``f(q, k, v)``: forward output, or (dq, dk, dv) of ``sum(out * dout)`` when ``backward``."""
+    """``f(q, k, v)``: forward output, or (dq, dk, dv) of ``sum(out * dout)`` when ``backward``.
+
+    Array options the method requires and ``options`` lacks come from :func:`with_arrays`.
+    """
 
     def fwd(q, k, v):
-        return attention(q, k, v, method=method, causal=causal, **options)
+        opts = with_arrays(method, q.shape[-1], options)
+        return attention(q, k, v, method=method, causal=causal, **opts)
 
     if not backward:
         return fwd

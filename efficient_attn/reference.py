@@ -22,12 +22,30 @@ def numpy_reference(
     which pairs interact, on top of ``causal`` and ``kv_lengths``.
     """
     q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
-    b, tq, n, h = q.shape
-    tk, kh = k.shape[1], k.shape[2]
+    n, h, kh = q.shape[2], q.shape[3], k.shape[2]
     scale = 1.0 / np.sqrt(h) if scale is None else float(scale)
     k_rep = np.repeat(k, n // kh, axis=2)
-    v_rep = np.repeat(v, n // kh, axis=2)
     logits = np.einsum("bqnh,bknh->bnqk", q, k_rep, optimize=True) * scale
+    return softmax_attention_from_logits(logits, v, causal=causal, kv_lengths=kv_lengths, mask=mask)
+
+
+def softmax_attention_from_logits(
+    logits: np.ndarray,
+    v: np.ndarray,
+    *,
+    causal: bool = False,
+    kv_lengths: np.ndarray | None = None,
+    mask: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Float64 masked softmax of ``logits [B,N,Tq,Tk]`` applied to ``v [B,Tk,K,Hv]``.
+
+    Returns (output ``[B,Tq,N,Hv]``, weights ``[B,N,Tq,Tk]``); rows that see no
+    key are zero. Masks as in :func:`numpy_reference`. For references of
+    methods with their own score function (e.g. ``additive``).
+    """
+    logits, v = np.asarray(logits, np.float64), np.asarray(v, np.float64)
+    b, n, tq, tk = logits.shape
+    v_rep = np.repeat(v, n // v.shape[2], axis=2)
     lengths = np.full(b, tk) if kv_lengths is None else np.asarray(kv_lengths)
     extra_mask = mask
     mask = np.arange(tk)[None, None, :] < lengths[:, None, None]

@@ -32,6 +32,15 @@ def make_qkv(
     return q, k, v
 
 
+def method_arrays(method: str, head_dim: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """The array options ``method`` requires (``ea.init_arrays``) as float32 NumPy; {} if none."""
+    import jax
+
+    with jax.ensure_compile_time_eval():  # also called inside jitted test functions
+        made = ea.init_arrays(method, jax.random.PRNGKey(seed + 7), head_dim)
+    return {name: np.asarray(x, np.float32) for name, x in made.items()}
+
+
 def rel_err(x, ref) -> float:
     """Relative Frobenius error, with an absolute floor of 1e-6 RMS for near-zero references."""
     x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)

@@ -74,7 +74,7 @@ def test_tiles_past_the_longest_kv_length_are_not_visited():
 
 
 def test_plan_visits_the_lower_triangle_when_causal():
-    from efficient_attn.methods.blockwise import _Plan
+    from efficient_attn.flash import _Plan
 
     pos = jnp.arange(1024)
     plan = _Plan.make(pos, pos, jnp.array([1024]), causal=True, bq=128, bk=128)
@@ -87,7 +87,7 @@ def test_plan_visits_the_lower_triangle_when_causal():
 
 def test_flash_kernel_with_positions_composes_over_key_shards():
     """Two key shards merged by their log-sum-exp equal the full attention (ring building block)."""
-    from efficient_attn.methods.blockwise import flash_forward, merge_partials
+    from efficient_attn.flash import flash_forward, merge_partials
 
     q, k, v = make_qkv(1, 24, 24, 2, 2, 8)
     pos = jnp.arange(24)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import efficient_attn as ea
-from tests.conftest import make_qkv, method_params, rel_err
+from tests.conftest import make_qkv, method_arrays, method_params, rel_err
 
 METHODS = method_params()
 F32_TOL = 2e-5  # relative Frobenius error of exact methods in float32
@@ -28,15 +28,20 @@ def require(method: str, *features: str) -> None:
         pytest.skip(f"{method} does not support {features}")
 
 
+def attend(method, q, k, v, **kw):
+    """``ea.attention`` with the array options ``method`` requires (none for most)."""
+    return ea.attention(q, k, v, method=method, **method_arrays(method, q.shape[-1]), **kw)
+
+
 def call(method, q, k, v, **kw):
-    return np.asarray(ea.attention(q, k, v, method=method, **kw), np.float32)
+    return np.asarray(attend(method, q, k, v, **kw), np.float32)
 
 
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
 def test_shape_and_dtype(method, dtype):
     q, k, v = make_qkv(heads=4, kv_heads=4, head_dim=16, value_dim=8)
-    out = ea.attention(q.astype(dtype), k.astype(dtype), v.astype(dtype), method=method)
+    out = attend(method, q.astype(dtype), k.astype(dtype), v.astype(dtype))
     assert out.shape == (2, 13, 4, 8)
     assert out.dtype == dtype
     assert np.isfinite(np.asarray(out, np.float32)).all()
@@ -45,7 +50,7 @@ def test_shape_and_dtype(method, dtype):
 @pytest.mark.parametrize("method", METHODS)
 def test_jit_matches_eager_and_is_deterministic(method):
     q, k, v = make_qkv(heads=4, kv_heads=4)
-    f = jax.jit(lambda q, k, v: ea.attention(q, k, v, method=method))
+    f = jax.jit(lambda q, k, v: attend(method, q, k, v))
     a, b = np.asarray(f(q, k, v)), np.asarray(f(q, k, v))
     np.testing.assert_array_equal(a, b)
     np.testing.assert_allclose(a, call(method, q, k, v), rtol=1e-5, atol=1e-5)
@@ -58,7 +63,7 @@ def test_gradients_finite(method):
     q, k, v = make_qkv(heads=4, kv_heads=4)
 
     def loss(q, k, v):
-        return jnp.sum(jnp.sin(ea.attention(q, k, v, method=method, causal=causal)))
+        return jnp.sum(jnp.sin(attend(method, q, k, v, causal=causal)))
 
     for g in jax.grad(loss, argnums=(0, 1, 2))(q, k, v):
         assert np.isfinite(np.asarray(g)).all()
@@ -71,7 +76,7 @@ def test_gqa_equals_repeated_kv(method, kv_heads):
     q, k, v = make_qkv(heads=4, kv_heads=kv_heads)
     if not supports(method, "gqa"):
         with pytest.raises(ValueError, match="gqa"):
-            ea.attention(q, k, v, method=method)
+            attend(method, q, k, v)
         return
     rep = 4 // kv_heads
     expected = call(method, q, np.repeat(k, rep, axis=2), np.repeat(v, rep, axis=2))
@@ -84,7 +89,7 @@ def test_causality(method, q_len, kv_len):
     q, k, v = make_qkv(q_len=q_len, kv_len=kv_len)
     if not supports(method, "causal"):
         with pytest.raises(ValueError, match="causal"):
-            ea.attention(q, k, v, method=method, causal=True)
+            attend(method, q, k, v, causal=True)
         return
     require(method, "cross") if q_len != kv_len else None
     cut = kv_len - 3  # perturb keys/values at positions >= cut
@@ -106,7 +111,7 @@ def test_padding_ignored(method, causal):
     lengths = np.array([13, 6])
     if not supports(method, "kv_lengths"):
         with pytest.raises(ValueError, match="kv_lengths"):
-            ea.attention(q, k, v, method=method, kv_lengths=lengths)
+            attend(method, q, k, v, kv_lengths=lengths)
         return
     if causal:
         require(method, "causal")
@@ -135,7 +140,7 @@ def test_empty_rows_are_zero_not_nan(method):
     if supports(method, "grad"):
 
         def loss(q, k, v):
-            return jnp.sum(ea.attention(q, k, v, method=method, kv_lengths=lengths) ** 2)
+            return jnp.sum(attend(method, q, k, v, kv_lengths=lengths) ** 2)
 
         for g in jax.grad(loss, argnums=(0, 1, 2))(q, k, v):
             assert np.isfinite(np.asarray(g)).all()
@@ -160,7 +165,7 @@ def test_weights_reproduce_attention(method, causal):
     kw = {"causal": causal}
     if supports(method, "kv_lengths"):
         kw["kv_lengths"] = np.array([11, 5])
-    w = np.asarray(ea.attention_weights(q, k, method=method, **kw))
+    w = np.asarray(ea.attention_weights(q, k, method=method, **method_arrays(method, 16), **kw))
     assert w.shape == (2, 4, 11, 11) and w.dtype == np.float32
     v_rep = np.repeat(v, 2, axis=2).astype(np.float64)
     expected = np.einsum("bnqk,bknd->bqnd", w.astype(np.float64), v_rep)
@@ -188,7 +193,7 @@ def _exact_inputs(b, tq, tk, n, kh, h, kv_lengths, seed=0):
 
 def _out_and_grads(method, q, k, v, dout, dtype, **kw):
     cast = [jnp.asarray(x, dtype) for x in (q, k, v)]
-    out, vjp = jax.vjp(lambda q, k, v: ea.attention(q, k, v, method=method, **kw), *cast)
+    out, vjp = jax.vjp(lambda q, k, v: attend(method, q, k, v, **kw), *cast)
     return (out, *vjp(jnp.asarray(dout, dtype)))
 
 
@@ -229,6 +234,44 @@ def test_exact_large_logits_stable(method):
     ref, _ = ea.numpy_reference(q, k, v, causal=supports(method, "causal"))
     assert np.isfinite(out).all()
     assert rel_err(out, ref) < 1e-4
+
+
+# ---- methods defining their own function: against their float64 formula ---------
+
+OWN = [p for p in METHODS if ea.get_method(p.values[0]).reference is not None]
+
+
+@pytest.mark.parametrize("method", OWN)
+@pytest.mark.parametrize("b,tq,tk,n,kh,h,causal,kv_lengths", SHAPES[2:3])
+def test_own_reference_float64(method, b, tq, tk, n, kh, h, causal, kv_lengths):
+    """Output vs the method's float64 NumPy formula; gradients (q, k, v and every array
+    option) vs float64 central differences of that formula along random directions."""
+    spec = ea.get_method(method)
+    q, k, v, lengths, dout = _exact_inputs(b, tq, tk, n, kh, h, kv_lengths)
+    inputs = {"q": q, "k": k, "v": v, **method_arrays(method, h)}
+    kw = {"causal": causal, "kv_lengths": lengths, "scale": spec.default_scale(h)}
+
+    def reference_loss(x):
+        out = spec.reference(x["q"], x["k"], x["v"], **kw, **{n: x[n] for n in spec.arrays})
+        return float(np.sum(out * dout))
+
+    out = call(method, q, k, v, **kw)
+    ref = spec.reference(q, k, v, **kw, **{n: inputs[n] for n in spec.arrays})
+    assert rel_err(out, ref) < F32_TOL
+
+    def loss(x):
+        arrays = {n: x[n] for n in spec.arrays}
+        return jnp.sum(ea.attention(x["q"], x["k"], x["v"], method=method, **kw, **arrays) * dout)
+
+    grads = jax.grad(loss)({n: jnp.asarray(x) for n, x in inputs.items()})
+    rng, eps = np.random.default_rng(5), 1e-5
+    for name, x in inputs.items():
+        d = rng.standard_normal(x.shape)
+        plus = reference_loss({**inputs, name: x.astype(np.float64) + eps * d})
+        minus = reference_loss({**inputs, name: x.astype(np.float64) - eps * d})
+        numeric = (plus - minus) / (2 * eps)
+        g = np.asarray(grads[name], np.float64)
+        assert abs(np.sum(g * d) - numeric) <= 1e-4 * (abs(numeric) + np.linalg.norm(g)), name
 
 
 # ---- sparse methods: attention == dense softmax restricted to the pattern ----

@@ -274,7 +274,7 @@ def test_zigzag_layout_balances_causal_work():
     step every device visits the same number of causal tiles (a contiguous layout does not)."""
     import jax.numpy as jnp
 
-    from efficient_attn.methods.blockwise import _Plan
+    from efficient_attn.flash import _Plan
     from efficient_attn.parallel import layout
 
     size, length, block = 4, 256, 16

@@ -18,8 +18,8 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from efficient_attn import flash as _flash
 from efficient_attn import masking
-from efficient_attn.methods import blockwise as _blockwise
 from efficient_attn.registry import get_method, positive_int
 
 
@@ -85,13 +85,13 @@ def _blockwise_kernels(block_q: int = 512, block_k: int = 256):
 
     def forward(q, k, v, q_pos, k_pos, kv_len, scale, *, causal, zigzag=False):
         kw = blocks(q.shape[1], k.shape[1], zigzag)
-        return _blockwise.flash_forward(q, k, v, q_pos, k_pos, kv_len, scale, causal=causal, **kw)
+        return _flash.flash_forward(q, k, v, q_pos, k_pos, kv_len, scale, causal=causal, **kw)
 
     def backward(q, k, v, q_pos, k_pos, kv_len, scale, out, lse, dout, *, causal, zigzag=False):
         kw = blocks(q.shape[1], k.shape[1], zigzag)
-        return _blockwise.flash_backward(
+        return _flash.flash_backward(
             q, k, v, q_pos, k_pos, kv_len, scale, out, lse, dout, causal=causal, **kw
-        )
+        )[:4]  # (dq, dk, dv, dscale): the dot score has no params
 
     return forward, backward
 

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec
 
 from efficient_attn import masking
-from efficient_attn.methods.blockwise import merge_partials
+from efficient_attn.flash import merge_partials
 from efficient_attn.parallel import layout
 from efficient_attn.parallel.kernels import RingKernel
 
