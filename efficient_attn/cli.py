@@ -6,6 +6,7 @@ efficient-attn sweep       scaling sweeps of time, memory and error (resumable, 
 efficient-attn report      markdown, LaTeX and plots of sweep results
 efficient-attn train       train a small model with any method on a synthetic task
 efficient-attn quality     train every method across task difficulty (accuracy report)
+efficient-attn plot-attention  heatmaps of a trained run's attention weights (any method)
 """
 
 from __future__ import annotations
@@ -46,7 +47,9 @@ def _methods_table() -> str:
     rows = ["| method | exact | supports | options | available | description |", "|---" * 6 + "|"]
     for name in ea.methods():
         m = ea.get_method(name)
-        opts = ", ".join(f"{k}={v!r}" for k, v in m.options.items()) or "-"
+        arrays = [f"{k} [{', '.join(a.shape)}] (array, required)" for k, a in m.arrays.items()]
+        sizes = [f"{k}={v}" for k, v in m.sizes.items()]  # default sizes of the arrays' dims
+        opts = ", ".join([*arrays, *sizes, *(f"{k}={v!r}" for k, v in m.options.items())]) or "-"
         reason = m.available()
         rows.append(
             f"| {name} | {m.exact} | {', '.join(sorted(m.supports))} | {opts} | "
@@ -92,7 +95,8 @@ def compare_table(
             both = bench.measure(
                 bench.attention_fn(name, causal=causal, backward=True), (q, k, v), repeats
             )
-            out = ea.attention(q, k, v, method=name, causal=causal)
+            out = bench.attention_fn(name, causal=causal, backward=False)(q, k, v)
+            own = bench.own_reference(name, q, k, v, causal=causal)  # additive: its formula
             flops = bench.attention_flops(
                 batch, heads, t, t, head_dim, causal=causal, backward=False
             )
@@ -103,7 +107,7 @@ def compare_table(
                 "fwd_bwd_ms": both.median_s * 1e3,
                 "fwd_gflops": flops / fwd.median_s / 1e9,
                 "temp_mib": (both.temp_bytes or 0) / 2**20,
-                "rel_error": bench.relative_error(out, ref),
+                "rel_error": bench.relative_error(out, ref if own is None else own),
             }
             rows.append(row)
             echo(
@@ -152,7 +156,8 @@ def _sweep_args(p: argparse.ArgumentParser) -> None:
         "experiment",
         nargs="?",
         default="default",
-        help="preset name in experiments/ or a .toml file (default: default)",
+        help="preset name in experiments/ or a .toml file (default: default); a preset with "
+        "a 'study' key runs that study (decode, scale_ablation)",
     )
     p.add_argument("--methods", type=_str_list, help="comma-separated, or 'all'")
     p.add_argument("--seq-lens", type=_int_list, help="e.g. 1024,2048,4096")
@@ -182,12 +187,17 @@ def _sweep_args(p: argparse.ArgumentParser) -> None:
 
 @subcommand("sweep", help="scaling sweep of time, memory and error (a preset in experiments/)")
 def run_sweep(args: argparse.Namespace) -> int:
+    from efficient_attn import studies
     from efficient_attn.sweep import report, runner, spec
 
     if args.list:
-        for name, path in spec.available_presets().items():
-            print(f"{name:16s} {spec.load_preset(str(path))[1].get('description', '')}")
+        for name, path in {**spec.available_presets(), **studies.available_presets()}.items():
+            text = " ".join(str(spec.load_preset(str(path))[1].get("description", "")).split())
+            print(f"{name:16s} {text}")
         return 0
+    study = studies.find_preset(args.experiment)
+    if study is not None:
+        return studies.run_from_args(*study, args)
     registered = list(ea.methods())
     overrides = {
         "methods": args.methods and spec.check_methods(args.methods, registered),
@@ -208,7 +218,10 @@ def run_sweep(args: argparse.Namespace) -> int:
         else None,
     }
     shard = spec.parse_shard(args.shard) if args.shard else None
-    name, data = spec.load_preset(args.experiment)
+    try:
+        name, data = spec.load_preset(args.experiment)
+    except spec.SpecError as e:
+        raise spec.SpecError(f"{e}; studies: {', '.join(studies.available_presets())}") from None
     sweep = spec.build_sweep(name, data, overrides, registered)
     points = sweep.shard(*shard) if shard else sweep.points
     if args.dry_run:
@@ -248,9 +261,11 @@ def _report_args(p: argparse.ArgumentParser) -> None:
 
 @subcommand("report", help="markdown, LaTeX and plots of sweep results (merges several)")
 def run_report(args: argparse.Namespace) -> int:
+    from efficient_attn import studies
     from efficient_attn.sweep import report
 
-    written = report.write_report(args.paths, args.out)
+    study = studies.experiment_of(args.paths)
+    written = (studies.write_report if study else report.write_report)(args.paths, args.out)
     print(f"wrote {len(written)} files; {written[0]}")
     return 0
 
@@ -286,6 +301,29 @@ def _quality_args(p: argparse.ArgumentParser) -> None:
 
 run_train.add_arguments = _train_args
 run_quality.add_arguments = _quality_args
+
+
+def _plot_attention_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", help="a directory written by `efficient-attn train`")
+    p.add_argument("--example", type=int, default=0, help="held-out example (default 0)")
+    p.add_argument("--layer", type=int, default=None, help="one layer (default: every layer)")
+    p.add_argument("--head", type=int, default=None, help="one head (default: every head)")
+
+
+@subcommand("plot-attention", help="heatmaps of a trained run's attention weights (any method)")
+def run_plot_attention(args: argparse.Namespace) -> int:
+    from efficient_attn import analysis
+
+    written = analysis.plot_run(
+        args.run_dir, example=args.example, layer=args.layer, head=args.head
+    )
+    print(f"wrote {len(written)} heatmaps (png + pdf) to {Path(args.run_dir) / 'attention'}")
+    for path in written:
+        print(f"  {path}")
+    return 0
+
+
+run_plot_attention.add_arguments = _plot_attention_args
 
 
 def main(argv: Sequence[str] | None = None) -> int:

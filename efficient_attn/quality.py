@@ -75,9 +75,8 @@ def expand(preset: dict[str, Any], methods: list[str] | None = None) -> list[Run
         for value in grid[axis]:
             fields = {**grid, axis: value}
             for method in names:
-                config = TrainConfig(
-                    **{**train_kw, **fields, "method": method, "options": options.get(method, {})}
-                )
+                kw = {**train_kw, **fields, "method": method, "options": options.get(method, {})}
+                config = TrainConfig.for_task(kw.pop("task"), **kw)  # seq2seq task defaults
                 runs.append(Run(grid["task"], axis, int(value), method, config))
     return runs
 

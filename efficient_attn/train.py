@@ -1,4 +1,10 @@
-"""Train a small :class:`DecoderLM` with any attention method on a synthetic task.
+"""Train a small model with any attention method on a synthetic task.
+
+The task's ``kind`` picks the model: a :class:`DecoderLM` for next-token tasks
+(``mqar``, ``long_range``), an :class:`EncoderDecoder` for sequence-to-sequence
+tasks (``reverse``, ``sort``), whose reported ``accuracy`` is the held-out
+token accuracy of greedy autoregressive decoding (``eval_loss`` and
+``eval_accuracy`` stay teacher-forced).
 
 AdamW with linear warmup and cosine decay (optax); held-out evaluation on a
 separate seed; orbax checkpoints (periodic, atomic, the last few kept).
@@ -6,12 +12,15 @@ separate seed; orbax checkpoints (periodic, atomic, the last few kept).
 data stream (batches are a function of (seed, step)) and optimizer state.
 
 Outputs in ``out``: ``config.json``, ``metrics.jsonl`` (one row per logged
-step), ``checkpoints/<step>/`` and ``final.json``.
+step), ``checkpoints/<step>/`` and ``final.json``; for sequence-to-sequence
+tasks also ``alignment.png``/``.pdf`` (the cross-attention of one held-out
+example, see :mod:`efficient_attn.analysis`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import sys
@@ -27,10 +36,36 @@ import optax
 import orbax.checkpoint as ocp
 
 import efficient_attn as ea
-from efficient_attn.nn import DecoderLM, ModelConfig
-from efficient_attn.tasks import Batch, make_task
+from efficient_attn.nn import DecoderLM, EncoderDecoder, ModelConfig, greedy_decode
+from efficient_attn.tasks import TASKS, Batch, make_task
 
 EVAL_SEED_OFFSET = 1_000_003  # held-out batches come from a disjoint seed
+
+#: task kind -> (model class, batch -> the model's inputs)
+MODELS: dict[str, tuple[type, Callable[[Any], tuple[jax.Array, ...]]]] = {
+    "lm": (DecoderLM, lambda b: (b.inputs,)),
+    "seq2seq": (EncoderDecoder, lambda b: (b.sources, b.inputs)),
+}
+
+#: TrainConfig fields whose defaults differ per task (used by ``TrainConfig.for_task``
+#: and the CLI). Reversing 16 tokens, held-out greedy accuracy is 1.0 with dense
+#: attention (31 s of training) and 0.9996 with additive (75 s) on a shared 2-core CPU.
+_SEQ2SEQ_DEFAULTS = {
+    "seq_len": 16,
+    "d_model": 64,
+    "num_layers": 1,
+    "num_heads": 2,
+    "steps": 600,
+    "batch_size": 64,
+    "learning_rate": 1e-2,
+    "warmup_steps": 50,
+    "eval_every": 100,
+    "checkpoint_every": 200,
+}
+TASK_DEFAULTS: dict[str, dict[str, Any]] = {
+    "reverse": _SEQ2SEQ_DEFAULTS,
+    "sort": _SEQ2SEQ_DEFAULTS,
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +96,11 @@ class TrainConfig:
     checkpoint_every: int = 100
     keep_checkpoints: int = 3
     seed: int = 0
+
+    @classmethod
+    def for_task(cls, task: str, **fields: Any) -> TrainConfig:
+        """A config for ``task`` with its :data:`TASK_DEFAULTS`, overridden by ``fields``."""
+        return cls(task=task, **{**TASK_DEFAULTS.get(task, {}), **fields})
 
     def task_obj(self):
         return make_task(
@@ -114,7 +154,16 @@ class Trainer:
         config.validate()
         self.config, self.out = config, Path(out)
         self.task = config.task_obj()
-        self.model = DecoderLM(config.model_config())
+        model_cls, self.model_inputs = MODELS[self.task.kind]
+        self.model = model_cls(config.model_config())
+        #: ``generate(params, sources [B, S]) -> [B, T]`` greedy outputs (seq2seq), else None
+        self.generate = None
+        if isinstance(self.model, EncoderDecoder):
+            self.generate = jax.jit(
+                functools.partial(
+                    greedy_decode, self.model, length=config.seq_len, bos=self.task.bos
+                )
+            )
         schedule = optax.warmup_cosine_decay_schedule(
             0.0,
             config.learning_rate,
@@ -124,7 +173,7 @@ class Trainer:
         self.tx = optax.adamw(schedule, weight_decay=config.weight_decay)
 
         def loss_fn(params, batch):
-            return masked_metrics(self.model.apply(params, batch.inputs), batch)
+            return masked_metrics(self.model.apply(params, *self.model_inputs(batch)), batch)
 
         def train_step(state, batch):
             (loss, acc), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], batch)
@@ -140,8 +189,8 @@ class Trainer:
         )
 
     def init_state(self) -> dict[str, Any]:
-        sample = self.task.batch(self.config.seed, 0, 1).inputs
-        params = self.model.init(jax.random.PRNGKey(self.config.seed), sample)
+        sample = self.model_inputs(self.task.batch(self.config.seed, 0, 1))
+        params = jax.jit(self.model.init)(jax.random.PRNGKey(self.config.seed), *sample)
         return {"params": params, "opt_state": self.tx.init(params), "step": jnp.int32(0)}
 
     def batch(self, step: int, seed: int | None = None) -> Batch:
@@ -149,12 +198,19 @@ class Trainer:
         return self._batch(self.config.seed if seed is None else seed, step)
 
     def evaluate(self, params) -> dict[str, float]:
+        """Held-out loss and accuracy (teacher-forced); greedy decoding's for seq2seq."""
         seed = self.config.seed + EVAL_SEED_OFFSET
-        losses, accs = zip(
-            *(self.eval_step(params, self.batch(i, seed)) for i in range(self.config.eval_batches)),
-            strict=True,
-        )
-        return {"eval_loss": float(np.mean(losses)), "eval_accuracy": float(np.mean(accs))}
+        batches = [self.batch(i, seed) for i in range(self.config.eval_batches)]
+        losses, accs = zip(*(self.eval_step(params, b) for b in batches), strict=True)
+        metrics = {"eval_loss": float(np.mean(losses)), "eval_accuracy": float(np.mean(accs))}
+        if self.generate is not None:
+            correct = np.concatenate(
+                [np.asarray(self.generate(params, b.sources) == b.targets) for b in batches]
+            )  # [eval_batches * B, T]
+            mask = np.concatenate([np.asarray(b.mask) for b in batches])
+            metrics["eval_greedy_accuracy"] = float((correct & mask).sum() / max(mask.sum(), 1))
+            metrics["eval_greedy_exact_match"] = float((correct | ~mask).all(axis=1).mean())
+        return metrics
 
     def checkpoint_manager(self) -> ocp.CheckpointManager:
         options = ocp.CheckpointManagerOptions(
@@ -167,7 +223,11 @@ class Trainer:
     def restore(self, manager: ocp.CheckpointManager, step: int | None = None) -> dict[str, Any]:
         """The checkpointed state at ``step`` (default: the latest)."""
         step = manager.latest_step() if step is None else step
-        target = jax.tree.map(ocp.utils.to_shape_dtype_struct, self.init_state())
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        target = jax.tree.map(  # shapes only: nothing is initialised or compiled
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+            jax.eval_shape(self.init_state),
+        )
         return manager.restore(step, args=ocp.args.StandardRestore(target))
 
 
@@ -284,49 +344,75 @@ def train(
         "train_wall_s": time.perf_counter() - t0,
         "resumed_from": start,
     }
-    final["accuracy"] = final["eval_accuracy"]
+    final["accuracy_metric"] = (
+        "eval_greedy_accuracy" if "eval_greedy_accuracy" in final else "eval_accuracy"
+    )
+    final["accuracy"] = final[final["accuracy_metric"]]
+    if trainer.generate is not None:
+        from efficient_attn import analysis  # matplotlib loads only here
+
+        analysis.write_alignment(trainer, state["params"], out, accuracy=final["accuracy"])
     _write_json(out / "final.json", final)
     return final
 
 
+#: CLI flag -> TrainConfig field, for flags whose default comes from the config.
+_FLAGS = {
+    "seq_len": "seq_len",
+    "d_model": "d_model",
+    "layers": "num_layers",
+    "heads": "num_heads",
+    "steps": "steps",
+    "batch_size": "batch_size",
+    "lr": "learning_rate",
+    "warmup": "warmup_steps",
+    "eval_every": "eval_every",
+    "checkpoint_every": "checkpoint_every",
+    "seed": "seed",
+}
+
+
+def _default_help(field: str) -> str:
+    default = getattr(TrainConfig(), field)
+    per_task = ", ".join(
+        f"{task}: {fields[field]}"
+        for task, fields in TASK_DEFAULTS.items()
+        if fields.get(field, default) != default
+    )
+    return f"default {default}" + (f" ({per_task})" if per_task else "")
+
+
 def add_arguments(p) -> None:
-    """Flags of ``efficient-attn train`` (defaults are :class:`TrainConfig`'s)."""
+    """Flags of ``efficient-attn train`` (defaults: :class:`TrainConfig`, then TASK_DEFAULTS)."""
     d = TrainConfig()
-    p.add_argument("--task", default=d.task, help="mqar or long_range")
+    p.add_argument("--task", default=d.task, help=f"one of {', '.join(TASKS)}")
     p.add_argument("--method", default=d.method)
     p.add_argument("--options", default="{}", help="method options as JSON, e.g. '{\"window\": 8}'")
     p.add_argument("--kv-heads", type=int, default=None, help="K/V heads (1: MQA)")
     p.add_argument("--scale", type=float, default=None, help="logit scale (default: 1/sqrt(H))")
-    p.add_argument("--seq-len", type=int, default=d.seq_len)
     p.add_argument("--vocab-size", type=int, default=None)
     p.add_argument("--num-pairs", type=int, default=None, help="mqar key-value pairs")
     p.add_argument("--distance", type=int, default=None, help="long_range distance")
     p.add_argument("--num-queries", type=int, default=None, help="long_range queries")
-    p.add_argument("--d-model", type=int, default=d.d_model)
-    p.add_argument("--layers", type=int, default=d.num_layers)
-    p.add_argument("--heads", type=int, default=d.num_heads)
-    p.add_argument("--steps", type=int, default=d.steps)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--lr", type=float, default=d.learning_rate)
-    p.add_argument("--warmup", type=int, default=d.warmup_steps)
-    p.add_argument("--eval-every", type=int, default=d.eval_every)
-    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
-    p.add_argument("--seed", type=int, default=d.seed)
+    for flag, field in _FLAGS.items():
+        kind = type(getattr(d, field))
+        p.add_argument(f"--{flag.replace('_', '-')}", type=kind, help=_default_help(field))
     p.add_argument("--out", default=None, help="run directory (default runs/train/<task>-<method>)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
     p.add_argument("--no-progress", action="store_true")
 
 
 def config_from_args(args) -> TrainConfig:
+    """The flags given, else the task's :data:`TASK_DEFAULTS`, else TrainConfig's."""
     try:
         options = json.loads(args.options)
     except json.JSONDecodeError as e:
         raise ValueError(f"--options must be a JSON object: {e}") from None
     if not isinstance(options, dict):
         raise ValueError(f"--options must be a JSON object, got {args.options!r}")
-    return TrainConfig(
-        task=args.task,
-        seq_len=args.seq_len,
+    given = {field: getattr(args, flag) for flag, field in _FLAGS.items()}
+    return TrainConfig.for_task(
+        args.task,
         vocab_size=args.vocab_size,
         num_pairs=args.num_pairs,
         distance=args.distance,
@@ -335,16 +421,7 @@ def config_from_args(args) -> TrainConfig:
         options=options,
         kv_heads=args.kv_heads,
         scale=args.scale,
-        d_model=args.d_model,
-        num_layers=args.layers,
-        num_heads=args.heads,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        learning_rate=args.lr,
-        warmup_steps=args.warmup,
-        eval_every=args.eval_every,
-        checkpoint_every=args.checkpoint_every,
-        seed=args.seed,
+        **{k: v for k, v in given.items() if v is not None},
     )
 
 
@@ -353,8 +430,10 @@ def run(args) -> int:
     config = config_from_args(args)
     out = args.out or f"runs/train/{config.task}-{config.method}"
     final = train(config, out, resume=args.resume, progress=not args.no_progress)
+    greedy = "eval_greedy_accuracy" in final
+    teacher = f" (greedy; teacher-forced {final['eval_accuracy']:.4f})" if greedy else ""
     print(
-        f"{config.task} / {config.method}: held-out accuracy {final['accuracy']:.4f} "
+        f"{config.task} / {config.method}: held-out accuracy {final['accuracy']:.4f}{teacher} "
         f"after {final['step']} steps ({final['train_wall_s']:.0f} s); results in {out}"
     )
     return 0

@@ -48,11 +48,22 @@ def rel_err(x, ref) -> float:
     return float(np.linalg.norm(x - ref) / max(np.linalg.norm(ref), floor))
 
 
-def method_params():
-    """One pytest param per registered method; unavailable ones are marked to skip."""
+def method_params(fast: tuple[str, ...] | None = None):
+    """One pytest param per registered method; unavailable ones are marked to skip.
+
+    With ``fast``, methods not listed are marked ``slow`` (deselected by default;
+    ``pytest -m slow`` runs them): for expensive end-to-end tests where one
+    method per family is enough on every run.
+    """
     params = []
     for name in ea.methods():
         reason = ea.get_method(name).available()
         marks = [pytest.mark.skip(reason=reason)] if reason else []
+        if fast is not None and name not in fast:
+            marks.append(pytest.mark.slow)
         params.append(pytest.param(name, id=name, marks=marks))
     return params
+
+
+#: One method per family, plus additive (array options): what end-to-end tests run by default.
+FAMILY_REPRESENTATIVES = ("dense", "additive", "blockwise", "performer", "bigbird")

@@ -13,7 +13,7 @@ import efficient_attn as ea
 from efficient_attn.nn import DecoderLM, ModelConfig, MultiHeadAttention
 from efficient_attn.tasks import LongRange, Mqar, make_task
 from efficient_attn.train import TrainConfig, Trainer, masked_metrics, train
-from tests.conftest import method_params
+from tests.conftest import FAMILY_REPRESENTATIVES, method_params
 
 
 def test_mqar_answers_are_determined_by_the_inputs():
@@ -68,7 +68,7 @@ def test_attention_layer_matches_manual_projection(kv_heads):
     assert w.shape == (2, 4, 10, 10)
 
 
-@pytest.mark.parametrize("method", method_params())
+@pytest.mark.parametrize("method", method_params(fast=FAMILY_REPRESENTATIVES))
 def test_model_with_every_method_trains(method):
     """Shapes, and one optimizer step on a batch lowers that batch's loss."""
     config = TrainConfig(

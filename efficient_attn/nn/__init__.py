@@ -2,5 +2,6 @@
 
 from efficient_attn.nn.attention import MultiHeadAttention
 from efficient_attn.nn.model import DecoderLM, ModelConfig
+from efficient_attn.nn.seq2seq import EncoderDecoder, greedy_decode
 
-__all__ = ["DecoderLM", "ModelConfig", "MultiHeadAttention"]
+__all__ = ["DecoderLM", "EncoderDecoder", "ModelConfig", "MultiHeadAttention", "greedy_decode"]

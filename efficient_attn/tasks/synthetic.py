@@ -10,7 +10,7 @@ are scored (loss and accuracy).
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -37,6 +37,7 @@ class Mqar:
     model must output the value that followed that key.
     """
 
+    kind: ClassVar[str] = "lm"  # decoder-only (next-token targets); see tasks.seq2seq
     seq_len: int = 64
     vocab_size: int = 64
     num_pairs: int = 4
@@ -77,6 +78,7 @@ class LongRange:
     with a smaller window) can only guess: chance accuracy is 1/(vocab-1).
     """
 
+    kind: ClassVar[str] = "lm"
     seq_len: int = 64
     vocab_size: int = 16
     distance: int = 16
@@ -101,10 +103,11 @@ class LongRange:
         return Batch(inputs, targets, mask)
 
 
-TASKS = {"mqar": Mqar, "long_range": LongRange}
+#: name -> task class; tasks.seq2seq adds the encoder-decoder tasks.
+TASKS: dict[str, type] = {"mqar": Mqar, "long_range": LongRange}
 
 
-def make_task(name: str, **kwargs) -> Mqar | LongRange:
+def make_task(name: str, **kwargs) -> Any:
     """Build a task by name; ``kwargs`` that are None are left at their defaults."""
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; valid tasks: {', '.join(TASKS)}")

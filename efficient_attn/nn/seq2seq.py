@@ -1,0 +1,135 @@
+"""A small encoder-decoder Transformer whose every attention is any registered method.
+
+Three kinds of attention, all :class:`MultiHeadAttention` with ``method=``:
+bidirectional encoder self-attention, causal decoder self-attention, and
+decoder-to-encoder cross-attention (``context=`` the encoder output), the
+attention of Bahdanau, Cho & Bengio (2014) in the Transformer layout of
+Vaswani et al. (2017). :func:`greedy_decode` generates autoregressively.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from efficient_attn.nn.attention import MultiHeadAttention
+from efficient_attn.nn.model import ModelConfig, TokenShift
+
+
+def _attention(c: ModelConfig, *, causal: bool, name: str) -> MultiHeadAttention:
+    return MultiHeadAttention(
+        num_heads=c.num_heads,
+        head_dim=c.d_model // c.num_heads,
+        num_kv_heads=c.num_kv_heads,
+        method=c.method,
+        options=c.options,
+        scale=c.scale,
+        causal=causal,
+        name=name,
+    )
+
+
+def _mlp(c: ModelConfig, x: jax.Array) -> jax.Array:
+    h = nn.LayerNorm(name="ln_mlp")(x)
+    h = nn.Dense(c.mlp_ratio * c.d_model, name="mlp_in")(h)
+    return x + nn.Dense(c.d_model, name="mlp_out")(nn.gelu(h))
+
+
+class EncoderBlock(nn.Module):
+    """Pre-norm block: x + self_attn(LN(x)) over all positions (not causal); x + MLP(LN(x))."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:  # [B, S, D]
+        attn = _attention(self.config, causal=False, name="self_attention")
+        x = x + attn(nn.LayerNorm(name="ln_self")(x))
+        return _mlp(self.config, x)
+
+
+class DecoderBlock(nn.Module):
+    """Pre-norm block: causal self-attention, cross-attention to ``memory``, MLP."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array, memory: jax.Array) -> jax.Array:
+        """x: [B, T, D] decoder states; memory: [B, S, D] encoder output -> [B, T, D]."""
+        c = self.config
+        x = x + _attention(c, causal=True, name="self_attention")(nn.LayerNorm(name="ln_self")(x))
+        cross = _attention(c, causal=False, name="cross_attention")
+        x = x + cross(nn.LayerNorm(name="ln_cross")(x), context=memory)
+        return _mlp(c, x)
+
+
+class EncoderDecoder(nn.Module):
+    """Encoder and decoder stacks of ``config.num_layers`` blocks each; tied embeddings.
+
+    Learned position tables for source and target (``config.max_len`` each),
+    initialised like the token embedding (std ``1/sqrt(D)``, not GPT-2's 0.02):
+    alignment is mostly positional, and with tiny position vectors reversal
+    trains several times slower, additive attention most of all.
+    ``config.token_shift`` adds :class:`TokenShift` to the decoder input only
+    (it is causal; the encoder already sees both directions).
+    """
+
+    config: ModelConfig
+
+    def setup(self):
+        c = self.config
+        self.embed = nn.Embed(c.vocab_size, c.d_model)
+        init = nn.initializers.variance_scaling(1.0, "fan_in", "normal", out_axis=0)
+        self.source_positions = self.param("source_positions", init, (c.max_len, c.d_model))
+        self.target_positions = self.param("target_positions", init, (c.max_len, c.d_model))
+        self.token_shift = TokenShift() if c.token_shift else None
+        self.encoder = [EncoderBlock(c) for _ in range(c.num_layers)]
+        self.decoder = [DecoderBlock(c) for _ in range(c.num_layers)]
+        self.ln_encoder = nn.LayerNorm()
+        self.ln_final = nn.LayerNorm()
+
+    def encode(self, sources: jax.Array) -> jax.Array:
+        """sources: int [B, S] -> memory [B, S, D] (layer-normalised encoder output)."""
+        x = self.embed(sources) + self.source_positions[None, : sources.shape[1]]
+        for block in self.encoder:
+            x = block(x)
+        return self.ln_encoder(x)
+
+    def decode(self, memory: jax.Array, inputs: jax.Array) -> jax.Array:
+        """memory: [B, S, D]; inputs: int [B, T] decoder tokens -> logits [B, T, vocab]."""
+        x = self.embed(inputs) + self.target_positions[None, : inputs.shape[1]]
+        if self.token_shift is not None:
+            x = self.token_shift(x)
+        for block in self.decoder:
+            x = block(x, memory)
+        return self.embed.attend(self.ln_final(x))
+
+    def __call__(self, sources: jax.Array, inputs: jax.Array) -> jax.Array:
+        """sources: int [B, S]; inputs: int [B, T] (BOS + shifted targets) -> [B, T, vocab]."""
+        return self.decode(self.encode(sources), inputs)
+
+
+def greedy_decode(
+    model: EncoderDecoder, params: Any, sources: jax.Array, length: int, bos: int
+) -> jax.Array:
+    """Greedy autoregressive outputs ``int [B, length]`` for ``sources [B, S]``.
+
+    Encodes once, then a ``lax.fori_loop`` over output positions: step ``t``
+    runs the decoder on ``[BOS, y_0 .. y_{t-1}, <unused>]`` and appends the
+    argmax at position ``t``. Positions after ``t`` are never seen (the decoder
+    is causal), so every step reruns the whole (short) decoder instead of
+    keeping a per-method cache; that works for any attention method. Jit
+    ``functools.partial(greedy_decode, model, length=T, bos=BOS)``.
+    """
+    memory = model.apply(params, sources, method=EncoderDecoder.encode)
+    batch = sources.shape[0]
+    tokens = jnp.full((batch, length + 1), bos, jnp.int32)  # [B, T + 1]: BOS, y_0 .. y_{T-1}
+
+    def step(t, tokens):
+        logits = model.apply(params, memory, tokens[:, :length], method=EncoderDecoder.decode)
+        next_token = jnp.argmax(jax.lax.dynamic_index_in_dim(logits, t, 1, keepdims=False), -1)
+        return jax.lax.dynamic_update_index_in_dim(tokens, next_token.astype(jnp.int32), t + 1, 1)
+
+    return jax.lax.fori_loop(0, length, step, tokens)[:, 1:]

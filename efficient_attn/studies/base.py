@@ -1,0 +1,270 @@
+"""What every study shares: its record, preset settings, the resumable run loop and rows.
+
+A study is a :class:`Study` record: the preset keys it reads (with defaults),
+the ``efficient-attn sweep`` flags it honours, ``points(settings, out_dir)``
+giving one payload per measurement, ``measure(payload, row)`` filling a row
+in a fresh worker process (:mod:`efficient_attn.studies.worker`), and
+``report(rows, out_dir)`` writing its tables and plots. The run loop reuses
+the sweep's machinery: rows are appended to ``DIR/results.jsonl``
+(:func:`efficient_attn.sweep.runner.append_row`), keyed by a stable ``key``
+that re-runs skip; each point runs in its own process
+(:func:`efficient_attn.sweep.runner.run_worker`), where a crash, kill or
+timeout still becomes a row.
+
+Every row has ``experiment`` (the study's name), ``key``, ``status`` (``ok``,
+``unsupported``, ``oom``, ``error``), ``message``, the point's identity, all of
+the study's measurement fields (None where not measured), ``env``
+(:func:`efficient_attn.sweep.worker.environment`), ``worker_s`` and ``skipped``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+from efficient_attn.sweep import runner
+from efficient_attn.sweep.worker import environment, utc_now
+
+WORKER = (sys.executable, "-m", "efficient_attn.studies.worker")
+
+#: Preset keys every study reads, with defaults.
+COMMON_SETTINGS: dict[str, Any] = {"description": "", "note": "", "timeout_s": 600.0}
+#: ``efficient-attn sweep`` flags (argparse dests) a study may honour.
+SWEEP_FLAGS: tuple[str, ...] = (
+    "methods",
+    "seq_lens",
+    "batch",
+    "heads",
+    "kv_heads",
+    "head_dim",
+    "dtype",
+    "causal",
+    "passes",
+    "option",
+    "repeats",
+    "shard",
+)
+#: Flags every study honours.
+COMMON_FLAGS: tuple[str, ...] = ("--out", "--timeout", "--retry-errors", "--no-report", "--dry-run")
+
+
+class Unsupported(Exception):
+    """The point cannot run with this method or on this platform; the message says why."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Study:
+    """One study: its settings, how to expand them into points, measure and report them.
+
+    Attributes:
+      name: the ``study`` key of its presets and the ``experiment`` field of its rows.
+      settings: preset keys and their defaults (besides :data:`COMMON_SETTINGS`).
+      flags: sweep flag dest -> the setting it overrides; other flags are refused.
+      measurements: row fields filled by ``measure`` (None until measured).
+      points: ``points(settings, out_dir) -> payloads``; a payload holds the
+        row identity (``key``, ``label``, ...) and under ``"run"`` what the
+        worker needs besides.
+      measure: ``measure(payload, row)`` fills ``row`` in the worker; raises
+        :class:`Unsupported` where the point cannot run.
+      report: ``report(rows, out_dir) -> (markdown lines, LaTeX tables, files)``.
+      summary: ``summary(rows)``: the "what it shows" sentence, from the data.
+      describe: ``describe(row)``: a few words on a finished ok row (progress log).
+    """
+
+    name: str
+    settings: Mapping[str, Any]
+    flags: Mapping[str, str]
+    measurements: tuple[str, ...]
+    points: Callable[[Mapping[str, Any], Path], list[dict[str, Any]]]
+    measure: Callable[[dict[str, Any], dict[str, Any]], None]
+    report: Callable[[list[dict[str, Any]], Path], tuple[list[str], list[str], list[Path]]]
+    summary: Callable[[list[dict[str, Any]]], str]
+    describe: Callable[[dict[str, Any]], str]
+
+
+def flag_name(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+def settings_of(
+    study: Study, name: str, data: Mapping[str, Any], overrides: Mapping[str, Any]
+) -> dict[str, Any]:
+    """The study's defaults, overridden by preset ``data``, then by ``overrides``."""
+    valid = {**COMMON_SETTINGS, **study.settings}
+    unknown = sorted(set(data) - set(valid) - {"study"})
+    if unknown:
+        raise ValueError(
+            f"preset {name!r}: unknown key(s) {unknown} for study {study.name!r}; "
+            f"valid keys: study, {', '.join(valid)}"
+        )
+    settings = {**valid, **{k: v for k, v in data.items() if k != "study"}}
+    for key, value in overrides.items():
+        if key == "options":
+            merged = {m: dict(o) for m, o in settings["options"].items()}
+            for method, opts in value.items():
+                merged[method] = {**merged.get(method, {}), **opts}
+            settings["options"] = merged
+        else:
+            settings[key] = value
+    timeout = settings["timeout_s"]
+    if not isinstance(timeout, int | float) or isinstance(timeout, bool) or timeout <= 0:
+        raise ValueError(f"timeout_s={timeout!r} must be a positive number of seconds")
+    return settings
+
+
+def overrides_from_flags(study: Study, given: Mapping[str, Any]) -> dict[str, Any]:
+    """Setting overrides from the sweep flags that were given (dest -> value).
+
+    A flag the study does not use is an error, never silently ignored.
+    """
+    given = {d: v for d, v in given.items() if v is not None and v != []}
+    unused = [d for d in given if d in SWEEP_FLAGS and d not in study.flags]
+    if unused:
+        honoured = [flag_name(d) for d in study.flags] + list(COMMON_FLAGS)
+        raise ValueError(
+            f"{', '.join(flag_name(d) for d in unused)} not used by study {study.name!r}; "
+            f"it honours {', '.join(honoured)}"
+        )
+    out = {study.flags[d]: v for d, v in given.items() if d in study.flags}
+    if given.get("timeout") is not None:
+        out["timeout_s"] = given["timeout"]
+    return out
+
+
+def as_list(name: str, value: Any) -> list[Any]:
+    values = list(value) if isinstance(value, list | tuple) else [value]
+    if not values:
+        raise ValueError(f"{name} must not be empty")
+    return values
+
+
+def int_list(name: str, value: Any, minimum: int = 1) -> list[int]:
+    """``value`` (an int or a list of ints) as a list, each ``>= minimum``."""
+    values = as_list(name, value)
+    for x in values:
+        if not isinstance(x, int) or isinstance(x, bool) or x < minimum:
+            raise ValueError(f"{name}={x!r} must be an int >= {minimum}")
+    return values
+
+
+def positive_number(name: str, value: Any) -> float:
+    if not isinstance(value, int | float) or isinstance(value, bool) or not value > 0:
+        raise ValueError(f"{name}={value!r} must be a positive number")
+    return float(value)
+
+
+def new_row(study: Study, payload: Mapping[str, Any], status: str, message: str = "") -> dict:
+    """A row of ``payload``'s point with every measurement field present (None)."""
+    identity = {k: v for k, v in payload.items() if k not in ("run", "label")}
+    return {
+        **identity,
+        "status": status,
+        "message": message,
+        **dict.fromkeys(study.measurements),
+        "worker_s": None,
+        "skipped": False,
+        "env": None,
+    }
+
+
+def _infeasible_families(rows: Mapping[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """family -> the shortest row of that family that ran out of memory or time."""
+    failed: dict[str, dict[str, Any]] = {}
+    for row in rows.values():
+        family = row.get("family")
+        if not family or not runner.infeasible(row) or row.get("skipped"):
+            continue
+        if family not in failed or row["seq_len"] < failed[family]["seq_len"]:
+            failed[family] = row
+    return failed
+
+
+def _write_meta(out_dir: Path, meta: dict[str, Any]) -> None:
+    tmp = out_dir / f".sweep.json.{os.getpid()}"
+    tmp.write_text(json.dumps(meta, indent=1) + "\n")
+    os.replace(tmp, out_dir / "sweep.json")
+
+
+def run_points(
+    study: Study,
+    name: str,
+    settings: Mapping[str, Any],
+    out_dir: str | Path,
+    *,
+    retry_errors: bool = False,
+    stream: TextIO | None = sys.stderr,
+    meta: Mapping[str, Any] | None = None,
+    command: Sequence[str] = WORKER,
+) -> runner.Outcome:
+    """Run the study's points not yet in ``out_dir``, one worker process each.
+
+    Points whose key has a row are skipped (``retry_errors``: unless that row
+    is an ``error``). A point whose ``family`` ran out of memory or time at a
+    shorter ``seq_len`` is recorded with that status without running.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    points = study.points(settings, out_dir)
+    latest: dict[str, dict[str, Any]] = {}
+    for path in runner.results_files(out_dir):
+        for row in runner.read_rows(path):
+            latest[row["key"]] = row
+    done = {k for k, r in latest.items() if not (retry_errors and r["status"] == "error")}
+    failed = _infeasible_families(latest)
+    todo = [p for p in points if p["key"] not in done]
+    path = out_dir / runner.RESULTS
+    _write_meta(
+        out_dir,
+        {**(meta or {}), "name": name, "study": study.name, "points": len(points), **settings},
+    )
+    if stream is not None:
+        stream.write(
+            f"study {study.name!r} ({name}): {len(points)} points, "
+            f"{len(points) - len(todo)} already in {out_dir}, running {len(todo)} -> {path}\n"
+        )
+    fallback_env = environment(devices=False)
+    statuses: Counter = Counter()
+    begin = time.perf_counter()
+    for i, payload in enumerate(todo):
+        start = time.perf_counter()
+        shorter = failed.get(payload.get("family") or "")
+        if shorter is not None and shorter["seq_len"] < payload["seq_len"]:
+            first = (str(shorter.get("message") or "").splitlines() or [""])[0][:300]
+            row = new_row(
+                study,
+                payload,
+                shorter["status"],
+                f"not run: infeasible at the shorter length {shorter['seq_len']} ({first})",
+            )
+            row["skipped"] = True
+        else:
+            row = runner.run_worker(payload, float(settings["timeout_s"]), command)
+            if row.get("experiment") != study.name:  # the worker died: the runner's sweep row
+                status, message, worker_s = row["status"], row["message"], row["worker_s"]
+                row = new_row(study, payload, status, message)
+                row["worker_s"] = worker_s
+            if runner.infeasible(row) and payload.get("family"):
+                failed.setdefault(payload["family"], row)
+        if row.get("env"):
+            fallback_env = row["env"]
+        else:
+            row["env"] = {**fallback_env, "date": utc_now()}
+        runner.append_row(path, row)
+        statuses[row["status"]] += 1
+        if stream is not None:
+            what = study.describe(row) if row["status"] == "ok" else row["message"][:120]
+            stream.write(
+                f"[{i + 1}/{len(todo)} {time.perf_counter() - begin:.0f} s] {payload['label']}: "
+                f"{row['status']} {what} ({time.perf_counter() - start:.1f} s)\n"
+            )
+            stream.flush()
+    return runner.Outcome(
+        path=path, ran=len(todo), skipped=len(points) - len(todo), statuses=statuses
+    )
