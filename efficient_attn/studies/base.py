@@ -138,22 +138,6 @@ def overrides_from_flags(study: Study, given: Mapping[str, Any]) -> dict[str, An
     return out
 
 
-def as_list(name: str, value: Any) -> list[Any]:
-    values = list(value) if isinstance(value, list | tuple) else [value]
-    if not values:
-        raise ValueError(f"{name} must not be empty")
-    return values
-
-
-def int_list(name: str, value: Any, minimum: int = 1) -> list[int]:
-    """``value`` (an int or a list of ints) as a list, each ``>= minimum``."""
-    values = as_list(name, value)
-    for x in values:
-        if not isinstance(x, int) or isinstance(x, bool) or x < minimum:
-            raise ValueError(f"{name}={x!r} must be an int >= {minimum}")
-    return values
-
-
 def positive_number(name: str, value: Any) -> float:
     if not isinstance(value, int | float) or isinstance(value, bool) or not value > 0:
         raise ValueError(f"{name}={value!r} must be a positive number")

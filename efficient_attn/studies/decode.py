@@ -35,15 +35,9 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from efficient_attn.studies.base import (
-    Study,
-    Unsupported,
-    as_list,
-    int_list,
-    positive_number,
-)
+from efficient_attn.studies.base import Study, Unsupported, positive_number
 from efficient_attn.sweep import report as sweep_report
-from efficient_attn.sweep.spec import DTYPES, check_methods
+from efficient_attn.sweep.spec import DTYPES, as_list, check_methods, int_list, option_grid
 
 SETTINGS: dict[str, Any] = {
     "methods": ["dense", "blockwise", "xla", "local", "linear_elu", "performer"],
@@ -104,14 +98,6 @@ def kv_heads_for(heads: int, setting: Any) -> list[int]:
     return values
 
 
-def _option_grid(method: str, options: Mapping[str, Any]) -> list[dict[str, Any]]:
-    if not isinstance(options, Mapping):
-        raise ValueError(f"options.{method} must be a table of option = value(s)")
-    names = sorted(options)
-    values = [as_list(f"options.{method}.{n}", options[n]) for n in names]
-    return [dict(zip(names, combo, strict=True)) for combo in itertools.product(*values)]
-
-
 def points(settings: Mapping[str, Any], out_dir: Path) -> list[dict[str, Any]]:
     """One payload per (dtype, batch, heads, head_dim, K, method, options, length)."""
     import efficient_attn as ea
@@ -138,7 +124,7 @@ def points(settings: Mapping[str, Any], out_dir: Path) -> list[dict[str, Any]]:
         int_list("head_dim", settings["head_dim"]),
     ):
         for kh, method in itertools.product(kv_heads_for(n, settings["kv_heads"]), methods):
-            for opts in _option_grid(method, options.get(method, {})):
+            for opts in option_grid(method, options.get(method, {})):
                 family = (
                     f"decode|{method}|{json.dumps(opts, sort_keys=True, separators=(',', ':'))}"
                     f"|B{b}|N{n}|K{kh}|H{h}|{dtype}|seed{seed}"

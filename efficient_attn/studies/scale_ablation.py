@@ -41,8 +41,9 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from efficient_attn.studies.base import Study, int_list
+from efficient_attn.studies.base import Study
 from efficient_attn.sweep import report as sweep_report
+from efficient_attn.sweep.spec import int_list
 
 if TYPE_CHECKING:
     from efficient_attn.train import TrainConfig

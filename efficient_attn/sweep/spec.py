@@ -249,15 +249,17 @@ def parse_shard(text: str) -> tuple[int, int]:
     return index, count
 
 
-def _as_list(name: str, value: Any) -> list[Any]:
+def as_list(name: str, value: Any) -> list[Any]:
+    """``value`` as a non-empty list (a scalar is a list of one); empty is a :class:`SpecError`."""
     values = list(value) if isinstance(value, list | tuple) else [value]
     if not values:
         raise SpecError(f"{name} must not be empty")
     return values
 
 
-def _ints(name: str, value: Any, minimum: int = 1) -> list[int]:
-    values = _as_list(name, value)
+def int_list(name: str, value: Any, minimum: int = 1) -> list[int]:
+    """``value`` (an int or a list of ints) as a list, each ``>= minimum``."""
+    values = as_list(name, value)
     for x in values:
         if not isinstance(x, int) or isinstance(x, bool) or x < minimum:
             raise SpecError(f"{name}={x!r} must be an int >= {minimum}")
@@ -265,7 +267,7 @@ def _ints(name: str, value: Any, minimum: int = 1) -> list[int]:
 
 
 def _choices(name: str, value: Any, valid: Sequence[Any]) -> list[Any]:
-    values = _as_list(name, value)
+    values = as_list(name, value)
     for x in values:
         if x not in valid:
             listed = ", ".join(map(str, valid))
@@ -273,12 +275,12 @@ def _choices(name: str, value: Any, valid: Sequence[Any]) -> list[Any]:
     return values
 
 
-def _option_grid(method: str, options: Mapping[str, Any]) -> list[dict[str, Any]]:
+def option_grid(method: str, options: Mapping[str, Any]) -> list[dict[str, Any]]:
     """Cartesian product of a method's option table (a list value is swept)."""
     if not isinstance(options, Mapping):
         raise SpecError(f"options.{method} must be a table of option = value(s)")
     names = sorted(options)
-    values = [_as_list(f"options.{method}.{n}", options[n]) for n in names]
+    values = [as_list(f"options.{method}.{n}", options[n]) for n in names]
     return [dict(zip(names, combo, strict=True)) for combo in itertools.product(*values)]
 
 
@@ -291,16 +293,16 @@ def _check_keys(where: str, data: Mapping[str, Any], valid: Iterable[str]) -> No
 
 def _expand_grid(grid: Mapping[str, Any], registered: Sequence[str], seed: int) -> list[Point]:
     methods = grid["methods"]
-    methods = list(registered) if methods == "all" else _as_list("methods", methods)
-    seq_lens = _ints("seq_lens", grid["seq_lens"])
-    batches = _ints("batch", grid["batch"])
-    heads = _ints("heads", grid["heads"])
-    kv_heads = None if grid["kv_heads"] is None else _ints("kv_heads", grid["kv_heads"])
-    head_dims = _ints("head_dim", grid["head_dim"])
+    methods = list(registered) if methods == "all" else as_list("methods", methods)
+    seq_lens = int_list("seq_lens", grid["seq_lens"])
+    batches = int_list("batch", grid["batch"])
+    heads = int_list("heads", grid["heads"])
+    kv_heads = None if grid["kv_heads"] is None else int_list("kv_heads", grid["kv_heads"])
+    head_dims = int_list("head_dim", grid["head_dim"])
     dtypes = _choices("dtype", grid["dtype"], DTYPES)
     causals = _choices("causal", grid["causal"], (True, False))
     passes = _choices("passes", grid["passes"], PASSES)
-    devices = _ints("devices", grid["devices"])
+    devices = int_list("devices", grid["devices"])
     strategies = [
         None if s == "none" else s
         for s in _choices("strategy", grid["strategy"], ("none", *STRATEGIES))
@@ -323,7 +325,7 @@ def _expand_grid(grid: Mapping[str, Any], registered: Sequence[str], seed: int) 
                 raise SpecError(f"kv_heads={k} must divide heads={n}; valid kv_heads: {divisors}")
             for method in methods:
                 for opts, strategy, p in itertools.product(
-                    _option_grid(method, options.get(method, {})), strategies, devices
+                    option_grid(method, options.get(method, {})), strategies, devices
                 ):
                     if strategy is None and p != 1:
                         continue  # one-device attention: devices=1 only
@@ -353,7 +355,7 @@ def build_sweep(
     grids = data.get("grid", [{}])
     if not isinstance(grids, list) or not all(isinstance(g, Mapping) for g in grids):
         raise SpecError(f"preset {name!r}: grid must be an array of tables ([[grid]])")
-    seed = _ints("seed", settings["seed"], minimum=0)[0]
+    seed = int_list("seed", settings["seed"], minimum=0)[0]
     points: dict[str, Point] = {}
     for i, grid in enumerate(grids):
         _check_keys(f"preset {name!r} grid {i}", grid, AXES)
@@ -376,14 +378,16 @@ def build_sweep(
         description=str(settings["description"]),
         note=str(settings["note"]),
         points=tuple(ordered),
-        repeats=_ints("repeats", settings["repeats"])[0],
-        warmup=_ints("warmup", settings["warmup"], minimum=1)[0],
+        repeats=int_list("repeats", settings["repeats"])[0],
+        warmup=int_list("warmup", settings["warmup"], minimum=1)[0],
         timeout_s=float(settings["timeout_s"]),
         timing_budget_s=float(settings["timing_budget_s"]),
-        reference_max_elements=_ints(
+        reference_max_elements=int_list(
             "reference_max_elements", settings["reference_max_elements"], minimum=0
         )[0],
-        time_max_elements=_ints("time_max_elements", settings["time_max_elements"], minimum=0)[0],
+        time_max_elements=int_list("time_max_elements", settings["time_max_elements"], minimum=0)[
+            0
+        ],
     )
 
 
