@@ -34,7 +34,7 @@ from efficient_attn import masking
 
 _NEVER = jnp.iinfo(jnp.int32).max  # position of tile padding keys: never visible
 
-# Tiled layouts: queries [nq, B, K, G, bq, H]; keys/values [nq, B, K, bk, H];
+# Tiled layouts: queries [nq, B, K, G, bq, H]; keys/values [nk, B, K, bk, H];
 # per-row statistics [nq, B, K, G, bq].
 
 
@@ -130,6 +130,7 @@ class Score:
     linear_in_q: bool = False
 
     def logits(self, params: Any, q_i: jax.Array, k_j: jax.Array, acc: Any) -> jax.Array:
+        """Unscaled logits ``[B, K, G, bq, bk]`` of one query tile against one key tile."""
         raise NotImplementedError
 
     def vjp(
