@@ -198,8 +198,10 @@ def _reference(point: dict[str, Any], arrays: dict[str, Any], grads: bool) -> di
     import efficient_attn as ea
     from efficient_attn import bench
 
-    own = ea.get_method(point["method"]).reference is not None  # e.g. additive's formula
-    shared = ("key", "method", "options", "pass", "devices", "strategy")  # same inputs
+    # A method with its own function (additive) has its own reference, cached per method;
+    # softmax attention's is shared by every method at the same inputs.
+    own = ea.get_method(point["method"]).reference is not None
+    shared = ("key", "method", "options", "pass", "devices", "strategy")
     ident = {k: point[k] for k in _IDENTITY if k not in shared or (own and k == "method")}
     digest = hashlib.sha256(json.dumps([ident, grads], sort_keys=True).encode()).hexdigest()[:20]
     cache = point.get("cache_dir")
@@ -212,12 +214,14 @@ def _reference(point: dict[str, Any], arrays: dict[str, Any], grads: bool) -> di
             continue
     q, k, v = (np.asarray(arrays[n]) for n in "qkv")
     causal = bool(point["causal"])
-    if own:  # a method with its own function: its float64 formula, forward only
-        return {"out": bench.own_reference(point["method"], q, k, v, causal=causal)}
-    ref = {"out": ea.numpy_reference(q, k, v, causal=causal)[0]}
-    if grads:
-        dq, dk, dv = ea.numpy_reference_grads(q, k, v, np.asarray(arrays["dout"]), causal=causal)
-        ref.update(dq=dq, dk=dk, dv=dv)
+    if own:  # its float64 formula, forward only (no gradient formula to compare with)
+        ref = {"out": bench.own_reference(point["method"], q, k, v, causal=causal)}
+    else:
+        ref = {"out": ea.numpy_reference(q, k, v, causal=causal)[0]}
+        if grads:
+            dout = np.asarray(arrays["dout"])
+            dq, dk, dv = ea.numpy_reference_grads(q, k, v, dout, causal=causal)
+            ref.update(dq=dq, dk=dk, dv=dv)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
