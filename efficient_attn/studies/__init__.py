@@ -16,10 +16,8 @@ rows' ``experiment`` field.
 
 from __future__ import annotations
 
-import json
 import sys
 import tomllib
-from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO
@@ -166,16 +164,6 @@ def experiment_of(paths: Sequence[str | Path]) -> str | None:
     return studies.pop()
 
 
-def _meta(paths: Sequence[str | Path]) -> dict[str, Any]:
-    """The run's ``sweep.json`` (name, description, settings, command), if any."""
-    for p in paths:
-        try:
-            return json.loads((Path(p) / "sweep.json").read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
-    return {}
-
-
 def write_report(paths: Sequence[str | Path], out_dir: str | Path | None = None) -> list[Path]:
     """Merge the study rows under ``paths``; write report.md, report.tex and the plots."""
     rows = runner.merge_rows(paths)
@@ -186,8 +174,7 @@ def write_report(paths: Sequence[str | Path], out_dir: str | Path | None = None)
     out = Path(out_dir if out_dir is not None else paths[0])
     out = out.parent if out.suffix == ".jsonl" else out
     out.mkdir(parents=True, exist_ok=True)
-    meta = _meta(paths)
-    statuses = Counter(r["status"] for r in rows)
+    meta = sweep_report.sweep_meta(paths)
     body, tex, files = study.report(rows, out)
     notes = [
         f"- **{r['key']}** {r['status']}: "
@@ -195,17 +182,9 @@ def write_report(paths: Sequence[str | Path], out_dir: str | Path | None = None)
         for r in rows
         if r["status"] != "ok"
     ]
+    title = f"Study: {name} ({meta.get('name', out.name)})"
     md = [
-        f"# Study: {name} ({meta.get('name', out.name)})",
-        "",
-        *([str(meta["description"]).strip(), ""] if meta.get("description") else []),
-        *([f"**Note.** {meta['note']}", ""] if meta.get("note") else []),
-        f"{len(rows)} points from {', '.join(map(str, paths))}: "
-        + ", ".join(f"{n} {s}" for s, n in statuses.most_common())
-        + ".",
-        "",
-        *sweep_report._environment_lines(rows),
-        "",
+        *sweep_report.header_lines(title, meta, rows, paths),
         *body,
         *(["", "## Points that did not run", "", *notes] if notes else []),
     ]

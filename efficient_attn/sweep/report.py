@@ -383,7 +383,8 @@ def _notes(rows: Sequence[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def _sweep_meta(paths: Sequence[str | Path]) -> dict[str, Any]:
+def sweep_meta(paths: Sequence[str | Path]) -> dict[str, Any]:
+    """The run's ``sweep.json`` (name, description, settings, command) under ``paths``, or {}."""
     for p in paths:
         meta = Path(p) / "sweep.json"
         if meta.is_file():
@@ -392,6 +393,25 @@ def _sweep_meta(paths: Sequence[str | Path]) -> dict[str, Any]:
             except json.JSONDecodeError:
                 continue
     return {}
+
+
+def header_lines(
+    title: str, meta: dict[str, Any], rows: Sequence[dict[str, Any]], paths: Sequence[str | Path]
+) -> list[str]:
+    """A report's opening: title, description, note, point counts and environment."""
+    statuses = Counter(r["status"] for r in rows)
+    return [
+        f"# {title}",
+        "",
+        *([str(meta["description"]).strip(), ""] if meta.get("description") else []),
+        *([f"**Note.** {meta['note']}", ""] if meta.get("note") else []),
+        f"{len(rows)} points from {', '.join(map(str, paths))}: "
+        + ", ".join(f"{n} {s}" for s, n in statuses.most_common())
+        + ".",
+        "",
+        *_environment_lines(rows),
+        "",
+    ]
 
 
 def write_report(paths: Sequence[str | Path], out_dir: str | Path | None = None) -> list[Path]:
@@ -403,23 +423,13 @@ def write_report(paths: Sequence[str | Path], out_dir: str | Path | None = None)
     if out.suffix == ".jsonl":
         out = out.parent
     (out / "tables").mkdir(parents=True, exist_ok=True)
-    meta, device = _sweep_meta(paths), _device_name(rows)
-    statuses = Counter(r["status"] for r in rows)
+    meta, device = sweep_meta(paths), _device_name(rows)
     try:
         from efficient_attn.sweep import plots
     except ImportError:  # matplotlib is the optional [plot] dependency
         plots = None
     md = [
-        f"# Attention sweep: {meta.get('name', out.name)}",
-        "",
-        *([meta["description"], ""] if meta.get("description") else []),
-        *([f"**Note.** {meta['note']}", ""] if meta.get("note") else []),
-        f"{len(rows)} points from {', '.join(map(str, paths))}: "
-        + ", ".join(f"{n} {s}" for s, n in statuses.most_common())
-        + ".",
-        "",
-        *_environment_lines(rows),
-        "",
+        *header_lines(f"Attention sweep: {meta.get('name', out.name)}", meta, rows, paths),
         "Time: median over repeats of the compiled call after warm-up (ms); plots show "
         "min-max bars. Memory: XLA's compiled temp + argument + output bytes (MiB). "
         "Error: relative Frobenius error of the output vs float64 exact attention "
