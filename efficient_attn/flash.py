@@ -258,8 +258,6 @@ def flash_backward(
     scale = jnp.asarray(scale, acc)
     nq = qb.shape[0]
 
-    zeros = functools.partial(jax.tree.map, lambda x: jnp.zeros(x.shape, acc))
-
     # dS = dL/d(logits); the vjp is linear in it, so dq, dk and dparams are
     # accumulated from dS and multiplied by ``scale`` once at the end.
     def kv_tile(carry, args):
@@ -286,7 +284,8 @@ def flash_backward(
         dk, dv, dq, dparams, dscale = jax.lax.fori_loop(plan.q_start[j], nq, q_step, init)
         return (dq, dparams, dscale), (dk, dv)
 
-    init = (jnp.zeros(qb.shape, acc), zeros(params), jnp.zeros((), acc))
+    dparams0 = jax.tree.map(lambda x: jnp.zeros(x.shape, acc), params)
+    init = (jnp.zeros(qb.shape, acc), dparams0, jnp.zeros((), acc))
     (dq_raw, dparams, dscale), (dk_raw, dv) = jax.lax.scan(
         kv_tile, init, (jnp.arange(kb.shape[0]), kb, vb)
     )

@@ -21,6 +21,7 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 import efficient_attn as ea
+from efficient_attn import bench
 
 settings.register_profile(
     "ci",
@@ -45,11 +46,11 @@ def make_qkv(
 
 
 def method_arrays(method: str, head_dim: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """The array options ``method`` requires (``ea.init_arrays``) as float32 NumPy; {} if none."""
-    import jax
+    """The array options ``method`` requires (``ea.init_arrays``) as float32 NumPy; {} if none.
 
-    with jax.ensure_compile_time_eval():  # also called inside jitted test functions
-        made = ea.init_arrays(method, jax.random.PRNGKey(seed + 7), head_dim)
+    Concrete also when called inside jitted test functions (see ``bench.with_arrays``).
+    """
+    made = bench.with_arrays(method, head_dim, {}, seed=seed + 7)
     return {name: np.asarray(x, np.float32) for name, x in made.items()}
 
 
