@@ -43,6 +43,27 @@ class TokenShift(nn.Module):
         return x + nn.Dense(x.shape[-1], use_bias=False, name="shift")(prev)
 
 
+def attention_layer(c: ModelConfig, *, causal: bool, name: str) -> MultiHeadAttention:
+    """The config's attention (method, options, scale, heads) as a layer named ``name``."""
+    return MultiHeadAttention(
+        num_heads=c.num_heads,
+        head_dim=c.d_model // c.num_heads,
+        num_kv_heads=c.num_kv_heads,
+        method=c.method,
+        options=c.options,
+        scale=c.scale,
+        causal=causal,
+        name=name,
+    )
+
+
+def residual_mlp(c: ModelConfig, x: jax.Array) -> jax.Array:
+    """``x + MLP(LN(x))``; call inside a compact module (submodules ln_mlp, mlp_in, mlp_out)."""
+    h = nn.LayerNorm(name="ln_mlp")(x)
+    h = nn.Dense(c.mlp_ratio * c.d_model, name="mlp_in")(h)
+    return x + nn.Dense(c.d_model, name="mlp_out")(nn.gelu(h))
+
+
 class Block(nn.Module):
     """Pre-norm Transformer block: x + attn(LN(x)); x + MLP(LN(x))."""
 
@@ -50,20 +71,9 @@ class Block(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        c = self.config
-        x = x + MultiHeadAttention(
-            num_heads=c.num_heads,
-            head_dim=c.d_model // c.num_heads,
-            num_kv_heads=c.num_kv_heads,
-            method=c.method,
-            options=c.options,
-            scale=c.scale,
-            causal=True,
-            name="attention",
-        )(nn.LayerNorm(name="ln_attention")(x))
-        h = nn.LayerNorm(name="ln_mlp")(x)
-        h = nn.Dense(c.mlp_ratio * c.d_model, name="mlp_in")(h)
-        return x + nn.Dense(c.d_model, name="mlp_out")(nn.gelu(h))
+        attn = attention_layer(self.config, causal=True, name="attention")
+        x = x + attn(nn.LayerNorm(name="ln_attention")(x))
+        return residual_mlp(self.config, x)
 
 
 class DecoderLM(nn.Module):

@@ -15,27 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from efficient_attn.nn.attention import MultiHeadAttention
-from efficient_attn.nn.model import ModelConfig, TokenShift
-
-
-def _attention(c: ModelConfig, *, causal: bool, name: str) -> MultiHeadAttention:
-    return MultiHeadAttention(
-        num_heads=c.num_heads,
-        head_dim=c.d_model // c.num_heads,
-        num_kv_heads=c.num_kv_heads,
-        method=c.method,
-        options=c.options,
-        scale=c.scale,
-        causal=causal,
-        name=name,
-    )
-
-
-def _mlp(c: ModelConfig, x: jax.Array) -> jax.Array:
-    h = nn.LayerNorm(name="ln_mlp")(x)
-    h = nn.Dense(c.mlp_ratio * c.d_model, name="mlp_in")(h)
-    return x + nn.Dense(c.d_model, name="mlp_out")(nn.gelu(h))
+from efficient_attn.nn.model import ModelConfig, TokenShift, attention_layer, residual_mlp
 
 
 class EncoderBlock(nn.Module):
@@ -45,9 +25,9 @@ class EncoderBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:  # [B, S, D]
-        attn = _attention(self.config, causal=False, name="self_attention")
+        attn = attention_layer(self.config, causal=False, name="self_attention")
         x = x + attn(nn.LayerNorm(name="ln_self")(x))
-        return _mlp(self.config, x)
+        return residual_mlp(self.config, x)
 
 
 class DecoderBlock(nn.Module):
@@ -59,10 +39,12 @@ class DecoderBlock(nn.Module):
     def __call__(self, x: jax.Array, memory: jax.Array) -> jax.Array:
         """x: [B, T, D] decoder states; memory: [B, S, D] encoder output -> [B, T, D]."""
         c = self.config
-        x = x + _attention(c, causal=True, name="self_attention")(nn.LayerNorm(name="ln_self")(x))
-        cross = _attention(c, causal=False, name="cross_attention")
+        x = x + attention_layer(c, causal=True, name="self_attention")(
+            nn.LayerNorm(name="ln_self")(x)
+        )
+        cross = attention_layer(c, causal=False, name="cross_attention")
         x = x + cross(nn.LayerNorm(name="ln_cross")(x), context=memory)
-        return _mlp(c, x)
+        return residual_mlp(c, x)
 
 
 class EncoderDecoder(nn.Module):
