@@ -5,7 +5,9 @@
 """
 
 from efficient_attn import methods as _methods  # noqa: F401  (registers the families)
+from efficient_attn import mods
 from efficient_attn.api import attention, attention_weights, sparsity_pattern
+from efficient_attn.blockmask import BlockMask, block_mask
 from efficient_attn.methods.linear import LinearState
 from efficient_attn.methods.linear import init_state as linear_init_state
 from efficient_attn.methods.linear import step as linear_step
@@ -24,15 +26,18 @@ from efficient_attn.registry import (
 __all__ = [
     "FEATURES",
     "ArrayOption",
+    "BlockMask",
     "LinearState",
     "Method",
     "attention",
     "attention_weights",
+    "block_mask",
     "get_method",
     "init_arrays",
     "linear_init_state",
     "linear_step",
     "methods",
+    "mods",
     "numpy_reference",
     "numpy_reference_grads",
     "register_method",

@@ -9,7 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from efficient_attn.registry import HEAD_DIM, Method, get_method, methods
+from efficient_attn.blockmask import BlockMask, check_block_mask
+from efficient_attn.registry import HEAD_DIM, Method, get_method, methods, methods_supporting
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,6 +92,35 @@ def check_kv_lengths(kv_lengths: Any, shapes: Shapes) -> jax.Array | None:
     return arr.astype(jnp.int32)
 
 
+#: Call arguments that need a feature, and the feature.
+_MOD_ARGS = {"mask_mod": "mask_mod", "block_mask": "mask_mod", "score_mod": "score_mod"}
+
+
+def _check_mods(spec: Method, mods: dict[str, Any], shapes: Shapes, opts: dict[str, Any]) -> None:
+    """Mods only for methods that accept them; callables; a block mask of this call's sizes."""
+    for arg, value in mods.items():
+        if value is None:
+            continue
+        feature = _MOD_ARGS[arg]
+        if feature not in spec.supports:
+            raise ValueError(
+                f"method {spec.name!r} does not accept {arg}; methods that do: "
+                f"{', '.join(methods_supporting(feature))}"
+            )
+        if arg != "block_mask" and not callable(value):
+            raise ValueError(f"{arg} must be a callable; got {value!r}")
+    bm = mods.get("block_mask")
+    if bm is not None:
+        check_block_mask(bm, shapes.q_len, shapes.kv_len, shapes.batch, shapes.heads)
+        for name, size in (("block_q", bm.block_q), ("block_k", bm.block_k)):
+            given = opts.get(name)
+            if given is not None and given != size:
+                raise ValueError(
+                    f"{name}={given} disagrees with block_mask's {name}={size}; the tiles are the "
+                    f"block mask's (omit {name}, or build the block mask with it)"
+                )
+
+
 def _check_features(spec: Method, shapes: Shapes, causal: bool, kv_lengths: Any) -> None:
     needed = []
     if causal:
@@ -143,18 +173,30 @@ def _check_arrays(spec: Method, opts: dict[str, Any], shapes: Shapes) -> None:
                 )
 
 
-def _prepare(query, key, value, method, causal, kv_lengths, scale, options):
+def prepare(query, key, value, method, causal, kv_lengths, scale, options, mods=None):
+    """Validate one call: ``(spec, shapes, kv_lengths, scale, options, mod kwargs)``.
+
+    The mod kwargs are what the method receives: ``mask_mod``/``block_mask``
+    and ``score_mod`` for methods that support them, nothing for the others.
+    """
     spec = get_method(method)
     if not isinstance(causal, (bool, np.bool_)):
         raise ValueError(f"causal must be a bool; got {causal!r}")
     shapes = check_inputs(query, key, value)
     kv_lengths = check_kv_lengths(kv_lengths, shapes)
     _check_features(spec, shapes, bool(causal), kv_lengths)
+    mods = dict(mods or {})
+    _check_mods(spec, mods, shapes, options)
     opts = spec.resolve_options(options)
     _check_arrays(spec, opts, shapes)
     if scale is None:
         scale = spec.default_scale(shapes.head_dim)
-    return spec, shapes, kv_lengths, scale, opts
+    kwargs = {}
+    if "mask_mod" in spec.supports:
+        kwargs.update(mask_mod=mods.get("mask_mod"), block_mask=mods.get("block_mask"))
+    if "score_mod" in spec.supports:
+        kwargs["score_mod"] = mods.get("score_mod")
+    return spec, shapes, kv_lengths, scale, opts, kwargs
 
 
 def attention(
@@ -166,6 +208,9 @@ def attention(
     causal: bool = False,
     kv_lengths: jax.Array | None = None,
     scale: float | None = None,
+    mask_mod: Any = None,
+    score_mod: Any = None,
+    block_mask: BlockMask | None = None,
     **options: Any,
 ) -> jax.Array:
     """Attention of ``query`` over ``key``/``value`` with any registered method.
@@ -180,6 +225,13 @@ def attention(
       kv_lengths: int ``[B]``; keys at positions ``>= kv_lengths[b]`` are padding.
       scale: logit scale; default ``1/sqrt(H)`` (the method's own default
         where it defines one, e.g. 1.0 for ``additive``).
+      mask_mod: ``(b, h, q_idx, kv_idx) -> bool`` (FlexAttention; see
+        :mod:`efficient_attn.mods`), ANDed with ``causal`` and ``kv_lengths``.
+      score_mod: ``(score, b, h, q_idx, kv_idx) -> score`` on the scaled
+        logit ``scale * q.k``; gradients reach the arrays it closes over.
+      block_mask: a :func:`efficient_attn.block_mask` of ``mask_mod`` built
+        once and reused (else one is built for the call); its tiles are the
+        method's tiles.
       **options: method options (see ``efficient-attn methods``), including
         the arrays a method requires (:func:`efficient_attn.init_arrays`).
 
@@ -187,11 +239,12 @@ def attention(
       ``[B, Tq, N, Hv]`` in ``query.dtype``. Rows that see no key are zero.
     """
     query, key, value = jnp.asarray(query), jnp.asarray(key), jnp.asarray(value)
-    spec, shapes, kv_lengths, scale, opts = _prepare(
-        query, key, value, method, causal, kv_lengths, scale, options
+    mods = {"mask_mod": mask_mod, "score_mod": score_mod, "block_mask": block_mask}
+    spec, shapes, kv_lengths, scale, opts, kw = prepare(
+        query, key, value, method, causal, kv_lengths, scale, options, mods
     )
     out = spec.fn(
-        query, key, value, causal=bool(causal), kv_lengths=kv_lengths, scale=scale, **opts
+        query, key, value, causal=bool(causal), kv_lengths=kv_lengths, scale=scale, **kw, **opts
     )
     expected = (shapes.batch, shapes.q_len, shapes.heads, shapes.value_dim)
     if out.shape != expected:
@@ -207,6 +260,9 @@ def attention_weights(
     causal: bool = False,
     kv_lengths: jax.Array | None = None,
     scale: float | None = None,
+    mask_mod: Any = None,
+    score_mod: Any = None,
+    block_mask: BlockMask | None = None,
     **options: Any,
 ) -> jax.Array:
     """The explicit ``[B, N, Tq, Tk]`` float32 weights that ``method`` applies.
@@ -216,14 +272,21 @@ def attention_weights(
     (plots, approximation-error analysis).
     """
     query, key = jnp.asarray(query), jnp.asarray(key)
-    spec, _, kv_lengths, scale, opts = _prepare(
-        query, key, None, method, causal, kv_lengths, scale, options
+    mods = {"mask_mod": mask_mod, "score_mod": score_mod, "block_mask": block_mask}
+    spec, _, kv_lengths, scale, opts, kw = prepare(
+        query, key, None, method, causal, kv_lengths, scale, options, mods
     )
     weights_fn = spec.weights
     if weights_fn is None:  # exact methods apply dense softmax weights
         weights_fn = get_method("dense").weights
         opts = {}
-    w = weights_fn(query, key, causal=bool(causal), kv_lengths=kv_lengths, scale=scale, **opts)
+        kw = {"mask_mod": kw.get("mask_mod") or getattr(kw.get("block_mask"), "mask_mod", None),
+              "score_mod": kw.get("score_mod")}  # fmt: skip
+    else:
+        kw.pop("block_mask", None)
+    w = weights_fn(
+        query, key, causal=bool(causal), kv_lengths=kv_lengths, scale=scale, **kw, **opts
+    )
     return w.astype(jnp.float32)
 
 

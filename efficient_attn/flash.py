@@ -1,24 +1,25 @@
-"""The tiled online-softmax engine (FlashAttention-2 in pure JAX) with a pluggable score.
+"""The tile engine: FlashAttention-2 in pure JAX over a block mask, with mods and a pluggable score.
 
 Rabe & Staats 2021, "Self-attention Does Not Need O(n^2) Memory"; Dao 2023,
-"FlashAttention-2" (online softmax, backward that recomputes tiles from the
-saved log-sum-exp). Queries are processed one tile at a time; for each query
-tile a loop runs over exactly the key tiles it can see, so tiles above the
-causal diagonal and tiles past the longest ``kv_lengths`` are skipped, not
-computed and masked. The backward pass loops over key tiles and, inside, over
-the query tiles that see them, accumulating dK/dV per key tile and dQ in one
-O(N) buffer.
+"FlashAttention-2" (online softmax; a backward that recomputes tiles from the
+saved log-sum-exp); Dong et al. 2024, "FlexAttention" (``mask_mod``,
+``score_mod`` and block masks). Every exact tiled method runs here:
+``blockwise``, the sparse methods (their patterns are mask mods), ``additive``
+(its own :class:`Score`) and the ring kernels.
 
-The logits of a tile are ``scale * score(q_i, k_j)``. :data:`DOT` is the
-dot product (``blockwise``, ring attention); other scores (``additive``:
-``w . tanh(q_i + k_j)``) plug in through :class:`Score` and get the same
-O(N)-memory forward and backward, masks, GQA and kv_lengths handling.
+For each query tile the forward runs an online softmax over the key tiles
+its :class:`~efficient_attn.blockmask.BlockMask` lists: first the partial
+tiles, where the ``mask_mod`` is evaluated, then the full ones, which run
+without any in-tile mask; empty tiles are never touched. The backward loops
+over key tiles and, inside, over the query tiles that visit them (the
+transposed lists), accumulating dK/dV per key tile and dQ in one O(N) buffer.
 
-The kernel pair :func:`flash_forward` / :func:`flash_backward` works on
-explicit token positions, so callers that hold a shard of a longer sequence
-(ring attention) reuse it: causal means ``k_pos <= q_pos`` and a key is
-padding when ``k_pos >= kv_len[b]``. :func:`flash_attention` is the
-differentiable (custom_vjp) attention over one whole sequence.
+A tile's logits are ``score_mod(scale * score(q_i, k_j), b, h, q_idx,
+kv_idx)``; keys at positions ``>= kv_len[b]`` are invisible, and tiles whose
+keys all lie there are skipped. The arrays a mod closes over are hoisted into
+explicit arguments of the ``custom_vjp`` (:func:`efficient_attn.blockmask.hoist`),
+so gradients reach learned score tables and slopes. Rows that see no key give
+a zero output and a log-sum-exp of ``-inf`` (one convention for every caller).
 """
 
 from __future__ import annotations
@@ -30,9 +31,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from efficient_attn import blockmask as _bm
 from efficient_attn import masking
-
-_NEVER = jnp.iinfo(jnp.int32).max  # position of tile padding keys: never visible
+from efficient_attn import mods as _mods
 
 # Tiled layouts: queries [nq, B, K, G, bq, H]; keys/values [nk, B, K, bk, H];
 # per-row statistics [nq, B, K, G, bq].
@@ -67,52 +68,6 @@ def _kv_unblocks(x: jax.Array, length: int) -> jax.Array:
     """[nb, B, K, block, D] -> [B, length, K, D]."""
     nb, b, k, block, d = x.shape
     return x.transpose(1, 0, 3, 2, 4).reshape(b, nb * block, k, d)[:, :length]
-
-
-def _pad_positions(pos: jax.Array, block: int, fill) -> jax.Array:
-    pos = jnp.asarray(pos, jnp.int32)
-    return jnp.pad(
-        pos, (0, masking.cdiv(pos.shape[0], block) * block - pos.shape[0]), constant_values=fill
-    )
-
-
-@dataclasses.dataclass(frozen=True)
-class _Plan:
-    """Padded positions of one call and the tile ranges each tile visits."""
-
-    q_pos: jax.Array  # [nq * bq], padded with the last position
-    k_pos: jax.Array  # [nk * bk], padded with _NEVER
-    kv_end: jax.Array  # [nq]: query tile i visits key tiles [0, kv_end[i])
-    q_start: jax.Array  # [nk]: key tile j is visited by query tiles [q_start[j], nq)
-    bq: int
-    bk: int
-    causal: bool
-
-    @classmethod
-    def make(cls, q_pos, k_pos, kv_len, *, causal: bool, bq: int, bk: int) -> _Plan:
-        q_pos = _pad_positions(q_pos, bq, jnp.asarray(q_pos)[-1])
-        k_pos = _pad_positions(k_pos, bk, _NEVER)
-        nq, nk = q_pos.shape[0] // bq, k_pos.shape[0] // bk
-        max_len = jnp.max(kv_len)
-        n_valid = jnp.searchsorted(k_pos, max_len, side="left")  # keys below max kv_len
-        q_last = q_pos[bq - 1 :: bq]  # [nq] last position of each query tile
-        k_first = k_pos[::bk]  # [nk] first position of each key tile
-        if causal:
-            n_keys = jnp.minimum(jnp.searchsorted(k_pos, q_last, side="right"), n_valid)
-            q_start = jnp.searchsorted(q_pos, k_first, side="left") // bq
-        else:
-            n_keys = jnp.broadcast_to(n_valid, (nq,))
-            q_start = jnp.zeros((nk,), jnp.int32)
-        kv_end = (n_keys + bk - 1) // bk
-        q_start = jnp.where(k_first >= max_len, nq, q_start)
-        return cls(q_pos, k_pos, kv_end, q_start, bq, bk, causal)
-
-    def mask(self, i: jax.Array, j: jax.Array, kv_len: jax.Array) -> jax.Array:
-        """Boolean [B, 1, 1, bq, bk]: which pairs of query tile i and key tile j interact."""
-        qp = jax.lax.dynamic_slice_in_dim(self.q_pos, i * self.bq, self.bq)[:, None]
-        kp = jax.lax.dynamic_slice_in_dim(self.k_pos, j * self.bk, self.bk)[None, :]
-        mask = kp < kv_len[:, None, None, None, None]
-        return mask & (kp <= qp) if self.causal else mask
 
 
 class Score:
@@ -159,143 +114,344 @@ class DotScore(Score):
 DOT = DotScore()
 
 
-def flash_forward(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    q_pos: jax.Array,
-    k_pos: jax.Array,
-    kv_len: jax.Array,
-    scale: jax.Array,
-    *,
-    causal: bool,
-    block_q: int,
-    block_k: int,
-    score: Score = DOT,
-    params: Any = None,
-) -> tuple[jax.Array, jax.Array]:
-    """Online-softmax forward over tiles: ``(out [B,Tq,N,Hv], lse [B,Tq,N] float32)``.
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Static:
+    """Everything static about one engine call (a nondiff argument of the custom_vjp)."""
 
-    q: [B, Tq, N, H], k: [B, Tk, K, H], v: [B, Tk, K, Hv]; q_pos: int [Tq] and
-    k_pos: int [Tk] non-decreasing token positions; kv_len: int [B]. Query at
-    position p sees key at position r iff ``r < kv_len[b]`` and, when causal,
-    ``r <= p``. Logits are ``scale * score.logits(params, q_i, k_j)``.
-    ``lse`` is -inf for rows that see no key (their output is 0).
-    """
+    bq: int
+    bk: int
+    score: Score
+    mask_fn: Any  # hoisted mask_mod(b, h, q, kv, *consts) or None: partial tiles check bounds only
+    score_fn: Any  # hoisted score_mod(s, b, h, q, kv, *consts) or None
+    q_limit: int  # positions >= q_limit / k_limit are padding
+    k_limit: int
+
+
+def _head_index(b: int, kh: int, g: int):
+    """Index arrays of a tile ``[B, K, G, bq, bk]``: b ``[B,1,1,1,1]``, h ``[1,K,G,1,1]``."""
+    bi = jnp.arange(b, dtype=jnp.int32).reshape(b, 1, 1, 1, 1)
+    hi = jnp.arange(kh, dtype=jnp.int32)[:, None] * g + jnp.arange(g, dtype=jnp.int32)
+    return bi, hi.reshape(1, kh, g, 1, 1)
+
+
+class _Tile:
+    """Positions, masks and mods of one (query tile, key tile) pair."""
+
+    def __init__(self, st: _Static, idx, q_pos, k_pos, i, j, kv_len, mask_consts, score_consts):
+        self.st = st
+        qp = jax.lax.dynamic_slice_in_dim(q_pos, i * st.bq, st.bq)
+        kp = jax.lax.dynamic_slice_in_dim(k_pos, j * st.bk, st.bk)
+        self.b, self.h = idx
+        self.qi = jnp.minimum(qp, st.q_limit - 1).reshape(1, 1, 1, -1, 1)
+        self.ki = jnp.minimum(kp, st.k_limit - 1).reshape(1, 1, 1, 1, -1)
+        self.q_ok, self.k_ok = qp < st.q_limit, kp < st.k_limit
+        self.kv_ok = None if kv_len is None else kp[None, :] < kv_len[:, None]  # [B, bk]
+        self.mask_consts, self.score_consts = mask_consts, score_consts
+
+    def mask(self, partial: bool):
+        """Bool mask broadcastable to ``[B, K, G, bq, bk]``, or None when every pair is visible."""
+        mask = None
+        if partial:
+            mask = self.q_ok[:, None] & self.k_ok[None, :]
+            if self.st.mask_fn is not None:
+                mask = mask & self.st.mask_fn(self.b, self.h, self.qi, self.ki, *self.mask_consts)
+        if self.kv_ok is not None:
+            kv = self.kv_ok[:, None, None, None, :]
+            mask = kv if mask is None else mask & kv
+        return mask
+
+    def values(self, v_j):
+        """``v_j [B, K, bk, D]`` with invisible (padding) keys zeroed: NaN there never leaks."""
+        return v_j if self.kv_ok is None else jnp.where(self.kv_ok[:, None, :, None], v_j, 0)
+
+    def modded(self, s, consts):
+        return self.st.score_fn(s, self.b, self.h, self.qi, self.ki, *consts)
+
+
+def _live(lst, count, k_first, max_len):
+    """Entries of ``lst`` (ascending key tiles) before the first tile past ``max_len``."""
+    if max_len is None:
+        return count
+    return jnp.sum((jnp.arange(lst.shape[0]) < count) & (k_first[lst] < max_len))
+
+
+def _forward(st: _Static, q, k, v, scale, params, score_consts, kv_len, q_pos, k_pos, lists,
+             mask_consts):  # fmt: skip
+    """Online softmax over the listed tiles: ``(out [B, Tq, N, Hv], lse [B, Tq, N])``."""
     acc = masking.stat_dtype(q.dtype)
+    b, _, n, _ = q.shape
     kh = k.shape[2]
-    plan = _Plan.make(q_pos, k_pos, kv_len, causal=causal, bq=block_q, bk=block_k)
-    qb = _q_blocks(q, kh, block_q)
-    kb, vb = _kv_blocks(k, block_k), _kv_blocks(v, block_k)
-    scale = jnp.asarray(scale, acc)
+    idx = _head_index(b, kh, n // kh)
+    qb = _q_blocks(q, kh, st.bq)
+    kb, vb = _kv_blocks(k, st.bk), _kv_blocks(v, st.bk)
+    k_first = k_pos[:: st.bk]
+    max_len = None if kv_len is None else jnp.max(kv_len)
+    part_num, part_idx, full_num, full_idx = lists[:4]
 
     def q_tile(args):
-        i, q_i = args  # q_i: [B, K, G, bq, H]
+        i, q_i, p_num, p_idx, f_num, f_idx = args  # q_i: [B, K, G, bq, H]
         stats_shape = q_i.shape[:-1]
 
-        def kv_step(j, carry):
-            o, m, l = carry
-            s = score.logits(params, q_i, kb[j], acc)
-            s = jnp.where(plan.mask(i, j, kv_len), s * scale, -jnp.inf)
-            m_new = jnp.maximum(m, s.max(-1))
-            m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-            p = jnp.exp(s - m_safe[..., None])
-            alpha = jnp.exp(m - m_safe)
-            pv = jnp.einsum(
-                "bkgqs,bksd->bkgqd", p.astype(v.dtype), vb[j], preferred_element_type=acc
-            )
-            return o * alpha[..., None] + pv, m_new, l * alpha + p.sum(-1)
+        def run(partial, lst):
+            def body(t, carry):
+                o, m, l = carry
+                j = lst[t]
+                tile = _Tile(st, idx, q_pos, k_pos, i, j, kv_len, mask_consts, score_consts)
+                s = st.score.logits(params, q_i, kb[j], acc) * scale
+                if st.score_fn is not None:
+                    s = tile.modded(s, score_consts)
+                mask = tile.mask(partial)
+                if mask is not None:
+                    s = jnp.where(mask, s, -jnp.inf)
+                m_new = jnp.maximum(m, s.max(-1))
+                m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+                p = jnp.exp(s - m_safe[..., None])
+                alpha = jnp.exp(m - m_safe)
+                pv = jnp.einsum(
+                    "bkgqs,bksd->bkgqd", p.astype(v.dtype), tile.values(vb[j]),
+                    preferred_element_type=acc,
+                )  # fmt: skip
+                return o * alpha[..., None] + pv, m_new, l * alpha + p.sum(-1)
 
-        init = (
+            return body
+
+        carry = (
             jnp.zeros((*stats_shape, v.shape[-1]), acc),
             jnp.full(stats_shape, -jnp.inf, acc),
             jnp.zeros(stats_shape, acc),
         )
-        o, m, l = jax.lax.fori_loop(0, plan.kv_end[i], kv_step, init)
+        carry = jax.lax.fori_loop(0, _live(p_idx, p_num, k_first, max_len), run(True, p_idx), carry)
+        carry = jax.lax.fori_loop(
+            0, _live(f_idx, f_num, k_first, max_len), run(False, f_idx), carry
+        )
+        o, m, l = carry
         nonempty = l > 0
         out = o / jnp.where(nonempty, l, 1.0)[..., None]
         lse = jnp.where(nonempty, m + jnp.log(jnp.where(nonempty, l, 1.0)), -jnp.inf)
         return out.astype(q.dtype), lse
 
-    out, lse = jax.lax.map(q_tile, (jnp.arange(qb.shape[0]), qb))
+    nq = qb.shape[0]
+    xs = (jnp.arange(nq), qb, *(jnp.asarray(x) for x in (part_num, part_idx, full_num, full_idx)))
+    out, lse = jax.lax.map(q_tile, xs)
     tq = q.shape[1]
     return _q_unblocks(out, tq), _q_unblocks(lse, tq)
 
 
-def flash_backward(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    q_pos: jax.Array,
-    k_pos: jax.Array,
-    kv_len: jax.Array,
-    scale: jax.Array,
-    out: jax.Array,
-    lse: jax.Array,
-    dout: jax.Array,
-    *,
-    causal: bool,
-    block_q: int,
-    block_k: int,
-    score: Score = DOT,
-    params: Any = None,
-) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, Any]:
-    """FlashAttention-2 backward from the saved ``out`` and ``lse``: (dq, dk, dv, dscale, dparams).
+def _floating(x) -> bool:
+    return jnp.issubdtype(jnp.result_type(x), jnp.floating)
 
-    Arguments as in :func:`flash_forward`; ``out``/``lse`` may be those of a
-    longer attention (all key shards of a ring), in which case the gradients
-    are this key shard's contributions (dq summed over shards gives the total).
-    O(N) memory: only tiles are materialised; dq accumulates in float32.
-    """
+
+def _backward(st: _Static, res, cotangents):
+    """FlashAttention-2 backward from the saved ``out``/``lse``, with the cotangent of ``lse``."""
+    q, k, v, scale, params, score_consts, kv_len, q_pos, k_pos, lists, mask_consts, out, lse = res
+    dout, dlse = cotangents
     acc = masking.stat_dtype(q.dtype)
+    b, _, n, _ = q.shape
     kh = k.shape[2]
-    plan = _Plan.make(q_pos, k_pos, kv_len, causal=causal, bq=block_q, bk=block_k)
-    qb = _q_blocks(q, kh, block_q)
-    dob = _q_blocks(jnp.asarray(dout).astype(q.dtype), kh, block_q)
-    lseb = _q_blocks(lse, kh, block_q, fill=jnp.inf)  # [nq, B, K, G, bq]; pad rows: p = 0
-    delta = jnp.sum(_q_blocks(out, kh, block_q).astype(acc) * dob.astype(acc), axis=-1)
-    kb, vb = _kv_blocks(k, block_k), _kv_blocks(v, block_k)
-    scale = jnp.asarray(scale, acc)
-    nq = qb.shape[0]
+    idx = _head_index(b, kh, n // kh)
+    qb = _q_blocks(q, kh, st.bq)
+    dob = _q_blocks(jnp.asarray(dout).astype(q.dtype), kh, st.bq)
+    lse = jnp.where(lse == -jnp.inf, jnp.inf, lse)  # rows that see nothing: p = 0
+    lseb = _q_blocks(lse, kh, st.bq, fill=jnp.inf)  # [nq, B, K, G, bq]; pad rows: p = 0
+    # d lse / d s = p, so the lse cotangent enters as ds = p * (dp - (delta - dlse)).
+    delta = jnp.sum(_q_blocks(out, kh, st.bq).astype(acc) * dob.astype(acc), axis=-1)
+    delta = delta - _q_blocks(jnp.asarray(dlse, acc), kh, st.bq)
+    kb, vb = _kv_blocks(k, st.bk), _kv_blocks(v, st.bk)
+    k_first = k_pos[:: st.bk]
+    max_len = None if kv_len is None else jnp.max(kv_len)
+    diff = [i for i, c in enumerate(score_consts) if _floating(c)]
+    part_num, part_idx, full_num, full_idx = lists[4:]
 
-    # dS = dL/d(logits); the vjp is linear in it, so dq, dk and dparams are
-    # accumulated from dS and multiplied by ``scale`` once at the end.
     def kv_tile(carry, args):
-        dq, dparams, dscale = carry
-        j, k_j, v_j = args  # k_j: [B, K, bk, H]
+        j, k_j, v_j, p_num, p_idx, f_num, f_idx = args  # k_j: [B, K, bk, H]
 
-        def q_step(i, carry):
-            dk, dv, dq, dparams, dscale = carry
-            q_i, do_i = qb[i], dob[i]
-            s = score.logits(params, q_i, k_j, acc)
-            p = jnp.where(plan.mask(i, j, kv_len), jnp.exp(s * scale - lseb[i][..., None]), 0.0)
-            dv = dv + jnp.einsum(
-                "bkgqs,bkgqd->bksd", p.astype(v.dtype), do_i, preferred_element_type=acc
-            )
-            dp = jnp.einsum("bkgqd,bksd->bkgqs", do_i, v_j, preferred_element_type=acc)
-            ds = p * (dp - delta[i][..., None])
-            dq_i, dk_j, dparams_ij = score.vjp(params, q_i, k_j, ds, acc)
-            if not score.linear_in_q:
-                dscale = dscale + jnp.sum(ds * s)
-            dparams = jax.tree.map(jnp.add, dparams, dparams_ij)
-            return dk + dk_j, dv, dq.at[i].add(dq_i), dparams, dscale
+        def run(partial, lst):
+            def body(t, carry):
+                dk, dv, dq, dparams, dconsts, dscale = carry
+                i = lst[t]
+                q_i, do_i = qb[i], dob[i]
+                tile = _Tile(st, idx, q_pos, k_pos, i, j, kv_len, mask_consts, score_consts)
+                raw = st.score.logits(params, q_i, k_j, acc)
+                s = raw * scale
+                if st.score_fn is not None:
 
-        init = (jnp.zeros(k_j.shape, acc), jnp.zeros(v_j.shape, acc), dq, dparams, dscale)
-        dk, dv, dq, dparams, dscale = jax.lax.fori_loop(plan.q_start[j], nq, q_step, init)
-        return (dq, dparams, dscale), (dk, dv)
+                    def modded(s, *floats):
+                        consts = list(score_consts)
+                        for c, x in zip(diff, floats, strict=True):
+                            consts[c] = x
+                        return tile.modded(s, consts)
+
+                    s, mod_vjp = jax.vjp(modded, s, *(score_consts[c] for c in diff))
+                mask = tile.mask(partial)
+                p = jnp.exp(s - lseb[i][..., None])
+                vv = tile.values(v_j)
+                if mask is not None:
+                    p = jnp.where(mask, p, 0.0)
+                dv = dv + jnp.einsum(
+                    "bkgqs,bkgqd->bksd", p.astype(v.dtype), do_i, preferred_element_type=acc
+                )
+                dp = jnp.einsum("bkgqd,bksd->bkgqs", do_i, vv, preferred_element_type=acc)
+                ds = p * (dp - delta[i][..., None])
+                if mask is not None:
+                    ds = jnp.where(mask, ds, 0.0)
+                if st.score_fn is not None:
+                    ds, *dc = mod_vjp(ds)
+                    dconsts = tuple(a + g.astype(a.dtype) for a, g in zip(dconsts, dc, strict=True))
+                dq_i, dk_j, dparams_ij = st.score.vjp(params, q_i, k_j, ds, acc)
+                if not st.score.linear_in_q:
+                    dscale = dscale + jnp.sum(ds * raw)
+                dparams = jax.tree.map(jnp.add, dparams, dparams_ij)
+                return dk + dk_j, dv, dq.at[i].add(dq_i), dparams, dconsts, dscale
+
+            return body
+
+        dq, dparams, dconsts, dscale = carry
+        inner = (jnp.zeros(k_j.shape, acc), jnp.zeros(v_j.shape, acc), dq, dparams, dconsts, dscale)
+        skip = None if max_len is None else k_first[j] >= max_len
+        for partial, num, lst in ((True, p_num, p_idx), (False, f_num, f_idx)):
+            count = num if skip is None else jnp.where(skip, 0, num)
+            inner = jax.lax.fori_loop(0, count, run(partial, lst), inner)
+        dk, dv, dq, dparams, dconsts, dscale = inner
+        return (dq, dparams, dconsts, dscale), (dk, dv)
 
     dparams0 = jax.tree.map(lambda x: jnp.zeros(x.shape, acc), params)
-    init = (jnp.zeros(qb.shape, acc), dparams0, jnp.zeros((), acc))
-    (dq_raw, dparams, dscale), (dk_raw, dv) = jax.lax.scan(
-        kv_tile, init, (jnp.arange(kb.shape[0]), kb, vb)
+    dconsts0 = tuple(jnp.zeros(jnp.shape(score_consts[c]), acc) for c in diff)
+    init = (jnp.zeros(qb.shape, acc), dparams0, dconsts0, jnp.zeros((), acc))
+    xs = (
+        jnp.arange(kb.shape[0]),
+        kb,
+        vb,
+        *(jnp.asarray(x) for x in (part_num, part_idx, full_num, full_idx)),
     )
-    if score.linear_in_q:  # sum(dS * score) = sum(dQ_raw * Q) for a score linear in q
+    (dq_raw, dparams, dconsts, dscale), (dk_raw, dv) = jax.lax.scan(kv_tile, init, xs)
+    if st.score.linear_in_q:  # sum(dS * score) = sum(dQ_raw * Q) for a score linear in q
         dscale = jnp.sum(dq_raw * qb.astype(acc))
     dq = _q_unblocks(dq_raw * scale, q.shape[1]).astype(q.dtype)
     dk = _kv_unblocks(dk_raw * scale, k.shape[1]).astype(k.dtype)
     dv = _kv_unblocks(dv, k.shape[1]).astype(v.dtype)
     dparams = jax.tree.map(lambda g, x: (g * scale).astype(x.dtype), dparams, params)
-    return dq, dk, dv, dscale, dparams
+    d_score_consts = [None] * len(score_consts)
+    for c, g in zip(diff, dconsts, strict=True):
+        d_score_consts[c] = g.astype(jnp.result_type(score_consts[c]))
+    dscale = dscale.astype(scale.dtype).reshape(scale.shape)
+    nones = jax.tree.map(lambda _: None, (kv_len, q_pos, k_pos, lists, mask_consts))
+    return (dq, dk, dv, dscale, dparams, tuple(d_score_consts), *nones)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _tiled(st, q, k, v, scale, params, score_consts, kv_len, q_pos, k_pos, lists, mask_consts):
+    return _forward(st, q, k, v, scale, params, score_consts, kv_len, q_pos, k_pos, lists,
+                    mask_consts)  # fmt: skip
+
+
+def _tiled_fwd(st, q, k, v, scale, params, score_consts, kv_len, q_pos, k_pos, lists, mask_consts):
+    out, lse = _forward(st, q, k, v, scale, params, score_consts, kv_len, q_pos, k_pos, lists,
+                        mask_consts)  # fmt: skip
+    res = (q, k, v, scale, params, score_consts, kv_len, q_pos, k_pos, lists, mask_consts, out, lse)
+    return (out, lse), res
+
+
+_tiled.defvjp(_tiled_fwd, _backward)
+
+
+def _pad_pos(pos, block: int, fill: int):
+    pos = jnp.asarray(pos, jnp.int32)
+    return jnp.pad(pos, (0, masking.cdiv(pos.shape[0], block) * block - pos.shape[0]),
+                   constant_values=fill)  # fmt: skip
+
+
+def _prepare(q, k, scale, block_mask, score_mod, score, q_pos, k_pos, q_limit, k_limit):
+    """Static config, positions, hoisted mods and tile lists of one engine call."""
+    b, tq, n, _ = q.shape
+    tk, kh = k.shape[1], k.shape[2]
+    bq, bk = block_mask.block_q, block_mask.block_k
+    acc = masking.stat_dtype(q.dtype)
+    q_pos = _bm.positions(tq) if q_pos is None else q_pos
+    k_pos = _bm.positions(tk) if k_pos is None else k_pos
+    q_limit = tq if q_limit is None else q_limit
+    k_limit = tk if k_limit is None else k_limit
+    q_pos, k_pos = _pad_pos(q_pos, bq, q_limit), _pad_pos(k_pos, bk, k_limit)
+    g = n // kh
+    bi, hi = _head_index(b, kh, g)
+    qi = jnp.zeros((1, 1, 1, bq, 1), jnp.int32)
+    ki = jnp.zeros((1, 1, 1, 1, bk), jnp.int32)
+    tile_shape = (b, kh, g, bq, bk)
+    mask_fn, mask_consts = None, ()
+    if block_mask.mask_mod is not None and not isinstance(block_mask.mask_mod, _mods.Full):
+        hm = _bm.hoist("mask_mod", block_mask.mask_mod, bi, hi, qi, ki)
+        _bm.check_mask_output(hm.out, tile_shape)
+        mask_fn, mask_consts = hm.fn, hm.consts
+    score_fn, score_consts = None, ()
+    if score_mod is not None:
+        hs = _bm.hoist("score_mod", score_mod, jnp.zeros(tile_shape, acc), bi, hi, qi, ki)
+        if hs.out.shape != tile_shape or hs.out.dtype != acc:
+            raise ValueError(
+                f"score_mod must return an array of score's shape and dtype {tile_shape} {acc}; "
+                f"it returned {hs.out.shape} {hs.out.dtype}"
+            )
+        score_fn, score_consts = hs.fn, hs.consts
+    st = _Static(bq, bk, score, mask_fn, score_fn, int(q_limit), int(k_limit))
+    lists = tuple(jnp.asarray(x, jnp.int32) for x in _bm.union_lists(block_mask))
+    return st, jnp.asarray(scale, acc), tuple(score_consts), q_pos, k_pos, lists, tuple(mask_consts)
+
+
+def tiled_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    scale: Any,
+    block_mask: _bm.BlockMask,
+    kv_len: jax.Array | None = None,
+    score_mod: Any = None,
+    score: Score = DOT,
+    params: Any = None,
+    q_pos: Any = None,
+    k_pos: Any = None,
+    q_limit: int | None = None,
+    k_limit: int | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """Differentiable tiled attention over ``block_mask``: ``(out [B,Tq,N,Hv], lse [B,Tq,N])``.
+
+    q: [B, Tq, N, D], k: [B, Tk, K, D], v: [B, Tk, K, Hv] (D: the score's
+    input width, H for the dot product); ``block_mask``: tiles and the
+    ``mask_mod`` of the partial ones, built at the same positions; kv_len: int
+    ``[B]`` or None; ``score_mod(score, b, h, q_idx, kv_idx)``; ``score`` and
+    its ``params``. ``q_pos``/``k_pos``: int positions of the rows (default
+    ``arange``; ascending), the indices the mods see; positions at or past
+    ``q_limit``/``k_limit`` are padding. Differentiable in q, k, v, scale,
+    params, the arrays ``score_mod`` closes over, and through ``lse``.
+    """
+    st, scale, sc, q_pos, k_pos, lists, mc = _prepare(
+        q, k, scale, block_mask, score_mod, score, q_pos, k_pos, q_limit, k_limit
+    )
+    return _tiled(st, q, k, v, scale, params, sc, kv_len, q_pos, k_pos, lists, mc)
+
+
+def tiled_forward(q, k, v, *, scale, block_mask, kv_len=None, score_mod=None, q_pos=None,
+                  k_pos=None, q_limit=None, k_limit=None):  # fmt: skip
+    """The forward of :func:`tiled_attention` (dot score), not differentiable: (out, lse)."""
+    st, scale, sc, q_pos, k_pos, lists, mc = _prepare(
+        q, k, scale, block_mask, score_mod, DOT, q_pos, k_pos, q_limit, k_limit
+    )
+    return _forward(st, q, k, v, scale, None, sc, kv_len, q_pos, k_pos, lists, mc)
+
+
+def tiled_backward(q, k, v, out, lse, dout, *, scale, block_mask, kv_len=None, score_mod=None,
+                   q_pos=None, k_pos=None, q_limit=None, k_limit=None):  # fmt: skip
+    """Gradients of this key set given the *global* ``out``/``lse`` (ring attention).
+
+    Returns ``(dq, dk, dv, dscale, d_score_consts, score_consts)``: the
+    cotangents of the arrays ``score_mod`` closes over, beside those arrays
+    (the hoisted tracers, for the caller to match with its own inputs).
+    """
+    st, scale_a, sc, q_pos, k_pos, lists, mc = _prepare(
+        q, k, scale, block_mask, score_mod, DOT, q_pos, k_pos, q_limit, k_limit
+    )
+    res = (q, k, v, scale_a, None, sc, kv_len, q_pos, k_pos, lists, mc, out, lse)
+    grads = _backward(st, res, (dout, jnp.zeros(lse.shape, lse.dtype)))
+    dq, dk, dv, dscale, _, dsc = grads[:6]
+    return dq, dk, dv, dscale, dsc, sc
 
 
 def merge_partials(
@@ -314,39 +470,88 @@ def merge_partials(
     return w1 * out1.astype(acc) + w2 * out2.astype(acc), lse
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
-def flash_attention(q, k, v, kv_len, scale, params, causal, block_q, block_k, score):
-    """Differentiable tiled attention of a whole sequence (bottom-right causal).
+def _same(a: Any, b: Any) -> bool:
+    if a is b:
+        return True
+    try:
+        return bool(a == b)
+    except Exception:  # mods holding arrays compare elementwise: treat as different
+        return False
 
-    q: [B, Tq, N, D], k: [B, Tk, K, D], v: [B, Tk, K, Hv], kv_len: int [B],
-    scale: float array, params: the score's arrays -> [B, Tq, N, Hv]. Memory
-    O(N) forward and backward; gradients for q, k, v, scale and params.
+
+def plan_block_mask(
+    tq: int,
+    tk: int,
+    *,
+    batch: int,
+    heads: int,
+    causal: bool,
+    mask_mod: Any = None,
+    block_mask: _bm.BlockMask | None = None,
+    block_q: int,
+    block_k: int,
+    pattern: Any = None,
+) -> _bm.BlockMask:
+    """The block mask one call runs over: ``causal``, a method's ``pattern`` and the user's mask.
+
+    With ``block_mask`` (built by the user, reused across layers) the static
+    parts (causal, pattern) are ANDed into its classification; otherwise one
+    block mask of everything is built, depending on batch and heads only where
+    the mods read those indices.
     """
-    return _flash_fwd(q, k, v, kv_len, scale, params, causal, block_q, block_k, score)[0]
+    mods = _mods
+    required = [m for m in (mods.causal_bottom_right(tq, tk) if causal else None, pattern) if m]
+    if block_mask is not None:
+        bm = _bm.check_block_mask(block_mask, tq, tk, batch, heads)
+        if mask_mod is not None and not _same(mask_mod, bm.mask_mod):
+            raise ValueError(
+                "mask_mod differs from the mask_mod block_mask was built from; pass one of them "
+                "(or ea.block_mask(mask_mod, ...) of this mask_mod)"
+            )
+        if required:
+            extra = mods.and_masks(*required) if len(required) > 1 else required[0]
+            bm = _bm.and_block_masks(bm, _bm.block_mask(extra, tq, tk, block_q=bm.block_q,
+                                                        block_k=bm.block_k))  # fmt: skip
+        return bm
+    parts = [*required, *([mask_mod] if mask_mod is not None else [])]
+    mod = mods.full_mask() if not parts else parts[0] if len(parts) == 1 else mods.and_masks(*parts)
+    return _bm.build_inferred(mod, tq, tk, batch=batch, heads=heads, block_q=block_q,
+                              block_k=block_k)  # fmt: skip
 
 
-def _positions(q, k):
-    tq, tk = q.shape[1], k.shape[1]
-    return jnp.arange(tq, dtype=jnp.int32) + (tk - tq), jnp.arange(tk, dtype=jnp.int32)
+def attend(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    causal: bool,
+    kv_lengths: jax.Array | None,
+    scale: Any,
+    block_q: int,
+    block_k: int,
+    mask_mod: Any = None,
+    score_mod: Any = None,
+    block_mask: _bm.BlockMask | None = None,
+    pattern: Any = None,
+    score: Score = DOT,
+    params: Any = None,
+) -> tuple[jax.Array, jax.Array]:
+    """What every tiled method runs: its arguments to a block mask, then the engine.
 
-
-def _flash_fwd(q, k, v, kv_len, scale, params, causal, block_q, block_k, score):
-    q_pos, k_pos = _positions(q, k)
-    out, lse = flash_forward(
-        q, k, v, q_pos, k_pos, kv_len, scale,
-        causal=causal, block_q=block_q, block_k=block_k, score=score, params=params,
+    q: [B, Tq, N, D], k: [B, Tk, K, D], v: [B, Tk, K, Hv] -> ``(out [B, Tq,
+    N, Hv], lse [B, Tq, N])``. ``pattern``: the method's own ``mask_mod``
+    (sparse methods), ANDed with ``causal`` and the user's ``mask_mod``.
+    Tiles of ``block_q x block_k`` (clipped to the lengths) unless
+    ``block_mask`` fixes them.
+    """
+    b, tq, n = q.shape[:3]
+    tk = k.shape[1]
+    bm = plan_block_mask(
+        tq, tk, batch=b, heads=n, causal=causal, mask_mod=mask_mod, block_mask=block_mask,
+        block_q=min(block_q, tq), block_k=min(block_k, tk), pattern=pattern,
     )  # fmt: skip
-    return out, (q, k, v, kv_len, scale, params, out, lse)
-
-
-def _flash_bwd(causal, block_q, block_k, score, res, dout):
-    q, k, v, kv_len, scale, params, out, lse = res
-    q_pos, k_pos = _positions(q, k)
-    dq, dk, dv, dscale, dparams = flash_backward(
-        q, k, v, q_pos, k_pos, kv_len, scale, out, lse, dout,
-        causal=causal, block_q=block_q, block_k=block_k, score=score, params=params,
+    kv_len = None if kv_lengths is None else jnp.asarray(kv_lengths, jnp.int32)
+    return tiled_attention(
+        q, k, v, scale=scale, block_mask=bm, kv_len=kv_len, score_mod=score_mod, score=score,
+        params=params,
     )  # fmt: skip
-    return dq, dk, dv, None, dscale.astype(scale.dtype).reshape(scale.shape), dparams
-
-
-flash_attention.defvjp(_flash_fwd, _flash_bwd)

@@ -75,6 +75,48 @@ def nonempty_rows(
     return rows
 
 
+def mod_indices(batch: int, kv_heads: int, groups: int, tq: int, tk: int):
+    """Index arrays of grouped scores ``[B, K, G, Tq, Tk]`` for mods: (b, h, q_idx, kv_idx).
+
+    ``h`` is the query head ``k * G + g``; each array is int32 and broadcastable.
+    """
+    b = jnp.arange(batch, dtype=jnp.int32).reshape(batch, 1, 1, 1, 1)
+    h = jnp.arange(kv_heads, dtype=jnp.int32)[:, None] * groups + jnp.arange(
+        groups, dtype=jnp.int32
+    )
+    q = jnp.arange(tq, dtype=jnp.int32).reshape(1, 1, 1, tq, 1)
+    kv = jnp.arange(tk, dtype=jnp.int32).reshape(1, 1, 1, 1, tk)
+    return b, h.reshape(1, kv_heads, groups, 1, 1), q, kv
+
+
+def apply_mods(logits: jax.Array, mask: jax.Array, mask_mod=None, score_mod=None):
+    """Materialised mods on grouped scaled logits ``[B, K, G, Tq, Tk]`` and their ``mask``.
+
+    ``score_mod`` maps the logits, ``mask_mod`` is ANDed into the mask
+    (FlexAttention's semantics, evaluated on the whole matrix: the reference
+    the tile engine is checked against).
+    """
+    b, kh, g, tq, tk = logits.shape
+    idx = mod_indices(b, kh, g, tq, tk)
+    if score_mod is not None:
+        out = score_mod(logits, *idx)
+        if out.shape != logits.shape or out.dtype != logits.dtype:
+            raise ValueError(
+                f"score_mod must return an array of score's shape and dtype {logits.shape} "
+                f"{logits.dtype}; it returned {out.shape} {out.dtype}"
+            )
+        logits = out
+    if mask_mod is not None:
+        m = mask_mod(*idx)
+        if getattr(m, "dtype", None) != jnp.bool_:
+            raise ValueError(
+                f"mask_mod must return a boolean array (e.g. kv_idx <= q_idx); it returned "
+                f"{getattr(m, 'dtype', type(m))}"
+            )
+        mask = mask & m
+    return logits, mask
+
+
 def safe_softmax(logits: jax.Array, mask: jax.Array) -> jax.Array:
     """Softmax over the last axis restricted to ``mask``; all-masked rows give 0.
 

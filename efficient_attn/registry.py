@@ -28,9 +28,16 @@ FEATURES: tuple[str, ...] = (
     "cross",  # Tq != Tk
     "gqa",  # fewer key/value heads than query heads (K < N)
     "grad",  # differentiable with respect to q, k, v
+    "mask_mod",  # mask_mod= and block_mask= (FlexAttention's programming model)
+    "score_mod",  # score_mod=
 )
 
+#: What ``register_method`` assumes when ``supports=`` is not given: everything but the mods.
+BASIC_FEATURES: tuple[str, ...] = FEATURES[:5]
+
 _STANDARD_KWARGS = ("causal", "kv_lengths", "scale")
+#: Keyword arguments a method receives for each mod feature it supports.
+_MOD_KWARGS = {"mask_mod": ("mask_mod", "block_mask"), "score_mod": ("score_mod",)}
 
 #: Dimension name of :attr:`ArrayOption.shape` bound to the query/key head_dim.
 HEAD_DIM = "H"
@@ -88,6 +95,9 @@ class Method:
         ``reference(q, k, v, *, causal, kv_lengths, scale, **options) -> out``
         of a method that defines its own function (not softmax attention);
         the conformance suite and the sweep compare the method with it.
+      ring: ``ring(**options) -> (forward, backward)``, the method's exact
+        (out, lse) kernels on explicit positions for ``strategy="ring"``
+        (see :mod:`efficient_attn.parallel.kernels`), or None.
     """
 
     name: str
@@ -103,6 +113,7 @@ class Method:
     sizes: Mapping[str, int] = dataclasses.field(default_factory=dict)
     default_scale: Callable[[int], float] = _default_scale
     reference: Callable[..., Any] | None = None
+    ring: Callable[..., Any] | None = None
 
     def resolve_options(self, given: Mapping[str, Any]) -> dict[str, Any]:
         """Defaults overridden by ``given``; unknown names raise ``ValueError``.
@@ -133,15 +144,17 @@ _REGISTRY: dict[str, Method] = {}
 
 
 def _options_from_signature(
-    name: str, fn: Callable[..., Any], arrays: Mapping[str, ArrayOption]
+    name: str, fn: Callable[..., Any], arrays: Mapping[str, ArrayOption], supports: frozenset
 ) -> dict[str, Any]:
     params = inspect.signature(fn).parameters
-    missing = [p for p in (*_STANDARD_KWARGS, *arrays) if p not in params]
+    mods = [kw for f, kws in _MOD_KWARGS.items() if f in supports for kw in kws]
+    missing = [p for p in (*_STANDARD_KWARGS, *mods, *arrays) if p not in params]
     if missing:
         raise TypeError(f"method {name!r}: fn must accept keyword arguments {missing}")
+    reserved = (*_STANDARD_KWARGS, *(kw for kws in _MOD_KWARGS.values() for kw in kws), *arrays)
     options = {}
     for p in params.values():
-        if p.kind is not inspect.Parameter.KEYWORD_ONLY or p.name in (*_STANDARD_KWARGS, *arrays):
+        if p.kind is not inspect.Parameter.KEYWORD_ONLY or p.name in reserved:
             continue
         if p.default is inspect.Parameter.empty:
             raise TypeError(f"method {name!r}: option {p.name!r} needs a default value")
@@ -153,7 +166,7 @@ def register_method(
     name: str,
     *,
     exact: bool,
-    supports: tuple[str, ...] | frozenset[str] = FEATURES,
+    supports: tuple[str, ...] | frozenset[str] = BASIC_FEATURES,
     weights: Callable[..., Any] | None = None,
     pattern: Callable[..., Any] | None = None,
     available: Callable[[], str | None] | None = None,
@@ -161,6 +174,7 @@ def register_method(
     sizes: Mapping[str, int] | None = None,
     default_scale: Callable[[int], float] | None = None,
     reference: Callable[..., Any] | None = None,
+    ring: Callable[..., Any] | None = None,
     replace: bool = False,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorator registering ``fn(q, k, v, *, causal, kv_lengths, scale, **options)``.
@@ -174,7 +188,10 @@ def register_method(
     Args:
       name: the name users pass as ``method=``.
       exact: whether the method equals softmax attention.
-      supports: features from :data:`FEATURES` the method implements.
+      supports: features from :data:`FEATURES` the method implements (default
+        :data:`BASIC_FEATURES`; a method supporting ``"mask_mod"`` accepts
+        ``mask_mod=`` and ``block_mask=``, one supporting ``"score_mod"``
+        accepts ``score_mod=``; the API passes them only to such methods).
       weights: explicit-weights function; required for approximate methods.
       pattern: sparsity-pattern function for sparse methods.
       available: platform check returning None or the reason it cannot run.
@@ -182,6 +199,7 @@ def register_method(
       sizes: default sizes of the dimension names used in ``arrays``.
       default_scale: ``head_dim -> scale`` when the caller passes no scale.
       reference: float64 NumPy formula of a method that is not softmax attention.
+      ring: factory of the method's ring-attention kernels (exact methods).
       replace: allow re-registering an existing name.
     """
     unknown = sorted(set(supports) - set(FEATURES))
@@ -205,7 +223,7 @@ def register_method(
             name=name,
             fn=fn,
             exact=exact,
-            options=_options_from_signature(name, fn, arrays),
+            options=_options_from_signature(name, fn, arrays, frozenset(supports)),
             supports=frozenset(supports),
             weights=weights,
             pattern=pattern,
@@ -215,6 +233,7 @@ def register_method(
             sizes=sizes,
             default_scale=default_scale or _default_scale,
             reference=reference,
+            ring=ring,
         )
         return fn
 
@@ -257,6 +276,11 @@ def init_arrays(
         name: spec.arrays[name].init(k, shape, dtype)
         for k, (name, shape) in zip(keys, shapes.items(), strict=False)
     }
+
+
+def methods_supporting(feature: str) -> tuple[str, ...]:
+    """Registered methods that declare ``feature`` (for error messages and docs)."""
+    return tuple(n for n, m in _REGISTRY.items() if feature in m.supports)
 
 
 def methods() -> tuple[str, ...]:

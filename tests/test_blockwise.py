@@ -73,30 +73,34 @@ def test_tiles_past_the_longest_kv_length_are_not_visited():
     np.testing.assert_allclose(np.asarray(out), ref, rtol=2e-5, atol=2e-6)
 
 
-def test_plan_visits_the_lower_triangle_when_causal():
-    from efficient_attn.flash import _Plan
+def test_causal_block_mask_visits_the_lower_triangle():
+    bm = ea.block_mask(ea.mods.causal_mask(), 1024, 1024, block_q=128, block_k=128)
+    tiles = bm.tiles[0, 0]
+    assert (tiles != 0).sum() == 8 * 9 // 2  # empty tiles above the diagonal
+    assert (tiles == 1).sum() == 8 and (np.diag(tiles) == 1).all()  # only the diagonal is masked
+    assert bm.kv_num[0, 0].tolist() == [1] * 8 and bm.full_kv_num[0, 0].tolist() == list(range(8))
+    assert bm.q_num[0, 0].tolist() == [1] * 8 and bm.full_q_num[0, 0].tolist() == list(
+        range(7, -1, -1)
+    )
 
-    pos = jnp.arange(1024)
-    plan = _Plan.make(pos, pos, jnp.array([1024]), causal=True, bq=128, bk=128)
-    assert int(plan.kv_end.sum()) == int((8 - plan.q_start).sum()) == 8 * 9 // 2
-    full = _Plan.make(pos, pos, jnp.array([1024]), causal=False, bq=128, bk=128)
-    assert int(full.kv_end.sum()) == 64
-    short = _Plan.make(pos, pos, jnp.array([300, 100]), causal=False, bq=128, bk=128)
-    assert int(short.kv_end.sum()) == 8 * 3  # tiles past max(kv_len)=300 are skipped
 
-
-def test_flash_kernel_with_positions_composes_over_key_shards():
+def test_tiled_forward_with_positions_composes_over_key_shards():
     """Two key shards merged by their log-sum-exp equal the full attention (ring building block)."""
-    from efficient_attn.flash import flash_forward, merge_partials
+    from efficient_attn import blockmask
+    from efficient_attn.flash import merge_partials, tiled_forward
 
     q, k, v = make_qkv(1, 24, 24, 2, 2, 8)
-    pos = jnp.arange(24)
-    kw = {"causal": True, "block_q": 8, "block_k": 8}
+    pos = np.arange(24, dtype=np.int32)
+    causal = ea.mods.causal_mask()
     kv_len = jnp.array([24])
-    o1, l1 = flash_forward(q, k[:, :10], v[:, :10], pos, pos[:10], kv_len, 0.3, **kw)
-    o2, l2 = flash_forward(q, k[:, 10:], v[:, 10:], pos, pos[10:], kv_len, 0.3, **kw)
-    assert np.isneginf(np.asarray(l2)[:, :10]).all()  # rows 0..9 see no key of shard 2
-    out, _ = merge_partials(o1, l1, o2, l2)
+    parts = []
+    for keys in (slice(0, 10), slice(10, 24)):
+        bm = blockmask.build(causal, pos, pos[keys], q_limit=24, k_limit=24, batch=None,
+                             heads=None, block_q=8, block_k=8)  # fmt: skip
+        parts.append(tiled_forward(q, k[:, keys], v[:, keys], scale=0.3, block_mask=bm,
+                                   kv_len=kv_len, k_pos=pos[keys], k_limit=24))  # fmt: skip
+    assert np.isneginf(np.asarray(parts[1][1])[:, :10]).all()  # rows 0..9 see no key of shard 2
+    out, _ = merge_partials(*parts[0], *parts[1])
     ref, _ = ea.numpy_reference(q, k, v, causal=True, scale=0.3)
     np.testing.assert_allclose(np.asarray(out), ref, rtol=2e-5, atol=2e-6)
 

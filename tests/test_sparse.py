@@ -1,9 +1,9 @@
-"""Sparse family (local, strided, bigbird) and the block-sparse engine.
+"""Sparse family (local, strided, bigbird): patterns defined by mask mods, on the tile engine.
 
 The conformance suite checks every method against dense softmax restricted to
-its pattern at default options; here: the patterns themselves, the engine's
-plans with small tiles (many tiles, lengths that are not tile multiples),
-gradients, bf16, option errors and the amount of skipped work.
+its pattern at default options; here: the patterns themselves, their block
+masks, many small tiles (lengths that are not tile multiples), gradients,
+bf16, option errors and the amount of skipped work.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import efficient_attn as ea
-from efficient_attn import blocksparse, masking
+from efficient_attn import masking
 from efficient_attn.methods import sparse
 from tests.conftest import make_qkv, rel_err
 
@@ -73,25 +73,26 @@ def test_bigbird_random_blocks_depend_on_seed_only():
     assert p[0].sum() == p[2].sum()
 
 
-# ---- the engine: plans against patterns, outputs and gradients against float64 -----------
+# ---- execution: block masks of the patterns, outputs and gradients against float64 -----
 
 
-def _plans(tq, tk, causal):
-    yield "local", sparse.local_plan(tq, tk, causal=causal, window=20, tile=16), {"window": 20}
-    opts = {"window": 9, "stride": 7}
-    yield "strided", sparse.strided_plan(tq, tk, causal=causal, tile=16, **opts), opts
-    yield "bigbird", sparse.bigbird_plan(tq, tk, causal=causal, **BIGBIRD), BIGBIRD
+def _masks(tq, tk, causal):
+    yield "local", {"window": 20}
+    yield "strided", {"window": 9, "stride": 7}
+    yield "bigbird", BIGBIRD
 
 
-@pytest.mark.parametrize("tq,tk", [(77, 77), (45, 130), (130, 45), (200, 333)])
+@pytest.mark.parametrize("tq,tk", [(77, 77), (45, 130), (200, 333)])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-def test_plan_computes_every_pattern_pair_exactly_once(tq, tk, causal):
-    for name, plan, opts in _plans(tq, tk, causal):
-        counts = blocksparse.plan_mask(plan, tq, tk, counts=True)
-        assert counts.max() <= 1, name
-        np.testing.assert_array_equal(
-            counts == 1, ea.sparsity_pattern(name, tq, tk, causal=causal, **opts), err_msg=name
-        )
+def test_pattern_is_the_mask_mod_and_its_block_mask_covers_it(tq, tk, causal):
+    for name, opts in _masks(tq, tk, causal):
+        mod = sparse.method_mask(name, tq, tk, causal=causal, **opts)
+        pattern = ea.sparsity_pattern(name, tq, tk, causal=causal, **opts)
+        bm = ea.block_mask(mod, tq, tk, block_q=16, block_k=16)
+        np.testing.assert_array_equal(bm.dense()[0, 0], pattern, err_msg=name)
+        tiles = np.repeat(np.repeat(bm.tiles[0, 0], 16, 0), 16, 1)[:tq, :tk]
+        assert not (pattern & (tiles == 0)).any(), name  # no visible pair in an empty tile
+        assert pattern[tiles == 2].all(), name  # full tiles are full
 
 
 CASES = [  # (method, Tq, Tk, N, K, causal, kv_lengths)
@@ -104,29 +105,25 @@ CASES = [  # (method, Tq, Tk, N, K, causal, kv_lengths)
 ]
 
 
-def _plan_for(method, tq, tk, causal):
-    return next(plan for name, plan, _ in _plans(tq, tk, causal) if name == method)
-
-
 @pytest.mark.parametrize("method,tq,tk,n,kh,causal,kv_lengths", CASES)
 def test_many_tiles_match_float64_reference_with_gradients(
-    method, tq, tk, n, kh, causal, kv_lengths
+    method, tq, tk, n, kh, causal, kv_lengths, monkeypatch
 ):
-    plan = _plan_for(method, tq, tk, causal)
-    assert plan.nq > 3 and plan.nk > 3
-    mask = blocksparse.plan_mask(plan, tq, tk)
+    monkeypatch.setattr(sparse, "TILE", 16)  # many tiles, lengths that are not tile multiples
+    opts = dict(dict(_masks(tq, tk, causal))[method])
+    pattern = ea.sparsity_pattern(method, tq, tk, causal=causal, **opts)
     q, k, v = make_qkv(2, tq, tk, n, kh, 16, seed=1)
     dout = np.random.default_rng(2).standard_normal((2, tq, n, 16)).astype(np.float32)
     lengths = None if kv_lengths is None else np.array(kv_lengths)
-    kv_len = masking.full_kv_lengths(lengths, 2, tk)
+    kw = {"causal": causal, "kv_lengths": lengths, "scale": 0.25}
 
     @jax.jit
     def f(q, k, v, dout):
-        out, vjp = jax.vjp(lambda *x: blocksparse.attend(*x, kv_len, 0.25, plan), q, k, v)
+        out, vjp = jax.vjp(lambda *x: ea.attention(*x, method=method, **kw, **opts), q, k, v)
         return (out, *vjp(dout))
 
     got = f(q, k, v, dout)
-    kw = {"causal": causal, "kv_lengths": lengths, "scale": 0.25, "mask": mask}
+    kw["mask"] = pattern
     refs = (ea.numpy_reference(q, k, v, **kw)[0], *ea.numpy_reference_grads(q, k, v, dout, **kw))
     for name, x, ref in zip(("out", "dq", "dk", "dv"), got, refs, strict=True):
         assert rel_err(x, ref) < 2e-5, (name, rel_err(x, ref))
@@ -134,17 +131,17 @@ def test_many_tiles_match_float64_reference_with_gradients(
 
 def test_scale_gradient_matches_dense_restricted_to_pattern():
     tq = tk = 70
-    plan = sparse.strided_plan(tq, tk, causal=True, window=9, stride=7, tile=16)
-    mask = jnp.asarray(blocksparse.plan_mask(plan, tq, tk))
+    opts = {"window": 9, "stride": 7}
+    mask = jnp.asarray(ea.sparsity_pattern("strided", tq, tk, causal=True, **opts))
     q, k, v = (jnp.asarray(x) for x in make_qkv(1, tq, tk, 2, 2, 8))
-    kv_len = jnp.array([tk], jnp.int32)
 
     def fast(scale):
-        return jnp.sum(jnp.sin(blocksparse.attend(q, k, v, kv_len, scale, plan)))
+        out = ea.attention(q, k, v, method="strided", causal=True, scale=scale, **opts)
+        return jnp.sum(jnp.sin(out))
 
     def dense(scale):
         s = jnp.einsum("bqnh,bknh->bnqk", q, k) * scale
-        w = masking.safe_softmax(s, mask & jnp.tri(tq, dtype=bool))
+        w = masking.safe_softmax(s, mask)
         return jnp.sum(jnp.sin(jnp.einsum("bnqk,bknd->bqnd", w, v)))
 
     grads = jax.jit(lambda s: (jax.grad(fast)(s), jax.grad(dense)(s)))(0.3)
@@ -173,14 +170,15 @@ def test_bf16_is_finite_and_close_to_float64_reference(method):
 
 def test_engine_visits_far_fewer_tiles_than_dense():
     t = 8192  # defaults, causal; dense attention computes all nq * nk tiles
-    local = sparse.local_plan(t, t, causal=True, window=256)  # 3 tiles from the third on
-    assert local.table.visited == 1 + 2 + 3 * (local.nq - 2) < local.nq * local.nk / 20
-    strided = sparse.strided_plan(t, t, causal=True, window=256, stride=256)
-    assert strided.table.visited <= local.table.visited + strided.nq  # + 1 summary tile
-    bigbird = sparse.bigbird_plan(
-        t, t, causal=True, block=64, num_global_blocks=2, num_random_blocks=3, seed=0
-    )
-    assert bigbird.table.visited <= (2 + 2 + 3) * bigbird.nq < bigbird.nq * bigbird.nk / 15
+    local = ea.block_mask(sparse.local_mask(t, t, causal=True, window=256), t, t)
+    nq = t // 128
+    assert (local.tiles != 0).sum() == 1 + 2 + 3 * (nq - 2) < nq * nq / 20
+    bigbird = ea.block_mask(
+        sparse.bigbird_mask(t, t, causal=True, block=64, num_global_blocks=2,
+                            num_random_blocks=3, seed=0), t, t, block_q=64, block_k=64,
+    )  # fmt: skip
+    nb = t // 64
+    assert (bigbird.tiles != 0).sum() <= (2 + 2 + 3) * nb < nb * nb / 15
 
 
 # ---- options ------------------------------------------------------------------

@@ -21,6 +21,7 @@ recomputes it from the saved log-sum-exp), so memory is O(N) like
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -28,7 +29,7 @@ import numpy as np
 
 from efficient_attn import flash, masking
 from efficient_attn.reference import softmax_attention_from_logits
-from efficient_attn.registry import ArrayOption, positive_int, register_method
+from efficient_attn.registry import FEATURES, ArrayOption, positive_int, register_method
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +81,8 @@ def additive_weights(
     query_proj: jax.Array,
     key_proj: jax.Array,
     score_vector: jax.Array,
+    mask_mod: Any = None,
+    score_mod: Any = None,
     block_q: int = 64,
     block_k: int = 64,
 ) -> jax.Array:
@@ -94,7 +97,8 @@ def additive_weights(
     s = jax.lax.map(lambda k_j: ADDITIVE.logits(score_vector, qg, k_j, acc), kb)
     s = jnp.moveaxis(s, 0, 4).reshape(*qg.shape[:4], -1)[..., :tk]  # [B, K, G, Tq, Tk]
     mask = masking.dense_mask(kv_lengths, b, tq, tk, causal=causal)[:, None, None]
-    return masking.safe_softmax(s * scale, mask).reshape(b, n, tq, tk)
+    logits, mask = masking.apply_mods(s * scale, mask, mask_mod, score_mod)
+    return masking.safe_softmax(logits, mask).reshape(b, n, tq, tk)
 
 
 def additive_reference(
@@ -125,6 +129,7 @@ def additive_reference(
     sizes={"A": 64},
     default_scale=lambda head_dim: 1.0,
     reference=additive_reference,
+    supports=FEATURES,
 )
 def additive(
     q: jax.Array,
@@ -137,6 +142,9 @@ def additive(
     query_proj: jax.Array | None = None,
     key_proj: jax.Array | None = None,
     score_vector: jax.Array | None = None,
+    mask_mod: Any = None,
+    score_mod: Any = None,
+    block_mask: Any = None,
     block_q: int = 64,
     block_k: int = 64,
 ) -> jax.Array:
@@ -148,11 +156,9 @@ def additive(
     ``B * N * block_q * block_k * A`` elements.
     """
     block_q, block_k = positive_int("block_q", block_q), positive_int("block_k", block_k)
-    b, tq = q.shape[:2]
-    tk = k.shape[1]
     qp, kp = _project(q, k, query_proj, key_proj)
-    kv_len = masking.full_kv_lengths(kv_lengths, b, tk)
-    scale = jnp.asarray(scale, qp.dtype)
-    w = score_vector.astype(qp.dtype)
-    bq, bk = min(block_q, tq), min(block_k, tk)
-    return flash.flash_attention(qp, kp, v, kv_len, scale, w, causal, bq, bk, ADDITIVE)
+    return flash.attend(
+        qp, kp, v, causal=causal, kv_lengths=kv_lengths, scale=jnp.asarray(scale, qp.dtype),
+        block_q=block_q, block_k=block_k, mask_mod=mask_mod, score_mod=score_mod,
+        block_mask=block_mask, score=ADDITIVE, params=score_vector.astype(qp.dtype),
+    )[0]  # fmt: skip

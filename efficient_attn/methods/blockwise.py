@@ -1,22 +1,23 @@
 """Blockwise (flash-style) exact attention in pure JAX, O(N) memory forward and backward.
 
 Rabe & Staats 2021, "Self-attention Does Not Need O(n^2) Memory"; Dao 2023,
-"FlashAttention-2". The tiled engine (online softmax, tile skipping, custom
+"FlashAttention-2". The tile engine (online softmax over a block mask, custom
 backward) lives in :mod:`efficient_attn.flash`; this method runs it with the
-dot-product score.
+dot-product score, any ``mask_mod``/``score_mod`` and a reusable ``block_mask``.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
-import jax.numpy as jnp
 
-from efficient_attn import masking
-from efficient_attn.flash import DOT, flash_attention
-from efficient_attn.registry import positive_int, register_method
+from efficient_attn import flash
+from efficient_attn.parallel.kernels import flash_ring_kernels
+from efficient_attn.registry import FEATURES, positive_int, register_method
 
 
-@register_method("blockwise", exact=True)
+@register_method("blockwise", exact=True, supports=FEATURES, ring=flash_ring_kernels)
 def blockwise(
     q: jax.Array,
     k: jax.Array,
@@ -25,6 +26,9 @@ def blockwise(
     causal: bool,
     kv_lengths: jax.Array | None,
     scale: float,
+    mask_mod: Any = None,
+    score_mod: Any = None,
+    block_mask: Any = None,
     block_q: int = 512,
     block_k: int = 256,
 ) -> jax.Array:
@@ -32,13 +36,12 @@ def blockwise(
 
     q: [B, Tq, N, H], k: [B, Tk, K, H], v: [B, Tk, K, Hv] -> [B, Tq, N, Hv].
     Any lengths (tiles are padded and masked internally); tiles of
-    ``block_q`` queries and ``block_k`` keys (clipped to the sequence length).
+    ``block_q`` queries and ``block_k`` keys (clipped to the sequence length),
+    or those of ``block_mask``. Empty tiles (above the causal diagonal, outside
+    a ``mask_mod``, past every ``kv_lengths``) are skipped.
     """
     block_q, block_k = positive_int("block_q", block_q), positive_int("block_k", block_k)
-    b, tq = q.shape[:2]
-    tk = k.shape[1]
-    kv_len = masking.full_kv_lengths(kv_lengths, b, tk)
-    scale = jnp.asarray(scale, masking.stat_dtype(q.dtype))
-    return flash_attention(
-        q, k, v, kv_len, scale, None, causal, min(block_q, tq), min(block_k, tk), DOT
-    )
+    return flash.attend(
+        q, k, v, causal=causal, kv_lengths=kv_lengths, scale=scale, block_q=block_q,
+        block_k=block_k, mask_mod=mask_mod, score_mod=score_mod, block_mask=block_mask,
+    )[0]  # fmt: skip

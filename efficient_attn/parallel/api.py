@@ -8,35 +8,44 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import Mesh
 
 from efficient_attn import masking
-from efficient_attn.api import check_inputs, check_kv_lengths
+from efficient_attn.api import prepare
 from efficient_attn.parallel.all_to_all import all_to_all_attention
 from efficient_attn.parallel.kernels import RingKernel
 from efficient_attn.parallel.ring import ring_attention
-from efficient_attn.registry import get_method
 
 
-def _ring(q, k, v, kv_lengths, scale, *, mesh, axis, causal, method, options):
+def _ring(q, k, v, kv_lengths, scale, *, mesh, axis, causal, method, options, mods):
+    if mods.get("block_mask") is not None:
+        raise ValueError(
+            "strategy='ring' builds a block mask per pair of shards; pass mask_mod= instead of "
+            "block_mask="
+        )
     kernel = RingKernel.resolve(method, options)
     kv_len = masking.full_kv_lengths(kv_lengths, q.shape[0], k.shape[1])
     return ring_attention(
-        q, k, v, kv_len, scale, mesh=mesh, axis=axis, causal=causal, kernel=kernel
-    )
+        q, k, v, kv_len, scale, mesh=mesh, axis=axis, causal=causal, kernel=kernel,
+        mask_mod=mods.get("mask_mod"), score_mod=mods.get("score_mod"),
+    )  # fmt: skip
 
 
-def _all_to_all(q, k, v, kv_lengths, scale, *, mesh, axis, causal, method, options):
-    opts = get_method(method).resolve_options(options)
+def _all_to_all(q, k, v, kv_lengths, scale, *, mesh, axis, causal, method, options, mods):
+    given = [name for name, value in mods.items() if value is not None]
+    if given:
+        raise ValueError(
+            f"strategy='all_to_all' splits the heads, so mods would see local head indices; "
+            f"{given} are not supported with it yet (strategy='ring' accepts them)"
+        )
     return all_to_all_attention(
         q, k, v, kv_lengths, scale, mesh=mesh, axis=axis, causal=causal, method=method,
-        options=opts,
+        options=options,
     )  # fmt: skip
 
 
 #: strategy name -> implementation(q, k, v, kv_lengths, scale, *, mesh, axis, causal, method,
-#: options); the table ``sequence_parallel_attention`` dispatches through.
+#: options, mods); the table ``sequence_parallel_attention`` dispatches through.
 STRATEGIES: Mapping[str, Callable[..., jax.Array]] = {"ring": _ring, "all_to_all": _all_to_all}
 
 
@@ -61,6 +70,9 @@ def sequence_parallel_attention(
     causal: bool = False,
     kv_lengths: jax.Array | None = None,
     scale: float | None = None,
+    mask_mod: Any = None,
+    score_mod: Any = None,
+    block_mask: Any = None,
     **options: Any,
 ) -> jax.Array:
     """Attention with the sequence dimension split over the mesh axis ``axis``.
@@ -85,7 +97,9 @@ def sequence_parallel_attention(
         method; needs K divisible by the axis size).
       method: registered method computing each block (ring) or each head
         group over the full sequence (all_to_all).
-      causal, kv_lengths, scale, **options: as in :func:`efficient_attn.attention`.
+      causal, kv_lengths, scale, mask_mod, score_mod, **options: as in
+        :func:`efficient_attn.attention` (validated by the same code); mods
+        see global positions (``strategy="ring"``).
 
     Returns:
       ``[B, Tq, N, Hv]`` in ``query.dtype``.
@@ -94,30 +108,32 @@ def sequence_parallel_attention(
     _check_mesh(mesh, axis)
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; strategies: {', '.join(STRATEGIES)}")
-    if not isinstance(causal, (bool, np.bool_)):
-        raise ValueError(f"causal must be a bool; got {causal!r}")
+    mods = {"mask_mod": mask_mod, "score_mod": score_mod, "block_mask": block_mask}
+    _, _, kv_lengths, scale, opts, _ = prepare(
+        query, key, value, method, causal, kv_lengths, scale, options, mods
+    )
     causal = bool(causal)
-    shapes = check_inputs(query, key, value)
-    kv_lengths = check_kv_lengths(kv_lengths, shapes)
-    if scale is None:
-        scale = 1.0 / float(np.sqrt(shapes.head_dim))
     scale = jnp.asarray(scale, masking.stat_dtype(query.dtype))
     static = {"mesh": mesh, "axis": axis, "strategy": strategy, "method": method, "causal": causal}
-    items = tuple(sorted(options.items()))
+    items = tuple(sorted(opts.items()))
+    mods = tuple(sorted(mods.items()))
     try:
-        hash(items)
-    except TypeError:  # unhashable option values: run op by op
-        return _run.__wrapped__(query, key, value, kv_lengths, scale, options=items, **static)
-    return _run(query, key, value, kv_lengths, scale, options=items, **static)
+        hash((items, mods))
+    except TypeError:  # unhashable option values or mods holding arrays: run op by op
+        return _run.__wrapped__(
+            query, key, value, kv_lengths, scale, options=items, mods=mods, **static
+        )
+    return _run(query, key, value, kv_lengths, scale, options=items, mods=mods, **static)
 
 
 @functools.partial(
-    jax.jit, static_argnames=("mesh", "axis", "strategy", "method", "causal", "options")
+    jax.jit, static_argnames=("mesh", "axis", "strategy", "method", "causal", "options", "mods")
 )
-def _run(q, k, v, kv_lengths, scale, *, mesh, axis, strategy, method, causal, options):
+def _run(q, k, v, kv_lengths, scale, *, mesh, axis, strategy, method, causal, options, mods):
     """One compiled program per configuration, also for calls outside ``jax.jit``."""
     out = STRATEGIES[strategy](
         q, k, v, kv_lengths, scale,
         mesh=mesh, axis=axis, causal=causal, method=method, options=dict(options),
+        mods=dict(mods),
     )  # fmt: skip
     return out.astype(q.dtype)

@@ -6,8 +6,15 @@ shards merge exactly (Milakov & Gimelshein 2018, online softmax). Its
 backward takes the *global* output and log-sum-exp and returns this key
 shard's contribution to the gradients (FlashAttention-2 backward, Dao 2023).
 
-Positions: query at position ``p`` sees key at position ``r`` iff
-``r < kv_len[b]`` and, when causal, ``r <= p``.
+Positions are global 0-based indices, the ones the mods see: query ``p``
+sees key ``r`` iff ``r < kv_len[b]`` and ``mask_mod(b, h, p, r)``; causal
+attention is the mask ``efficient_attn.mods.causal_bottom_right``. A method
+registers its kernel factory as ``ring=`` (``ring(**options) -> (forward,
+backward)``); :class:`RingKernel` resolves it.
+
+    forward(q, k, v, q_pos, k_pos, kv_len, scale, *, mods, zigzag) -> (out, lse)
+    backward(q, k, v, q_pos, k_pos, kv_len, scale, out, lse, dout, *, mods, zigzag)
+        -> (dq, dk, dv, dscale, d_score_consts, score_consts)
 """
 
 from __future__ import annotations
@@ -16,101 +23,50 @@ import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import jax.numpy as jnp
-
+from efficient_attn import blockmask as _bm
 from efficient_attn import flash as _flash
-from efficient_attn import masking
-from efficient_attn.registry import get_method, positive_int
+from efficient_attn.registry import get_method, methods, positive_int
 
 
-def _mask(q_pos, k_pos, kv_len, causal):
-    """Boolean ``[B, 1, 1, Tq, Tk]`` of visible pairs."""
-    mask = masking.visible(
-        q_pos[None, :, None], k_pos[None, None, :], kv_len[:, None, None], causal=causal, offset=0
-    )
-    return mask[:, None, None]
+@dataclasses.dataclass(frozen=True, eq=False)
+class RingMods:
+    """The mods of one ring call: the mask (causal and the user's) and the score mod.
 
-
-def dense_forward(q, k, v, q_pos, k_pos, kv_len, scale, *, causal: bool):
-    """Materialised ``(out [B,Tq,N,Hv], lse [B,Tq,N])``; lse is -inf for rows that see no key.
-
-    q: [B, Tq, N, H], k: [B, Tk, K, H], v: [B, Tk, K, Hv]; q_pos: int [Tq],
-    k_pos: int [Tk], kv_len: int [B].
+    ``q_limit``/``k_limit``: the global lengths; positions at or past them are padding.
     """
-    acc = masking.stat_dtype(q.dtype)
-    b, tq, n, _ = q.shape
-    qg = masking.group_queries(q, k.shape[2])  # [B, Tq, K, G, H]
-    s = jnp.einsum("bqkgh,bskh->bkgqs", qg, k, preferred_element_type=acc) * scale
-    s = jnp.where(_mask(q_pos, k_pos, kv_len, causal), s, -jnp.inf)
-    m = s.max(-1)
-    m = jnp.where(jnp.isfinite(m), m, 0.0)
-    p = jnp.exp(s - m[..., None])
-    l = p.sum(-1)  # [B, K, G, Tq]
-    nonempty = l > 0
-    p = p / jnp.where(nonempty, l, 1.0)[..., None]
-    out = jnp.einsum("bkgqs,bskd->bqkgd", p.astype(v.dtype), v, preferred_element_type=acc)
-    lse = jnp.where(nonempty, m + jnp.log(jnp.where(nonempty, l, 1.0)), -jnp.inf)
-    lse = jnp.moveaxis(lse, 3, 1).reshape(b, tq, n)
-    return masking.ungroup_heads(out).astype(q.dtype), lse
+
+    mask_mod: Any
+    score_mod: Any
+    q_limit: int
+    k_limit: int
 
 
-def dense_backward(q, k, v, q_pos, k_pos, kv_len, scale, out, lse, dout, *, causal: bool):
-    """``(dq, dk, dv, dscale)`` of this key shard given the global ``out`` and ``lse``."""
-    acc = masking.stat_dtype(q.dtype)
-    kh = k.shape[2]
-    qg = masking.group_queries(q, kh)  # [B, Tq, K, G, H]
-    dog = masking.group_queries(dout.astype(acc), kh)  # [B, Tq, K, G, Hv]
-    s_raw = jnp.einsum("bqkgh,bskh->bkgqs", qg, k, preferred_element_type=acc)
-    lse_g = jnp.moveaxis(masking.group_queries(lse[..., None], kh)[..., 0], 1, 3)  # [B,K,G,Tq]
-    mask = _mask(q_pos, k_pos, kv_len, causal)
-    p = jnp.where(mask, jnp.exp(jnp.where(mask, s_raw * scale - lse_g[..., None], 0.0)), 0.0)
-    delta = jnp.sum(masking.group_queries(out.astype(acc), kh) * dog, axis=-1)  # [B,Tq,K,G]
-    dv = jnp.einsum("bkgqs,bqkgd->bskd", p, dog)
-    dp = jnp.einsum("bqkgd,bskd->bkgqs", dog, v.astype(acc))
-    ds = p * (dp - jnp.moveaxis(delta, 1, 3)[..., None])  # d loss / d (scale * s_raw)
-    dq = masking.ungroup_heads(jnp.einsum("bkgqs,bskh->bqkgh", ds, k.astype(acc)) * scale)
-    dk = jnp.einsum("bkgqs,bqkgh->bskh", ds, qg.astype(acc)) * scale
-    dscale = jnp.sum(ds * s_raw)
-    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dscale
-
-
-def _blockwise_kernels(block_q: int = 512, block_k: int = 256):
+def flash_ring_kernels(block_q: int = 512, block_k: int = 256):
+    """Ring kernels on the tile engine: a block mask per (query shard, key shard) pair."""
     positive_int("block_q", block_q)
     positive_int("block_k", block_k)
 
-    def blocks(tq, tk, zigzag):
+    def setup(q, k, q_pos, k_pos, mods: RingMods, zigzag):
         # Tiles no longer than a zigzag chunk, so causal tile skipping stays effective.
+        tq, tk = q.shape[1], k.shape[1]
         lq, lk = (tq // 2, tk // 2) if zigzag else (tq, tk)
-        return {"block_q": min(block_q, max(lq, 1)), "block_k": min(block_k, max(lk, 1))}
+        bq, bk = min(block_q, max(lq, 1)), min(block_k, max(lk, 1))
+        bm = _bm.build(
+            mods.mask_mod, q_pos, k_pos, q_limit=mods.q_limit, k_limit=mods.k_limit,
+            batch=q.shape[0], heads=q.shape[2], block_q=bq, block_k=bk, infer=True,
+        )  # fmt: skip
+        return {"block_mask": bm, "score_mod": mods.score_mod, "q_pos": q_pos, "k_pos": k_pos,
+                "q_limit": mods.q_limit, "k_limit": mods.k_limit}  # fmt: skip
 
-    def forward(q, k, v, q_pos, k_pos, kv_len, scale, *, causal, zigzag=False):
-        kw = blocks(q.shape[1], k.shape[1], zigzag)
-        return _flash.flash_forward(q, k, v, q_pos, k_pos, kv_len, scale, causal=causal, **kw)
+    def forward(q, k, v, q_pos, k_pos, kv_len, scale, *, mods, zigzag=False):
+        kw = setup(q, k, q_pos, k_pos, mods, zigzag)
+        return _flash.tiled_forward(q, k, v, scale=scale, kv_len=kv_len, **kw)
 
-    def backward(q, k, v, q_pos, k_pos, kv_len, scale, out, lse, dout, *, causal, zigzag=False):
-        kw = blocks(q.shape[1], k.shape[1], zigzag)
-        return _flash.flash_backward(
-            q, k, v, q_pos, k_pos, kv_len, scale, out, lse, dout, causal=causal, **kw
-        )[:4]  # (dq, dk, dv, dscale): the dot score has no params
-
-    return forward, backward
-
-
-def _dense_kernels():
-    def forward(q, k, v, q_pos, k_pos, kv_len, scale, *, causal, zigzag=False):
-        return dense_forward(q, k, v, q_pos, k_pos, kv_len, scale, causal=causal)
-
-    def backward(q, k, v, q_pos, k_pos, kv_len, scale, out, lse, dout, *, causal, zigzag=False):
-        return dense_backward(q, k, v, q_pos, k_pos, kv_len, scale, out, lse, dout, causal=causal)
+    def backward(q, k, v, q_pos, k_pos, kv_len, scale, out, lse, dout, *, mods, zigzag=False):
+        kw = setup(q, k, q_pos, k_pos, mods, zigzag)
+        return _flash.tiled_backward(q, k, v, out, lse, dout, scale=scale, kv_len=kv_len, **kw)
 
     return forward, backward
-
-
-#: Registered exact method -> factory(**options) returning (forward, backward) ring kernels.
-RING_KERNELS: Mapping[str, Callable[..., tuple[Callable, Callable]]] = {
-    "blockwise": _blockwise_kernels,
-    "dense": _dense_kernels,
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,13 +80,13 @@ class RingKernel:
     def resolve(cls, method: str, options: Mapping[str, Any]) -> RingKernel:
         """Look ``method`` up; approximate methods and exact ones without a kernel raise."""
         spec = get_method(method)
-        valid = ", ".join(sorted(RING_KERNELS))
+        valid = ", ".join(ring_methods())
         if not spec.exact:
             raise ValueError(
                 f"strategy='ring' needs an exact method; {method!r} is approximate "
                 f"(use strategy='all_to_all' for it). Ring methods: {valid}"
             )
-        if method not in RING_KERNELS:
+        if spec.ring is None:
             raise ValueError(
                 f"method {method!r} has no (out, lse) kernel for strategy='ring'; "
                 f"ring methods: {valid} (strategy='all_to_all' runs any method)"
@@ -141,9 +97,9 @@ class RingKernel:
         return kernel
 
     def kernels(self) -> tuple[Callable, Callable]:
-        return RING_KERNELS[self.method](**dict(self.options))
+        return get_method(self.method).ring(**dict(self.options))
 
 
 def ring_methods() -> tuple[str, ...]:
-    """Methods usable as the inner computation of ``strategy='ring'``."""
-    return tuple(RING_KERNELS)
+    """Methods usable as the inner computation of ``strategy='ring'`` (registered ``ring=``)."""
+    return tuple(m for m in methods() if get_method(m).ring is not None)

@@ -20,15 +20,31 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec
 
 from efficient_attn import masking
+from efficient_attn import mods as _mods
 from efficient_attn.flash import merge_partials
 from efficient_attn.parallel import layout
-from efficient_attn.parallel.kernels import RingKernel
+from efficient_attn.parallel.kernels import RingKernel, RingMods
+
+
+def _split_mod(mod: Any):
+    """(array leaves, static rest) of a mod: library mods are pytrees, other callables static."""
+    if mod is None or not isinstance(mod, _mods.Mask | _mods.Score):
+        return (), mod
+    leaves, treedef = jax.tree.flatten(mod)
+    return tuple(leaves), treedef
+
+
+def _join_mod(static: Any, leaves: tuple):
+    if isinstance(static, jax.tree_util.PyTreeDef):
+        return jax.tree.unflatten(static, leaves)
+    return static
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,7 +55,15 @@ class _Ring:
     axis: str
     causal: bool
     kernel: RingKernel
-    offset: int  # Tk - Tq of the unpadded problem: query i sits at position i + offset
+    offset: int  # Tk - Tq of the unpadded problem (bottom-right causal)
+    q_len: int  # unpadded lengths: positions at or past them are padding
+    kv_len: int
+    mask_static: Any  # the mask mod's treedef (or the callable itself)
+    score_static: Any
+
+    def mods(self, mask_leaves, score_leaves) -> RingMods:
+        mask = _join_mod(self.mask_static, mask_leaves)
+        return RingMods(mask, _join_mod(self.score_static, score_leaves), self.q_len, self.kv_len)
 
     @property
     def size(self) -> int:
@@ -50,21 +74,22 @@ class _Ring:
         perm = [(i, (i + 1) % self.size) for i in range(self.size)]
         return tuple(jax.lax.ppermute(x, self.axis, perm) for x in xs)
 
-    def positions(self, src, length: int, offset: int = 0):
-        return layout.positions(src, length, self.size, zigzag=self.causal, offset=offset)
+    def positions(self, src, length: int):
+        return layout.positions(src, length, self.size, zigzag=self.causal, offset=0)
 
     def sees_any(self, q_pos, k_pos, kv_len):
-        """Whether any query of this shard sees any key of the held shard."""
+        """Whether any query of this shard may see any key of the held shard."""
         visible = k_pos[0] < jnp.max(kv_len)
-        return visible & (k_pos[0] <= q_pos[-1]) if self.causal else visible
+        return visible & (k_pos[0] <= q_pos[-1] + self.offset) if self.causal else visible
 
 
-def _forward_shard(cfg: _Ring, q, k, v, kv_len, scale):
+def _forward_shard(cfg: _Ring, q, k, v, kv_len, scale, mask_leaves, score_leaves):
     """Per device: q [B, Cq, N, H], k [B, Ck, K, H] -> (out [B, Cq, N, Hv], lse [B, Cq, N])."""
     fwd, _ = cfg.kernel.kernels()
+    mods = cfg.mods(mask_leaves, score_leaves)
     acc = masking.stat_dtype(q.dtype)
     me = jax.lax.axis_index(cfg.axis)
-    q_pos = cfg.positions(me, q.shape[1], cfg.offset)
+    q_pos = cfg.positions(me, q.shape[1])
     o0 = jnp.zeros((*q.shape[:3], v.shape[-1]), acc)  # [B, Cq, N, Hv]
     lse0 = jnp.full(q.shape[:3], -jnp.inf, acc)  # [B, Cq, N]
 
@@ -74,7 +99,7 @@ def _forward_shard(cfg: _Ring, q, k, v, kv_len, scale):
         k_pos = cfg.positions((me - i) % cfg.size, k.shape[1])
         o_i, lse_i = jax.lax.cond(
             cfg.sees_any(q_pos, k_pos, kv_len),
-            lambda: fwd(q, k, v, q_pos, k_pos, kv_len, scale, causal=cfg.causal, zigzag=cfg.causal),
+            lambda: fwd(q, k, v, q_pos, k_pos, kv_len, scale, mods=mods, zigzag=cfg.causal),
             lambda: (o0.astype(q.dtype), lse0),
         )
         o, lse = merge_partials(o, lse, o_i, lse_i.astype(acc))
@@ -84,60 +109,103 @@ def _forward_shard(cfg: _Ring, q, k, v, kv_len, scale):
     return o.astype(q.dtype), lse
 
 
-def _backward_shard(cfg: _Ring, q, k, v, out, lse, dout, kv_len, scale):
-    """Per device: (dq, dk, dv, dscale) with dK/dV accumulated along a second ring."""
+def _leaf_grads(d_consts, consts, leaves, acc):
+    """Cotangents of the score mod's pytree leaves from those of the arrays it closed over."""
+    grads = [jnp.zeros(jnp.shape(x), acc) for x in leaves]
+    for d, c in zip(d_consts, consts, strict=True):
+        hits = [i for i, x in enumerate(leaves) if x is c]
+        if not hits:
+            raise ValueError(
+                "under strategy='ring' a score_mod may close over traced arrays only as the "
+                "leaves of an efficient_attn.mods.Score pytree (e.g. mods.alibi(slopes))"
+            )
+        if d is not None:
+            grads[hits[0]] = grads[hits[0]] + d.astype(acc)
+    return tuple(grads)
+
+
+def _backward_shard(cfg: _Ring, q, k, v, out, lse, dout, kv_len, scale, mask_leaves, score_leaves):
+    """Per device: (dq, dk, dv, dscale, d score leaves); dK/dV accumulate along a second ring."""
     _, bwd = cfg.kernel.kernels()
+    mods = cfg.mods(mask_leaves, score_leaves)
     acc = masking.stat_dtype(q.dtype)
     me = jax.lax.axis_index(cfg.axis)
-    q_pos = cfg.positions(me, q.shape[1], cfg.offset)
-    zeros = (*(jnp.zeros(x.shape, x.dtype) for x in (q, k, v)), jnp.zeros((), acc))
+    q_pos = cfg.positions(me, q.shape[1])
+    floats = [i for i, x in enumerate(score_leaves) if jnp.issubdtype(x.dtype, jnp.floating)]
+
+    def grads(k, v, k_pos):
+        dq, dk, dv, dscale, d_consts, consts = bwd(
+            q, k, v, q_pos, k_pos, kv_len, scale, out, lse, dout, mods=mods, zigzag=cfg.causal
+        )
+        dl = _leaf_grads(d_consts, consts, score_leaves, acc)
+        return dq, dk, dv, dscale.astype(acc), tuple(dl[i] for i in floats)
 
     def step(carry, i):
-        k, v, dk, dv, dq, dscale = carry
+        k, v, dk, dv, dq, dscale, dleaves = carry
         k_next, v_next = cfg.shift(k, v)
         k_pos = cfg.positions((me - i) % cfg.size, k.shape[1])
-
-        def grads():
-            kw = {"causal": cfg.causal, "zigzag": cfg.causal}
-            return bwd(q, k, v, q_pos, k_pos, kv_len, scale, out, lse, dout, **kw)
-
-        g = jax.lax.cond(cfg.sees_any(q_pos, k_pos, kv_len), grads, lambda: zeros)
+        zeros = jax.tree.map(jnp.zeros_like, (dq, dk, dv, dscale, dleaves))
+        g = jax.lax.cond(
+            cfg.sees_any(q_pos, k_pos, kv_len), lambda: grads(k, v, k_pos), lambda: zeros
+        )
         dk, dv = cfg.shift(dk + g[1], dv + g[2])  # travel with their shard; P hops: home
-        return (k_next, v_next, dk, dv, dq + g[0], dscale + g[3].astype(acc)), None
+        dleaves = tuple(a + b for a, b in zip(dleaves, g[4], strict=True))
+        return (k_next, v_next, dk, dv, dq + g[0], dscale + g[3], dleaves), None
 
-    init = (k, v, *(jnp.zeros(x.shape, acc) for x in (k, v, q)), jnp.zeros((), acc))
-    (_, _, dk, dv, dq, dscale), _ = jax.lax.scan(step, init, jnp.arange(cfg.size))
+    dleaves0 = tuple(jnp.zeros(score_leaves[i].shape, acc) for i in floats)
+    init = (k, v, *(jnp.zeros(x.shape, acc) for x in (k, v, q)), jnp.zeros((), acc), dleaves0)
+    (_, _, dk, dv, dq, dscale, dleaves), _ = jax.lax.scan(step, init, jnp.arange(cfg.size))
     dscale = jax.lax.psum(dscale, cfg.axis)
-    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dscale
+    dleaves = tuple(jax.lax.psum(x, cfg.axis) for x in dleaves)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dscale, dleaves
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _ring(cfg: _Ring, q, k, v, kv_len, scale):
-    return _ring_fwd(cfg, q, k, v, kv_len, scale)[0]
+def _ring(cfg: _Ring, q, k, v, kv_len, scale, mask_leaves, score_leaves):
+    return _ring_fwd(cfg, q, k, v, kv_len, scale, mask_leaves, score_leaves)[0]
 
 
 def _specs(cfg: _Ring):
     return layout.seq_spec(cfg.axis), PartitionSpec()
 
 
-def _ring_fwd(cfg: _Ring, q, k, v, kv_len, scale):
+def _ring_fwd(cfg: _Ring, q, k, v, kv_len, scale, mask_leaves, score_leaves):
     seq, rep = _specs(cfg)
-    out, lse = layout.shard_map(
-        functools.partial(_forward_shard, cfg), cfg.mesh, (seq, seq, seq, rep, rep), (seq, seq)
-    )(q, k, v, kv_len, scale)
-    return out, (q, k, v, kv_len, scale, out, lse)
+    reps = (rep,) * (len(mask_leaves) + len(score_leaves))
+    nm = len(mask_leaves)
+
+    def body(q, k, v, kv_len, scale, *leaves):
+        return _forward_shard(cfg, q, k, v, kv_len, scale, leaves[:nm], leaves[nm:])
+
+    out, lse = layout.shard_map(body, cfg.mesh, (seq, seq, seq, rep, rep, *reps), (seq, seq))(
+        q, k, v, kv_len, scale, *mask_leaves, *score_leaves
+    )
+    return out, (q, k, v, kv_len, scale, mask_leaves, score_leaves, out, lse)
 
 
 def _ring_bwd(cfg: _Ring, res, dout):
-    q, k, v, kv_len, scale, out, lse = res
+    q, k, v, kv_len, scale, mask_leaves, score_leaves, out, lse = res
     seq, rep = _specs(cfg)
-    dq, dk, dv, dscale = layout.shard_map(
-        functools.partial(_backward_shard, cfg),
+    nm = len(mask_leaves)
+    floats = [i for i, x in enumerate(score_leaves) if jnp.issubdtype(x.dtype, jnp.floating)]
+    reps = (rep,) * (len(mask_leaves) + len(score_leaves))
+
+    def body(q, k, v, out, lse, dout, kv_len, scale, *leaves):
+        return _backward_shard(
+            cfg, q, k, v, out, lse, dout, kv_len, scale, leaves[:nm], leaves[nm:]
+        )
+
+    dq, dk, dv, dscale, dleaves = layout.shard_map(
+        body,
         cfg.mesh,
-        (seq, seq, seq, seq, seq, seq, rep, rep),
-        (seq, seq, seq, rep),
-    )(q, k, v, out, lse, dout, kv_len, scale)
-    return dq, dk, dv, None, dscale.astype(scale.dtype).reshape(scale.shape)
+        (seq, seq, seq, seq, seq, seq, rep, rep, *reps),
+        (seq, seq, seq, rep, tuple(rep for _ in floats)),
+    )(q, k, v, out, lse, dout, kv_len, scale, *mask_leaves, *score_leaves)
+    d_score = [None] * len(score_leaves)
+    for i, g in zip(floats, dleaves, strict=True):
+        d_score[i] = g.astype(score_leaves[i].dtype)
+    dscale = dscale.astype(scale.dtype).reshape(scale.shape)
+    return dq, dk, dv, None, dscale, tuple(None for _ in mask_leaves), tuple(d_score)
 
 
 _ring.defvjp(_ring_fwd, _ring_bwd)
@@ -154,12 +222,16 @@ def ring_attention(
     axis: str,
     causal: bool,
     kernel: RingKernel,
+    mask_mod: Any = None,
+    score_mod: Any = None,
 ) -> jax.Array:
     """Ring attention of global ``q [B,Tq,N,H]`` over ``k [B,Tk,K,H]``, ``v [B,Tk,K,Hv]``.
 
-    ``kv_len``: int [B] valid keys; ``scale``: scalar array. Lengths are padded
-    to a multiple of ``P`` (``2P`` when causal, for the zigzag layout); padded
-    keys sit at positions ``>= Tk`` and are never visible. Returns
+    ``kv_len``: int [B] valid keys; ``scale``: scalar array; ``mask_mod`` and
+    ``score_mod`` see global positions (document masks and windows work
+    across shards; their arrays are replicated). Lengths are padded to a
+    multiple of ``P`` (``2P`` when causal, for the zigzag layout); padded keys
+    sit at positions ``>= Tk`` and are never visible. Returns
     ``[B, Tq, N, Hv]`` split along the sequence over ``axis``.
     """
     size = mesh.shape[axis]
@@ -167,10 +239,16 @@ def ring_attention(
     multiple = 2 * size if causal else size
     lq, lk = layout.padded_length(tq, multiple), layout.padded_length(tk, multiple)
     q, k, v = (layout.pad_seq(x, n, mesh, axis) for x, n in ((q, lq), (k, lk), (v, lk)))
-    cfg = _Ring(mesh, axis, causal, kernel, tk - tq)
+    parts = [m for m in (_mods.causal_bottom_right(tq, tk) if causal else None, mask_mod) if m]
+    mask = (
+        _mods.full_mask() if not parts else parts[0] if len(parts) == 1 else _mods.and_masks(*parts)
+    )
+    mask_leaves, mask_static = _split_mod(mask)
+    score_leaves, score_static = _split_mod(score_mod)
+    cfg = _Ring(mesh, axis, causal, kernel, tk - tq, tq, tk, mask_static, score_static)
     if causal:
         q, k, v = _relayout(layout.to_zigzag, mesh, axis, q, k, v)
-    out = _ring(cfg, q, k, v, kv_len, scale)
+    out = _ring(cfg, q, k, v, kv_len, scale, mask_leaves, score_leaves)
     if causal:
         (out,) = _relayout(layout.from_zigzag, mesh, axis, out)
     return layout.unpad_seq(out, tq, mesh, axis)
