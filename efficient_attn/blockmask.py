@@ -12,6 +12,7 @@ built on device inside ``jit``, so new values never retrace or recompile.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -251,11 +252,11 @@ _CACHE_SIZE = 128
 
 def _index_args(bm: int, hm: int, bq: int, tk: int):
     """Builder index arrays: b [Bm,1,1,1], h [1,Hm,1,1], q [1,1,bq,1], kv [1,1,1,Tk]."""
-    return (
-        jnp.arange(bm, dtype=jnp.int32).reshape(bm, 1, 1, 1),
-        jnp.arange(hm, dtype=jnp.int32).reshape(1, hm, 1, 1),
-        jnp.zeros((1, 1, bq, 1), jnp.int32),
-        jnp.zeros((1, 1, 1, tk), jnp.int32),
+    return (  # NumPy: constants, also inside shard_map over Explicit mesh axes
+        np.arange(bm, dtype=np.int32).reshape(bm, 1, 1, 1),
+        np.arange(hm, dtype=np.int32).reshape(1, hm, 1, 1),
+        np.zeros((1, 1, bq, 1), np.int32),
+        np.zeros((1, 1, 1, tk), np.int32),
     )
 
 
@@ -280,6 +281,25 @@ def _classify(fn, consts, q_pos, k_pos, q_limit, k_limit, bm, hm, bq, bk):
 
 
 _classify_jit = jax.jit(_classify, static_argnums=(0, 4, 5, 6, 7, 8, 9))
+
+
+def _evaluate_static(fn, q_pos, k_pos, q_limit, k_limit, bm, hm, bq, bk):
+    """Classify a static mask on the CPU, in a thread of its own.
+
+    JAX's trace and mesh contexts are thread-local: a fresh thread evaluates
+    the mask as a plain computation even when the caller is tracing under
+    ``jit`` or inside ``shard_map`` over Explicit mesh axes.
+    """
+
+    def run():
+        with jax.default_device(jax.devices("cpu")[0]):
+            tiles, visible = _classify_jit(
+                fn, (), jnp.asarray(q_pos), jnp.asarray(k_pos), q_limit, k_limit, bm, hm, bq, bk
+            )
+            return np.asarray(tiles), np.asarray(visible)
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(run).result()
 
 
 def _check_int(name: str, value: Any) -> int:
@@ -347,11 +367,7 @@ def build(
     if hit is not None:
         _CACHE.move_to_end(key)
         return hit
-    with jax.ensure_compile_time_eval(), jax.default_device(jax.devices("cpu")[0]):
-        tiles, visible = _classify_jit(
-            h.fn, (), jnp.asarray(q_pos), jnp.asarray(k_pos), q_limit, k_limit, bm, hm, bq, bk
-        )
-        tiles, visible = np.asarray(tiles), np.asarray(visible)
+    tiles, visible = _evaluate_static(h.fn, q_pos, k_pos, q_limit, k_limit, bm, hm, bq, bk)
     made = BlockMask.from_tiles(tiles, visible, mask_mod, tq, tk, bq, bk)
     if key is not None:
         _CACHE[key] = made

@@ -30,6 +30,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from efficient_attn import blockmask as _bm
 from efficient_attn import masking
@@ -129,8 +130,8 @@ class _Static:
 
 def _head_index(b: int, kh: int, g: int):
     """Index arrays of a tile ``[B, K, G, bq, bk]``: b ``[B,1,1,1,1]``, h ``[1,K,G,1,1]``."""
-    bi = jnp.arange(b, dtype=jnp.int32).reshape(b, 1, 1, 1, 1)
-    hi = jnp.arange(kh, dtype=jnp.int32)[:, None] * g + jnp.arange(g, dtype=jnp.int32)
+    bi = np.arange(b, dtype=np.int32).reshape(b, 1, 1, 1, 1)  # NumPy: constants
+    hi = np.arange(kh, dtype=np.int32)[:, None] * g + np.arange(g, dtype=np.int32)
     return bi, hi.reshape(1, kh, g, 1, 1)
 
 
@@ -373,8 +374,8 @@ def _prepare(q, k, scale, block_mask, score_mod, score, q_pos, k_pos, q_limit, k
     q_pos, k_pos = _pad_pos(q_pos, bq, q_limit), _pad_pos(k_pos, bk, k_limit)
     g = n // kh
     bi, hi = _head_index(b, kh, g)
-    qi = jnp.zeros((1, 1, 1, bq, 1), jnp.int32)
-    ki = jnp.zeros((1, 1, 1, 1, bk), jnp.int32)
+    qi = np.zeros((1, 1, 1, bq, 1), np.int32)
+    ki = np.zeros((1, 1, 1, 1, bk), np.int32)
     tile_shape = (b, kh, g, bq, bk)
     mask_fn, mask_consts = None, ()
     if block_mask.mask_mod is not None and not isinstance(block_mask.mask_mod, _mods.Full):

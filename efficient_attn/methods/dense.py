@@ -14,7 +14,13 @@ import jax
 import jax.numpy as jnp
 
 from efficient_attn import masking
+from efficient_attn.parallel.kernels import flash_ring_kernels
 from efficient_attn.registry import FEATURES, register_method
+
+
+def _ring_kernels():
+    """Ring kernels of ``dense``: the tile engine with one tile per pair of shards."""
+    return flash_ring_kernels(block_q=2**30, block_k=2**30)
 
 
 def dense_weights(
@@ -44,7 +50,7 @@ def dense_weights(
     return w.reshape(b, n, tq, tk)
 
 
-@register_method("dense", exact=True, weights=dense_weights, supports=FEATURES)
+@register_method("dense", exact=True, weights=dense_weights, supports=FEATURES, ring=_ring_kernels)
 def dense(
     q: jax.Array,
     k: jax.Array,

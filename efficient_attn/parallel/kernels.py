@@ -102,4 +102,4 @@ class RingKernel:
 
 def ring_methods() -> tuple[str, ...]:
     """Methods usable as the inner computation of ``strategy='ring'`` (registered ``ring=``)."""
-    return tuple(m for m in methods() if get_method(m).ring is not None)
+    return tuple(sorted(m for m in methods() if get_method(m).ring is not None))
