@@ -213,7 +213,50 @@ def check_meshes_and_errors():
         sequence_parallel_attention(q, k, v, mesh=None, axis=AXIS)
 
 
-CHECKS = {f.__name__: f for f in (check_ring, check_all_to_all, check_meshes_and_errors)}
+def check_ring_mods():
+    """Ring with a document mask and learned ALiBi slopes on 4 devices (global positions)
+    equals one-device blockwise, gradients of the slopes included."""
+    import jax
+    import jax.numpy as jnp
+
+    import efficient_attn as ea
+    from efficient_attn import mods
+    from efficient_attn.parallel import sequence_parallel_attention
+
+    mesh = _mesh(4)
+    q, k, v, dout = _inputs(2, 50, 50, 4, 2, 8, 8, seed=7)
+    seg = np.sort(np.random.default_rng(0).integers(0, 4, size=(2, 50)), axis=1).astype(np.int32)
+    slopes = jnp.asarray(mods.alibi_slopes(4))
+    lengths = np.array([50, 41])
+
+    def run(fn, q, slopes):
+        def loss(q, slopes):
+            kw = {"mask_mod": mods.document_mask(seg), "score_mod": mods.alibi(slopes),
+                  "causal": True, "kv_lengths": lengths, "scale": SCALE}  # fmt: skip
+            return jnp.sum(fn(q, **kw) * dout)
+
+        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(q, slopes)
+
+    def ring(q, **kw):
+        return sequence_parallel_attention(q, k, v, mesh=mesh, axis=AXIS, strategy="ring", **kw)
+
+    def one(q, **kw):
+        return ea.attention(q, k, v, method="blockwise", block_q=8, block_k=8, **kw)
+
+    (val, grads), (ref_val, ref_grads) = run(ring, q, slopes), run(one, q, slopes)
+    np.testing.assert_allclose(val, ref_val, rtol=1e-4)
+    for g, r in zip(grads, ref_grads, strict=True):
+        assert np.abs(np.asarray(r)).max() > 0
+        np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-4, atol=5e-5)
+    window = mods.sliding_window(6)
+    got = sequence_parallel_attention(q, k, v, mesh=mesh, axis=AXIS, mask_mod=window)
+    ref = ea.attention(q, k, v, method="dense", mask_mod=window)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-4, atol=2e-5)
+
+
+CHECKS = {
+    f.__name__: f for f in (check_ring, check_all_to_all, check_meshes_and_errors, check_ring_mods)
+}
 
 
 # ----------------------------------------------------------------------------- two processes
@@ -319,6 +362,10 @@ def test_cluster_from_env():
 
 def test_ring_matches_float64_reference():
     _run_check("check_ring")
+
+
+def test_ring_with_document_mask_and_learned_alibi():
+    _run_check("check_ring_mods")
 
 
 def test_all_to_all_matches_float64_reference():
