@@ -1,4 +1,4 @@
-"""Render sparsity patterns as images, for docs and papers (needs ``matplotlib``).
+"""Render sparsity patterns and block masks as images, for docs and papers (needs ``matplotlib``).
 
 ``python -m efficient_attn.patterns docs/patterns`` regenerates the images in
 ``docs/patterns/``.
@@ -91,6 +91,61 @@ def render_pattern(
     return path
 
 
+def render_block_mask(block_mask: Any, path: str | pathlib.Path, *, b: int = 0, h: int = 0,
+                      title: str | None = None, dpi: int = 100) -> pathlib.Path:  # fmt: skip
+    """Write a PNG of a :class:`~efficient_attn.BlockMask`: its tile classes beside the mask.
+
+    Left: tiles (white empty, grey partial, black full); right: the dense
+    ``[q_len, kv_len]`` mask of batch element ``b`` and head ``h``.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tiles = np.asarray(block_mask.tiles)[min(b, block_mask.tiles.shape[0] - 1),
+                                         min(h, block_mask.tiles.shape[1] - 1)]  # fmt: skip
+    dense = block_mask.dense()
+    dense = dense[min(b, dense.shape[0] - 1), min(h, dense.shape[1] - 1)]
+    fig, axes = plt.subplots(1, 2, figsize=(7, 3.5))
+    axes[0].imshow(tiles, cmap="Greys", vmin=0, vmax=2, interpolation="nearest")
+    axes[0].set_title(
+        f"tiles {block_mask.block_q}x{block_mask.block_k}: {np.mean(tiles != 0):.0%} visited, "
+        f"{np.mean(tiles == 2):.0%} full",
+        fontsize=9,
+    )
+    axes[1].imshow(dense, cmap="Greys", vmin=0, vmax=1, interpolation="nearest")
+    axes[1].set_title(f"mask: {dense.mean():.0%} of pairs", fontsize=9)
+    for ax, (y, x) in zip(axes, (("query tile", "key tile"), ("query", "key")), strict=True):
+        ax.set_xlabel(x)
+        ax.set_ylabel(y)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
+def doc_block_masks():
+    """(file stem, title, BlockMask) of the mask-mod images in docs/patterns/."""
+    from efficient_attn import mods
+    from efficient_attn.blockmask import block_mask
+
+    seg = (np.arange(256) * 5 // 256)[None]
+    return (
+        ("flex-documents", "document_mask(5 docs) & causal_mask()",
+         block_mask(mods.document_mask(seg) & mods.causal_mask(), 256, 256, batch=1,
+                    block_q=16, block_k=16)),
+        ("flex-window", "sliding_window(40)",
+         block_mask(mods.sliding_window(40), 256, 256, block_q=16, block_k=16)),
+        ("flex-prefix", "prefix_lm(64)",
+         block_mask(mods.prefix_lm(64), 256, 256, block_q=16, block_k=16)),
+    )  # fmt: skip
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", nargs="?", default="docs/patterns")
@@ -100,6 +155,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             method, pathlib.Path(args.out_dir) / f"{method}.png", tq=length, **options
         )
         print(path)
+    for stem, title, bm in doc_block_masks():
+        print(render_block_mask(bm, pathlib.Path(args.out_dir) / f"{stem}.png", title=title))
     return 0
 
 
