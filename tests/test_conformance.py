@@ -301,3 +301,34 @@ def test_pattern_matches_masked_dense(method, tq, tk, causal, kv_lengths):
     assert rel_err(out, ref) < F32_TOL
     w = ea.attention_weights(q, k, method=method, causal=causal, kv_lengths=lengths)
     np.testing.assert_allclose(np.asarray(w), ref_w, atol=1e-5)
+
+
+# ---- mods: a method that accepts mask_mod / score_mod applies them like dense does ----
+
+MODDED = [p for p in METHODS if {"mask_mod", "score_mod"} & ea.get_method(p.values[0]).supports]
+
+
+@pytest.mark.parametrize("method", MODDED)
+def test_mods_equal_their_weights_and_refuse_nothing_silently(method):
+    """Mods change the output; ``attention == attention_weights @ v`` under them; methods
+    without the feature refuse the argument (tests/test_api covers the refusal text)."""
+    from efficient_attn import mods
+
+    q, k, v = make_qkv(2, 40, 40, 4, 2, 8, seed=11)
+    seg = (np.arange(40)[None] * np.array([[3], [2]]) // 40).astype(np.int32)
+    kw = {}
+    if supports(method, "mask_mod"):
+        kw["mask_mod"] = mods.document_mask(seg)
+    if supports(method, "score_mod"):
+        kw["score_mod"] = mods.alibi(mods.alibi_slopes(4))
+    causal = supports(method, "causal")
+    out = call(method, q, k, v, causal=causal, **kw)
+    plain = call(method, q, k, v, causal=causal)
+    assert np.isfinite(out).all() and rel_err(out, plain) > 1e-3
+    w = ea.attention_weights(q, k, method=method, causal=causal, **method_arrays(method, 8), **kw)
+    np.testing.assert_allclose(
+        out, np.einsum("bnqk,bknd->bqnd", np.asarray(w), np.repeat(v, 2, axis=2)), atol=2e-5
+    )
+    if ea.get_method(method).exact:
+        dense = call("dense", q, k, v, causal=causal, **kw)
+        assert rel_err(out, dense) < F32_TOL
