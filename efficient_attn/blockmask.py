@@ -283,6 +283,64 @@ def _classify(fn, consts, q_pos, k_pos, q_limit, k_limit, bm, hm, bq, bk):
 _classify_jit = jax.jit(_classify, static_argnums=(0, 4, 5, 6, 7, 8, 9))
 
 
+def _count_tiles(mask_mod, qs, ks, q_limit, k_limit, chunk: int = 64):
+    """Visible pairs of each tile ``qs[u] x ks[u]`` (``[U, bq]``, ``[U, bk]``): ``[U]`` int32.
+
+    For a mask over positions only, evaluated op by op on fixed-size chunks of
+    tiles: no compilation per mask (JAX caches each primitive per shape).
+    """
+    b = np.zeros((1, 1, 1, 1, 1), np.int32)
+    u, bq, bk = qs.shape[0], qs.shape[1], ks.shape[1]
+    pad = -u % chunk
+    qs = np.concatenate([qs, np.full((pad, bq), q_limit, np.int32)])
+    ks = np.concatenate([ks, np.full((pad, bk), k_limit, np.int32)])
+    counts = []
+    for c in range(0, u + pad, chunk):
+        qp, kp = qs[c : c + chunk], ks[c : c + chunk]
+        q = np.minimum(qp, q_limit - 1)[:, None, None, :, None]
+        k = np.minimum(kp, k_limit - 1)[:, None, None, None, :]
+        m = np.asarray(mask_mod(b, b, jnp.asarray(q), jnp.asarray(k)), bool)
+        m = np.broadcast_to(m, (qp.shape[0], 1, 1, bq, bk))[:, 0, 0]
+        m = m & (qp < q_limit)[:, :, None] & (kp < k_limit)[:, None, :]
+        counts.append(m.sum((1, 2), dtype=np.int32))
+    return np.concatenate(counts)[:u]
+
+
+def _bounded_static(mask_mod, q_pos, k_pos, q_limit, k_limit, bq, bk):
+    """``(tiles, visible) [1, 1, nq, nk]`` of a static mask from its :meth:`tile_bounds`.
+
+    Tiles the bounds prove empty or full are classified without evaluation;
+    only the undecided ones (near the mask's edges) are evaluated. None when the
+    mask gives no bounds.
+    """
+    if not isinstance(mask_mod, _mods.Mask):
+        return None
+    nq, nk = q_pos.size // bq, k_pos.size // bk
+    qt, kt = q_pos.reshape(nq, bq), k_pos.reshape(nk, bk)
+    q_ok, k_ok = qt < q_limit, kt < k_limit
+    big = np.iinfo(np.int32).max
+    q_lo, q_hi = np.where(q_ok, qt, big).min(1), np.where(q_ok, qt, -1).max(1)
+    k_lo, k_hi = np.where(k_ok, kt, big).min(1), np.where(k_ok, kt, -1).max(1)
+    bounds = mask_mod.tile_bounds(
+        q_lo[:, None].astype(np.int64), q_hi[:, None].astype(np.int64),
+        k_lo[None, :].astype(np.int64), k_hi[None, :].astype(np.int64),
+    )  # fmt: skip
+    if bounds is None:
+        return None
+    may, must = (np.broadcast_to(np.asarray(x, bool), (nq, nk)) for x in bounds)
+    may = may & q_ok.any(1)[:, None] & k_ok.any(1)[None, :]
+    must = must & may & q_ok.all(1)[:, None] & k_ok.all(1)[None, :]
+    tiles = np.where(must, FULL, EMPTY).astype(np.int8)
+    visible = np.where(must, bq * bk, 0).astype(np.int32)
+    ui, uj = np.nonzero(may & ~must)
+    if ui.size:
+        with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:  # no trace context
+            counts = pool.submit(_count_tiles, mask_mod, qt[ui], kt[uj], q_limit, k_limit).result()
+        visible[ui, uj] = counts
+        tiles[ui, uj] = np.where(counts == bq * bk, FULL, np.where(counts > 0, PARTIAL, EMPTY))
+    return tiles[None, None], visible[None, None]
+
+
 def _evaluate_static(fn, q_pos, k_pos, q_limit, k_limit, bm, hm, bq, bk):
     """Classify a static mask on the CPU, in a thread of its own.
 
@@ -367,7 +425,13 @@ def build(
     if hit is not None:
         _CACHE.move_to_end(key)
         return hit
-    tiles, visible = _evaluate_static(h.fn, q_pos, k_pos, q_limit, k_limit, bm, hm, bq, bk)
+    bounded = None
+    if not (h.uses[0] or h.uses[1]):
+        bounded = _bounded_static(mask_mod, q_pos, k_pos, q_limit, k_limit, bq, bk)
+    if bounded is not None:
+        tiles, visible = (np.broadcast_to(x, (bm, hm, *x.shape[2:])).copy() for x in bounded)
+    else:
+        tiles, visible = _evaluate_static(h.fn, q_pos, k_pos, q_limit, k_limit, bm, hm, bq, bk)
     made = BlockMask.from_tiles(tiles, visible, mask_mod, tq, tk, bq, bk)
     if key is not None:
         _CACHE[key] = made

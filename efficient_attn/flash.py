@@ -162,7 +162,7 @@ class _Tile:
         return mask
 
     def values(self, v_j):
-        """``v_j [B, K, bk, D]`` with invisible (padding) keys zeroed: NaN there never leaks."""
+        """``v_j [B, K, bk, D]`` (keys or values) with padding keys zeroed: NaN never leaks."""
         return v_j if self.kv_ok is None else jnp.where(self.kv_ok[:, None, :, None], v_j, 0)
 
     def modded(self, s, consts):
@@ -198,7 +198,7 @@ def _forward(st: _Static, q, k, v, scale, params, score_consts, kv_len, q_pos, k
                 o, m, l = carry
                 j = lst[t]
                 tile = _Tile(st, idx, q_pos, k_pos, i, j, kv_len, mask_consts, score_consts)
-                s = st.score.logits(params, q_i, kb[j], acc) * scale
+                s = st.score.logits(params, q_i, tile.values(kb[j]), acc) * scale
                 if st.score_fn is not None:
                     s = tile.modded(s, score_consts)
                 mask = tile.mask(partial)
@@ -272,7 +272,8 @@ def _backward(st: _Static, res, cotangents):
                 i = lst[t]
                 q_i, do_i = qb[i], dob[i]
                 tile = _Tile(st, idx, q_pos, k_pos, i, j, kv_len, mask_consts, score_consts)
-                raw = st.score.logits(params, q_i, k_j, acc)
+                k_jj = tile.values(k_j)  # padding keys may hold NaN: they never reach dq
+                raw = st.score.logits(params, q_i, k_jj, acc)
                 s = raw * scale
                 if st.score_fn is not None:
 
@@ -298,7 +299,7 @@ def _backward(st: _Static, res, cotangents):
                 if st.score_fn is not None:
                     ds, *dc = mod_vjp(ds)
                     dconsts = tuple(a + g.astype(a.dtype) for a, g in zip(dconsts, dc, strict=True))
-                dq_i, dk_j, dparams_ij = st.score.vjp(params, q_i, k_j, ds, acc)
+                dq_i, dk_j, dparams_ij = st.score.vjp(params, q_i, k_jj, ds, acc)
                 if not st.score.linear_in_q:
                     dscale = dscale + jnp.sum(ds * raw)
                 dparams = jax.tree.map(jnp.add, dparams, dparams_ij)

@@ -53,10 +53,20 @@ def _int(name: str, value: Any, minimum: int = 0) -> int:
 
 
 class Mask:
-    """Base of the library's mask mods: callable ``(b, h, q_idx, kv_idx) -> bool``; ``&``, ``|``."""
+    """Base of the library's mask mods: callable ``(b, h, q_idx, kv_idx) -> bool``; ``&``, ``|``.
+
+    A mask over positions only may also give :meth:`tile_bounds`, which lets a
+    block mask classify most tiles without evaluating them.
+    """
 
     def __call__(self, b, h, q_idx, kv_idx):
         raise NotImplementedError
+
+    def tile_bounds(self, q_lo, q_hi, k_lo, k_hi):
+        """``(may, must)`` bool arrays over tiles spanning positions ``[q_lo, q_hi] x [k_lo, k_hi]``
+        (NumPy, broadcastable): ``may`` False proves a tile empty, ``must`` True proves it full.
+        None: no bounds (every tile is evaluated)."""
+        return None
 
     def __and__(self, other: MaskMod) -> Mask:
         return and_masks(self, other)
@@ -83,6 +93,13 @@ class _AndMasks(Mask):
     def __call__(self, b, h, q_idx, kv_idx):
         return functools.reduce(jnp.logical_and, (m(b, h, q_idx, kv_idx) for m in self.mods))
 
+    def tile_bounds(self, *span):
+        bounds = [_bounds(m, span) for m in self.mods]
+        return (
+            functools.reduce(np.logical_and, (b[0] for b in bounds)),
+            functools.reduce(np.logical_and, (b[1] for b in bounds)),
+        )
+
 
 @_pytree("mods")
 @dataclasses.dataclass(frozen=True)
@@ -91,6 +108,19 @@ class _OrMasks(Mask):
 
     def __call__(self, b, h, q_idx, kv_idx):
         return functools.reduce(jnp.logical_or, (m(b, h, q_idx, kv_idx) for m in self.mods))
+
+    def tile_bounds(self, *span):
+        bounds = [_bounds(m, span) for m in self.mods]
+        return (
+            functools.reduce(np.logical_or, (b[0] for b in bounds)),
+            functools.reduce(np.logical_or, (b[1] for b in bounds)),
+        )
+
+
+def _bounds(mod, span):
+    """``mod``'s tile bounds, or the trivial ones (may be visible, not proven full)."""
+    b = mod.tile_bounds(*span) if isinstance(mod, Mask) else None
+    return (np.True_, np.False_) if b is None else b
 
 
 def _mods(kind: str, mods: tuple) -> tuple:
@@ -133,6 +163,10 @@ class _Not(Mask):
     def __call__(self, b, h, q_idx, kv_idx):
         return jnp.logical_not(self.mod(b, h, q_idx, kv_idx))
 
+    def tile_bounds(self, *span):
+        may, must = _bounds(self.mod, span)
+        return ~must, ~may
+
 
 def invert_mask(mod: MaskMod) -> Mask:
     """The pairs ``mod`` hides."""
@@ -150,6 +184,9 @@ class Full(Mask):
     def __call__(self, b, h, q_idx, kv_idx):
         return jnp.ones((), bool)
 
+    def tile_bounds(self, q_lo, q_hi, k_lo, k_hi):
+        return np.True_, np.True_
+
 
 def full_mask() -> Full:
     """The mask of plain attention: every pair visible."""
@@ -165,6 +202,9 @@ class Causal(Mask):
 
     def __call__(self, b, h, q_idx, kv_idx):
         return kv_idx <= q_idx + self.offset
+
+    def tile_bounds(self, q_lo, q_hi, k_lo, k_hi):
+        return k_lo <= q_hi + self.offset, k_hi <= q_lo + self.offset
 
 
 def causal_mask(offset: int = 0) -> Causal:
@@ -192,6 +232,11 @@ class SlidingWindow(Mask):
         d = q_idx + self.offset - kv_idx
         return (d <= self.left) & (d >= -self.right)
 
+    def tile_bounds(self, q_lo, q_hi, k_lo, k_hi):
+        d_lo, d_hi = q_lo + self.offset - k_hi, q_hi + self.offset - k_lo
+        may = (d_hi >= -self.right) & (d_lo <= self.left)
+        return may, (d_lo >= -self.right) & (d_hi <= self.left)
+
 
 def sliding_window(left: int, right: int = 0, *, offset: int = 0) -> SlidingWindow:
     """Keys at most ``left`` positions before and ``right`` after the query (itself included).
@@ -214,6 +259,11 @@ class Chunked(Mask):
     def __call__(self, b, h, q_idx, kv_idx):
         return (q_idx // self.chunk) == (kv_idx // self.chunk)
 
+    def tile_bounds(self, q_lo, q_hi, k_lo, k_hi):
+        c = self.chunk
+        may = (q_lo // c <= k_hi // c) & (k_lo // c <= q_hi // c)
+        return may, (q_lo // c == q_hi // c) & (k_lo // c == k_hi // c) & (q_lo // c == k_lo // c)
+
 
 def chunked_mask(chunk: int) -> Chunked:
     """Chunked local attention (Llama 4's iRoPE layers): queries see keys of their own chunk.
@@ -235,6 +285,12 @@ class DilatedWindow(Mask):
         d = q_idx - kv_idx
         return (jnp.abs(d) <= self.window * self.dilation) & (d % self.dilation == 0)
 
+    def tile_bounds(self, q_lo, q_hi, k_lo, k_hi):
+        reach = self.window * self.dilation
+        d_lo, d_hi = q_lo - k_hi, q_hi - k_lo
+        may = (d_hi >= -reach) & (d_lo <= reach)
+        return may, may & (self.dilation == 1) & (d_lo >= -reach) & (d_hi <= reach)
+
 
 def dilated_window(window: int, dilation: int) -> DilatedWindow:
     """Dilated sliding window (Longformer): ``window`` keys each side, every ``dilation``-th."""
@@ -251,6 +307,12 @@ class StridedSummary(Mask):
     def __call__(self, b, h, q_idx, kv_idx):
         return kv_idx % self.stride == self.stride - 1
 
+    def tile_bounds(self, q_lo, q_hi, k_lo, k_hi):
+        s = self.stride
+        first = k_lo + (s - 1 - k_lo) % s  # first summary key at or after k_lo
+        may = np.broadcast_to(first <= k_hi, np.broadcast_shapes(np.shape(q_lo), np.shape(k_lo)))
+        return may, may & ((s == 1) | (k_lo == k_hi))
+
 
 def strided_summary(stride: int) -> StridedSummary:
     """Every ``stride``-th key (the last of each block of ``stride``), for all queries."""
@@ -266,6 +328,9 @@ class PrefixLM(Mask):
 
     def __call__(self, b, h, q_idx, kv_idx):
         return (kv_idx <= q_idx) | (kv_idx < self.prefix)
+
+    def tile_bounds(self, q_lo, q_hi, k_lo, k_hi):
+        return (k_lo <= q_hi) | (k_lo < self.prefix), (k_hi <= q_lo) | (k_hi < self.prefix)
 
 
 @_pytree("lengths")
