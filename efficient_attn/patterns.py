@@ -81,6 +81,12 @@ def render_pattern(
         ax.set_title(f"{name} ({density:.0%} of pairs)" if name else f"{density:.0%} of pairs")
         ax.set_xlabel("key")
         ax.set_ylabel("query")
+    return _save(fig, path, title, dpi)
+
+
+def _save(fig, path, title: str | None, dpi: int) -> pathlib.Path:
+    import matplotlib.pyplot as plt
+
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
@@ -119,14 +125,7 @@ def render_block_mask(block_mask: Any, path: str | pathlib.Path, *, b: int = 0, 
     for ax, (y, x) in zip(axes, (("query tile", "key tile"), ("query", "key")), strict=True):
         ax.set_xlabel(x)
         ax.set_ylabel(y)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi)
-    plt.close(fig)
-    return path
+    return _save(fig, path, title, dpi)
 
 
 def doc_block_masks():
