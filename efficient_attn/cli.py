@@ -277,7 +277,14 @@ run_report.add_arguments = _report_args
 def run_train(args: argparse.Namespace) -> int:
     from efficient_attn import train  # flax/optax/orbax only load for training
 
-    return train.run(args)
+    code = train.run(args)
+    config = train.config_from_args(args)
+    if code == 0 and config.task_obj().kind == "seq2seq":
+        from efficient_attn import analysis  # matplotlib loads only here
+
+        path = analysis.write_run_alignment(args.out or train.default_out(config))
+        print(f"alignment: {path}")
+    return code
 
 
 @subcommand("quality", help="train every method across task difficulty; accuracy report")
