@@ -495,16 +495,9 @@ def config_from_args(args) -> TrainConfig:
     if not isinstance(options, dict):
         raise ValueError(f"--options must be a JSON object, got {args.options!r}")
     given = {field: getattr(args, flag) for flag, field in _FLAGS.items()}
+    given.update({name: getattr(args, name, None) for name in (*TASK_SETTINGS, "pooling")})
     return TrainConfig.for_task(
         args.task,
-        vocab_size=args.vocab_size,
-        num_pairs=args.num_pairs,
-        distance=args.distance,
-        num_queries=args.num_queries,
-        max_depth=args.max_depth,
-        max_args=args.max_args,
-        min_length=args.min_length,
-        **({"pooling": args.pooling} if args.pooling else {}),
         method=args.method,
         options=options,
         kv_heads=args.kv_heads,

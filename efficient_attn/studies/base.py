@@ -20,6 +20,7 @@ the study's measurement fields (None where not measured), ``env``
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import sys
@@ -252,3 +253,100 @@ def run_points(
     return runner.Outcome(
         path=path, ran=len(todo), skipped=len(points) - len(todo), statuses=statuses
     )
+
+
+def method_list(settings: Mapping[str, Any]) -> list[str]:
+    """The preset's ``methods`` checked against the registry (``"all"``: every available one).
+
+    A name that is not registered is a :class:`ValueError` listing the registered methods.
+    """
+    import efficient_attn as ea
+    from efficient_attn.sweep.spec import as_list, check_methods
+
+    names = settings["methods"]
+    if names == "all":
+        return [m for m in ea.methods() if ea.get_method(m).available() is None]
+    return check_methods(as_list("methods", names), list(ea.methods()))
+
+
+def train_config(table: Mapping[str, Any], **fields: Any) -> Any:
+    """A validated :class:`efficient_attn.train.TrainConfig` from a preset's ``[train]`` table
+    (task defaults first), overridden by ``fields``; unknown keys are a :class:`ValueError`."""
+    from efficient_attn.train import TrainConfig
+
+    valid = {f.name for f in dataclasses.fields(TrainConfig)}
+    merged = {**dict(table), **fields}
+    unknown = sorted(set(merged) - valid)
+    if unknown:
+        raise ValueError(
+            f"[train] key(s) {unknown} unknown; valid keys: {', '.join(sorted(valid))}"
+        )
+    task = merged.pop("task", TrainConfig.task)
+    config = TrainConfig.for_task(task, **merged)
+    config.validate()
+    return config
+
+
+def trained_point(
+    experiment: str, key: str, label: str, config: Any, out_dir: Path, **identity: Any
+) -> dict[str, Any]:
+    """A payload that trains ``config`` in ``OUT/runs/<name>-<digest>/`` (resumed if killed)."""
+    fields = dataclasses.asdict(config)
+    digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:10]
+    run_dir = Path("runs") / f"{identity.get('method', 'run')}-{digest}"
+    return {
+        "experiment": experiment,
+        "key": f"{key}|{digest}",
+        "label": label,
+        **identity,
+        "run_dir": str(run_dir),
+        "config": fields,
+        "run": {"run_dir": str(Path(out_dir).absolute() / run_dir)},
+    }
+
+
+#: Row fields :func:`measure_trained` fills.
+TRAINED_MEASUREMENTS: tuple[str, ...] = (
+    "accuracy",
+    "eval_loss",
+    "steps",
+    "train_wall_s",
+    "tokens_per_s",
+    "step_ms_median",
+    "flops_per_step",
+    "matmul_flop_s",
+    "flop_utilisation",
+    "curve",
+)
+
+
+def measure_trained(payload: dict[str, Any], row: dict[str, Any]) -> None:
+    """Train (or finish training) the payload's run; its held-out accuracy and throughput."""
+    from efficient_attn.train import TrainConfig, train
+
+    run_dir = Path(payload["run"]["run_dir"])
+    final = train(TrainConfig(**payload["config"]), run_dir, resume=True, progress=False)
+    logged = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x]
+    row.update({k: final.get(k) for k in TRAINED_MEASUREMENTS if k in final})
+    row.update(
+        steps=final["step"],
+        curve=[[r["step"], r["eval_accuracy"]] for r in logged if "eval_accuracy" in r],
+    )
+
+
+def throughput_note(rows: Sequence[dict[str, Any]]) -> str:
+    """One sentence: median tokens/s and FLOP utilisation of the ok trained rows."""
+    ok = [r for r in rows if r["status"] == "ok" and r.get("tokens_per_s")]
+    if not ok:
+        return ""
+    tps = sorted(r["tokens_per_s"] for r in ok)
+    util = sorted(r["flop_utilisation"] for r in ok if r.get("flop_utilisation") is not None)
+    text = f"Training throughput: {tps[0]:,.0f}-{tps[-1]:,.0f} tokens/s"
+    if util:
+        rate = ok[0].get("matmul_flop_s") or 0
+        text += (
+            f"; {100 * util[0]:.1f}-{100 * util[-1]:.1f}% of the matmul rate measured in the "
+            f"same runs ({rate / 1e9:.0f} GFLOP/s), so the runs are "
+            + ("compute-bound." if util[-1] > 0.5 else "not compute-bound (overheads dominate).")
+        )
+    return text
