@@ -4,10 +4,10 @@ A study is a :class:`Study` record: the preset keys it reads (with defaults),
 the ``efficient-attn sweep`` flags it honours, ``points(settings, out_dir)``
 giving one payload per measurement, ``measure(payload, row)`` filling a row
 in a fresh worker process (:mod:`efficient_attn.studies.worker`), and
-``report(rows, out_dir)`` writing its tables and plots. The run loop reuses
-the sweep's machinery: rows are appended to ``DIR/results.jsonl``
-(:func:`efficient_attn.sweep.runner.append_row`), keyed by a stable ``key``
-that re-runs skip; each point runs in its own process
+``report(rows, out_dir)`` writing its tables and plots. The run loop is the
+sweep's (:func:`efficient_attn.sweep.harness.run_points`): rows are appended
+to ``DIR/results.jsonl`` with ``fsync``, keyed by a stable ``key`` that
+re-runs skip; each point runs in its own process
 (:func:`efficient_attn.sweep.runner.run_worker`), where a crash, kill or
 timeout still becomes a row.
 
@@ -22,16 +22,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import sys
-import time
-from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from efficient_attn.sweep import runner
-from efficient_attn.sweep.worker import environment, utc_now
+from efficient_attn.sweep import harness, runner
 
 WORKER = (sys.executable, "-m", "efficient_attn.studies.worker")
 
@@ -159,24 +155,6 @@ def new_row(study: Study, payload: Mapping[str, Any], status: str, message: str 
     }
 
 
-def _infeasible_families(rows: Mapping[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """family -> the shortest row of that family that ran out of memory or time."""
-    failed: dict[str, dict[str, Any]] = {}
-    for row in rows.values():
-        family = row.get("family")
-        if not family or not runner.infeasible(row) or row.get("skipped"):
-            continue
-        if family not in failed or row["seq_len"] < failed[family]["seq_len"]:
-            failed[family] = row
-    return failed
-
-
-def _write_meta(out_dir: Path, meta: dict[str, Any]) -> None:
-    tmp = out_dir / f".sweep.json.{os.getpid()}"
-    tmp.write_text(json.dumps(meta, indent=1) + "\n")
-    os.replace(tmp, out_dir / "sweep.json")
-
-
 def run_points(
     study: Study,
     name: str,
@@ -187,71 +165,37 @@ def run_points(
     stream: TextIO | None = sys.stderr,
     meta: Mapping[str, Any] | None = None,
     command: Sequence[str] = WORKER,
-) -> runner.Outcome:
-    """Run the study's points not yet in ``out_dir``, one worker process each.
+) -> harness.Outcome:
+    """Run the study's points not yet in ``out_dir``, one worker process each
+    (:func:`efficient_attn.sweep.harness.run_points`).
 
     Points whose key has a row are skipped (``retry_errors``: unless that row
     is an ``error``). A point whose ``family`` ran out of memory or time at a
     shorter ``seq_len`` is recorded with that status without running.
     """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    points = study.points(settings, out_dir)
-    latest: dict[str, dict[str, Any]] = {}
-    for path in runner.results_files(out_dir):
-        for row in runner.read_rows(path):
-            latest[row["key"]] = row
-    done = {k for k, r in latest.items() if not (retry_errors and r["status"] == "error")}
-    failed = _infeasible_families(latest)
-    todo = [p for p in points if p["key"] not in done]
-    path = out_dir / runner.RESULTS
-    _write_meta(
-        out_dir,
-        {**(meta or {}), "name": name, "study": study.name, "points": len(points), **settings},
+    points = study.points(settings, Path(out_dir))
+
+    def execute(payload: dict[str, Any]) -> dict[str, Any]:
+        row = runner.run_worker(payload, float(settings["timeout_s"]), command)
+        if row.get("experiment") != study.name:  # the worker died: the runner's sweep row
+            dead = new_row(study, payload, row["status"], row["message"])
+            dead["worker_s"] = row["worker_s"]
+            return dead
+        return row
+
+    executor = harness.Executor(
+        execute=execute,
+        new_row=lambda payload, status, message: new_row(study, payload, status, message),
+        describe=study.describe,
     )
-    if stream is not None:
-        stream.write(
-            f"study {study.name!r} ({name}): {len(points)} points, "
-            f"{len(points) - len(todo)} already in {out_dir}, running {len(todo)} -> {path}\n"
-        )
-    fallback_env = environment(devices=False)
-    statuses: Counter = Counter()
-    begin = time.perf_counter()
-    for i, payload in enumerate(todo):
-        start = time.perf_counter()
-        shorter = failed.get(payload.get("family") or "")
-        if shorter is not None and shorter["seq_len"] < payload["seq_len"]:
-            first = (str(shorter.get("message") or "").splitlines() or [""])[0][:300]
-            row = new_row(
-                study,
-                payload,
-                shorter["status"],
-                f"not run: infeasible at the shorter length {shorter['seq_len']} ({first})",
-            )
-            row["skipped"] = True
-        else:
-            row = runner.run_worker(payload, float(settings["timeout_s"]), command)
-            if row.get("experiment") != study.name:  # the worker died: the runner's sweep row
-                status, message, worker_s = row["status"], row["message"], row["worker_s"]
-                row = new_row(study, payload, status, message)
-                row["worker_s"] = worker_s
-            if runner.infeasible(row) and payload.get("family"):
-                failed.setdefault(payload["family"], row)
-        if row.get("env"):
-            fallback_env = row["env"]
-        else:
-            row["env"] = {**fallback_env, "date": utc_now()}
-        runner.append_row(path, row)
-        statuses[row["status"]] += 1
-        if stream is not None:
-            what = study.describe(row) if row["status"] == "ok" else row["message"][:120]
-            stream.write(
-                f"[{i + 1}/{len(todo)} {time.perf_counter() - begin:.0f} s] {payload['label']}: "
-                f"{row['status']} {what} ({time.perf_counter() - start:.1f} s)\n"
-            )
-            stream.flush()
-    return runner.Outcome(
-        path=path, ran=len(todo), skipped=len(points) - len(todo), statuses=statuses
+    return harness.run_points(
+        points,
+        out_dir,
+        executor,
+        name=f"study {study.name!r} ({name})",
+        retry_errors=retry_errors,
+        stream=stream,
+        meta={**(meta or {}), "name": name, "study": study.name, "points": len(points), **settings},
     )
 
 
