@@ -291,7 +291,8 @@ def _paper_table() -> tuple[list[str], list[list[str]]]:
     header = ["LRA model", *(f"steps/s {t // 1024}K" for t in PAPER_LENGTHS)]
     header += [f"memory GB {t // 1024}K" for t in PAPER_LENGTHS]
     body = [
-        [name, *map(str, PAPER_STEPS[name]), *map(str, PAPER_MEMORY[name])] for name in PAPER_STEPS
+        [name, *(f"{v:.1f}" for v in PAPER_STEPS[name]), *(f"{v:.2f}" for v in PAPER_MEMORY[name])]
+        for name in PAPER_STEPS
     ]
     return header, body
 
