@@ -28,26 +28,14 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from efficient_attn.sweep import harness, runner
+from efficient_attn.sweep.spec import AXIS_TABLE
 
 WORKER = (sys.executable, "-m", "efficient_attn.studies.worker")
 
 #: Preset keys every study reads, with defaults.
 COMMON_SETTINGS: dict[str, Any] = {"description": "", "note": "", "timeout_s": 600.0}
 #: ``efficient-attn sweep`` flags (argparse dests) a study may honour.
-SWEEP_FLAGS: tuple[str, ...] = (
-    "methods",
-    "seq_lens",
-    "batch",
-    "heads",
-    "kv_heads",
-    "head_dim",
-    "dtype",
-    "causal",
-    "passes",
-    "option",
-    "repeats",
-    "shard",
-)
+SWEEP_FLAGS: tuple[str, ...] = (*(a.flag for a in AXIS_TABLE if a.flag), "repeats", "shard")
 #: Flags every study honours.
 COMMON_FLAGS: tuple[str, ...] = ("--out", "--timeout", "--retry-errors", "--no-report", "--dry-run")
 
