@@ -266,6 +266,11 @@ def measure_trained(payload: dict[str, Any], row: dict[str, Any]) -> None:
     )
 
 
+def describe_trained(row: dict[str, Any]) -> str:
+    """A few words on a finished trained row (progress log)."""
+    return f"accuracy {row['accuracy']:.3f}, {row.get('tokens_per_s') or 0:,.0f} tokens/s"
+
+
 def throughput_note(rows: Sequence[dict[str, Any]]) -> str:
     """One sentence: median tokens/s and FLOP utilisation of the ok trained rows."""
     ok = [r for r in rows if r["status"] == "ok" and r.get("tokens_per_s")]

@@ -26,6 +26,7 @@ from typing import Any
 from efficient_attn.studies.base import (
     TRAINED_MEASUREMENTS,
     Study,
+    describe_trained,
     measure_trained,
     method_list,
     throughput_note,
@@ -473,10 +474,6 @@ def listops_report(
     return md, tex, []
 
 
-def listops_describe(row: dict[str, Any]) -> str:
-    return f"accuracy {row['accuracy']:.3f}, {row.get('tokens_per_s') or 0:,.0f} tokens/s"
-
-
 LISTOPS = Study(
     name="listops",
     settings=LISTOPS_SETTINGS,
@@ -486,5 +483,5 @@ LISTOPS = Study(
     measure=measure_trained,
     report=listops_report,
     summary=listops_summary,
-    describe=listops_describe,
+    describe=describe_trained,
 )

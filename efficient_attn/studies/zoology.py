@@ -24,6 +24,7 @@ from typing import Any
 from efficient_attn.studies.base import (
     TRAINED_MEASUREMENTS,
     Study,
+    describe_trained,
     measure_trained,
     method_list,
     throughput_note,
@@ -202,10 +203,6 @@ def report(rows: list[dict[str, Any]], out: Path) -> tuple[list[str], list[str],
     return md, tex, files
 
 
-def describe(row: dict[str, Any]) -> str:
-    return f"accuracy {row['accuracy']:.3f}, {row.get('tokens_per_s') or 0:,.0f} tokens/s"
-
-
 STUDY = Study(
     name="zoology_mqar",
     settings=SETTINGS,
@@ -215,5 +212,5 @@ STUDY = Study(
     measure=measure_trained,
     report=report,
     summary=summary,
-    describe=describe,
+    describe=describe_trained,
 )
