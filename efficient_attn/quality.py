@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import efficient_attn as ea
+from efficient_attn.studies.base import throughput_note
 from efficient_attn.sweep import harness, results
 from efficient_attn.train import TrainConfig, train
 
@@ -169,6 +170,9 @@ def write_report(out: str | Path, preset: dict[str, Any] | None = None) -> Path:
     md = ["# Quality: held-out accuracy per method and difficulty", ""]
     if preset and preset.get("description"):
         md += [preset["description"], ""]
+    note = throughput_note(rows)
+    if note:
+        md += [note, ""]
     tex = []
     for (task, axis), (values, acc) in tables.items():
         md += [f"## {task} (difficulty: {axis})", ""]
