@@ -19,7 +19,7 @@ training throughput: ``tokens_per_s`` (``batch_size * seq_len`` over the median
 compiled train step, timed with ``block_until_ready``, without the first
 (compiling) step and without data generation), ``flops_per_step`` (XLA's cost
 analysis of the compiled train step), ``matmul_flop_s`` (a float32 matmul
-timed in the same process after training: the machine's dense ceiling) and
+timed in the same process after its first run: the machine's dense ceiling) and
 ``flop_utilisation`` (achieved FLOP/s over ``matmul_flop_s``; near 1 the run
 is compute-bound). :func:`train` draws no figures: ``efficient-attn train``
 adds the cross-attention alignment of sequence-to-sequence runs
@@ -326,6 +326,12 @@ def compiled_flops(exe: Any) -> float | None:
     return float(flops) if flops is not None and flops > 0 else None
 
 
+@functools.cache
+def _matmul_rate(n: int) -> float:
+    """A float32 ``n``-cubed matmul's FLOP/s, measured once per process (after the first run)."""
+    return bench.matmul_flop_rate(n, jnp.float32)
+
+
 def throughput(
     config: TrainConfig, step_s: list[float], data_s: list[float], flops_per_step: float | None
 ) -> dict[str, Any]:
@@ -334,7 +340,7 @@ def throughput(
         return {"tokens_per_s": None, "step_ms_median": None, "flop_utilisation": None}
     step = float(np.median(step_s))
     n = 1024 if jax.default_backend() == "cpu" else 4096
-    matmul = bench.matmul_flop_rate(n, jnp.float32)
+    matmul = _matmul_rate(n)
     achieved = None if flops_per_step is None else flops_per_step / step
     return {
         "tokens_per_s": config.batch_size * config.seq_len / step,
