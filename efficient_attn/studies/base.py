@@ -280,10 +280,16 @@ def throughput_note(rows: Sequence[dict[str, Any]]) -> str:
     util = sorted(r["flop_utilisation"] for r in ok if r.get("flop_utilisation") is not None)
     text = f"Training throughput: {tps[0]:,.0f}-{tps[-1]:,.0f} tokens/s"
     if util:
-        rate = ok[0].get("matmul_flop_s") or 0
+        rates = sorted(r["matmul_flop_s"] for r in ok if r.get("matmul_flop_s"))
+        median = util[len(util) // 2]
         text += (
-            f"; {100 * util[0]:.1f}-{100 * util[-1]:.1f}% of the matmul rate measured in the "
-            f"same runs ({rate / 1e9:.0f} GFLOP/s), so the runs are "
-            + ("compute-bound." if util[-1] > 0.5 else "not compute-bound (overheads dominate).")
+            f"; {100 * util[0]:.1f}-{100 * util[-1]:.1f}% (median {100 * median:.1f}%) of the "
+            f"matmul rate measured in the same processes ({rates[0] / 1e9:.0f}-"
+            f"{rates[-1] / 1e9:.0f} GFLOP/s), so the runs are "
+            + (
+                "mostly compute-bound."
+                if median > 0.5
+                else "not compute-bound (overheads dominate)."
+            )
         )
     return text
