@@ -101,6 +101,7 @@ def _train(run: Run, run_dir: Path) -> dict[str, Any]:
         row.update(accuracy=final["accuracy"], eval_loss=final["eval_loss"])
         row.update(tokens_per_s=final.get("tokens_per_s"))
         row.update(flop_utilisation=final.get("flop_utilisation"))
+        row.update(matmul_flop_s=final.get("matmul_flop_s"))
     except Exception as e:  # a failing run is a row, the grid goes on
         row.update(status="error", message=f"{type(e).__name__}: {e}")
         run_dir.mkdir(parents=True, exist_ok=True)

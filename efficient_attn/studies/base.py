@@ -282,10 +282,10 @@ def throughput_note(rows: Sequence[dict[str, Any]]) -> str:
     if util:
         rates = sorted(r["matmul_flop_s"] for r in ok if r.get("matmul_flop_s"))
         median = util[len(util) // 2]
+        where = f" ({rates[0] / 1e9:.0f}-{rates[-1] / 1e9:.0f} GFLOP/s)" if rates else ""
         text += (
             f"; {100 * util[0]:.1f}-{100 * util[-1]:.1f}% (median {100 * median:.1f}%) of the "
-            f"matmul rate measured in the same processes ({rates[0] / 1e9:.0f}-"
-            f"{rates[-1] / 1e9:.0f} GFLOP/s), so the runs are "
+            f"matmul rate measured in the same processes{where}, so the runs are "
             + (
                 "mostly compute-bound."
                 if median > 0.5
