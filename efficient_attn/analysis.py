@@ -190,6 +190,19 @@ def write_alignment(
     return stem.with_suffix(".png")
 
 
+def write_run_alignment(run_dir: str | Path) -> Path:
+    """:func:`write_alignment` for a finished sequence-to-sequence run (its last checkpoint)."""
+    run_dir = Path(run_dir)
+    final = json.loads((run_dir / "final.json").read_text())
+    trainer = Trainer(TrainConfig(**final["config"]), run_dir)
+    manager = trainer.checkpoint_manager()
+    try:
+        state = trainer.restore(manager)
+    finally:
+        manager.close()
+    return write_alignment(trainer, state["params"], run_dir, accuracy=final["accuracy"])
+
+
 def plot_run(
     run_dir: str | Path, *, example: int = 0, layer: int | None = None, head: int | None = None
 ) -> list[Path]:

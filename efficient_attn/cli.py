@@ -157,24 +157,24 @@ def _sweep_args(p: argparse.ArgumentParser) -> None:
         nargs="?",
         default="default",
         help="preset name in experiments/ or a .toml file (default: default); a preset with "
-        "a 'study' key runs that study (decode, scale_ablation)",
+        "a 'study' key runs that study (decode, scale_ablation, lra_efficiency, "
+        "listops, zoology_mqar)",
     )
-    p.add_argument("--methods", type=_str_list, help="comma-separated, or 'all'")
-    p.add_argument("--seq-lens", type=_int_list, help="e.g. 1024,2048,4096")
-    p.add_argument("--batch", type=_int_list)
-    p.add_argument("--heads", type=_int_list)
-    p.add_argument("--kv-heads", type=_int_list, help="must divide --heads (1: multi-query)")
-    p.add_argument("--head-dim", type=_int_list)
-    p.add_argument("--dtype", type=_str_list, help="float32, bfloat16 or float16 (comma list)")
-    p.add_argument("--causal", action=argparse.BooleanOptionalAction, default=None)
-    p.add_argument("--passes", type=_str_list, help="fwd, fwd+bwd or both (comma list)")
-    p.add_argument(
-        "--option",
-        action="append",
-        default=[],
-        metavar="METHOD.NAME=V[,V]",
-        help="method option values to sweep (repeatable), e.g. performer.num_features=64,256",
-    )
+    from efficient_attn.sweep.spec import AXIS_TABLE
+
+    for axis in AXIS_TABLE:
+        if axis.flag is None:
+            continue
+        flag = "--" + axis.flag.replace("_", "-")
+        if axis.kind == "bool":
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+        elif axis.kind == "options":
+            p.add_argument(
+                flag, action="append", default=[], metavar="METHOD.NAME=V[,V]", help=axis.help
+            )
+        else:
+            kind = _int_list if axis.kind == "int" else _str_list
+            p.add_argument(flag, type=kind, help=axis.help or None)
     p.add_argument("--repeats", type=int)
     p.add_argument("--timeout", type=float, help="seconds per point (default from preset)")
     p.add_argument("--out", help="results directory (default: runs/EXPERIMENT)")
@@ -200,23 +200,15 @@ def run_sweep(args: argparse.Namespace) -> int:
         return studies.run_from_args(*study, args)
     registered = list(ea.methods())
     overrides = {
-        "methods": args.methods and spec.check_methods(args.methods, registered),
-        "seq_lens": args.seq_lens,
-        "batch": args.batch,
-        "heads": args.heads,
-        "kv_heads": args.kv_heads,
-        "head_dim": args.head_dim,
-        "dtype": args.dtype,
-        "causal": args.causal,
-        "passes": args.passes,
-        "repeats": args.repeats,
-        "timeout_s": args.timeout,
-        "options": spec.parse_option_flags(
-            args.option, {m: ea.get_method(m).options for m in registered}
-        )
-        if args.option
-        else None,
+        a.name: getattr(args, a.flag) for a in spec.AXIS_TABLE if a.flag and a.kind != "options"
     }
+    overrides["methods"] = args.methods and spec.check_methods(args.methods, registered)
+    overrides["options"] = (
+        spec.parse_option_flags(args.option, {m: ea.get_method(m).options for m in registered})
+        if args.option
+        else None
+    )
+    overrides.update(repeats=args.repeats, timeout_s=args.timeout)
     shard = spec.parse_shard(args.shard) if args.shard else None
     try:
         name, data = spec.load_preset(args.experiment)
@@ -277,7 +269,14 @@ run_report.add_arguments = _report_args
 def run_train(args: argparse.Namespace) -> int:
     from efficient_attn import train  # flax/optax/orbax only load for training
 
-    return train.run(args)
+    code = train.run(args)
+    config = train.config_from_args(args)
+    if code == 0 and config.task_obj().kind == "seq2seq":
+        from efficient_attn import analysis  # matplotlib loads only here
+
+        path = analysis.write_run_alignment(args.out or train.default_out(config))
+        print(f"alignment: {path}")
+    return code
 
 
 @subcommand("quality", help="train every method across task difficulty; accuracy report")

@@ -15,15 +15,16 @@ A preset (TOML under ``experiments/``, e.g. ``experiments/quality.toml``)::
 
 Each (grid point, method) is one training run under ``OUT/runs/<name>/``;
 finished runs (``final.json``) are skipped and killed ones resume from their
-checkpoint, so re-running the command continues the grid. ``OUT/results.jsonl``
-collects one row per run and ``OUT/report.md``/``.tex``/``.png``/``.pdf``
+checkpoint, so re-running the command continues the grid (the loop is the
+sweeps' :func:`efficient_attn.sweep.harness.run_points`, run in this process).
+``OUT/results.jsonl`` collects one row per run (keyed by its name, appended
+with ``fsync``) and ``OUT/report.md``/``.tex``/``.png``/``.pdf``
 show accuracy per method against difficulty.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 import tomllib
 import traceback
@@ -31,6 +32,8 @@ from pathlib import Path
 from typing import Any
 
 import efficient_attn as ea
+from efficient_attn.studies.base import throughput_note
+from efficient_attn.sweep import harness, results
 from efficient_attn.train import TrainConfig, train
 
 _TASK_FIELDS = ("task", "seq_len", "vocab_size", "num_pairs", "distance", "num_queries")
@@ -81,52 +84,66 @@ def expand(preset: dict[str, Any], methods: list[str] | None = None) -> list[Run
     return runs
 
 
+def _row(run: Run, status: str, message: str = "") -> dict[str, Any]:
+    row = {"key": run.name, "name": run.name, "task": run.task, "axis": run.axis}
+    row.update(value=run.value, method=run.method, options=run.config.options)
+    row.update(steps=run.config.steps, status=status, message=message, accuracy=None)
+    return row
+
+
+def _train(run: Run, run_dir: Path) -> dict[str, Any]:
+    """Train one run in this process (resuming its checkpoint); a failure is an error row."""
+    row = _row(run, "ok")
+    t0 = time.perf_counter()
+    try:
+        resume = (run_dir / "config.json").exists()
+        final = train(run.config, run_dir, resume=resume, progress=False)
+        row.update(accuracy=final["accuracy"], eval_loss=final["eval_loss"])
+        row.update(tokens_per_s=final.get("tokens_per_s"))
+        row.update(flop_utilisation=final.get("flop_utilisation"))
+        row.update(matmul_flop_s=final.get("matmul_flop_s"))
+    except Exception as e:  # a failing run is a row, the grid goes on
+        row.update(status="error", message=f"{type(e).__name__}: {e}")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "error.txt").write_text(traceback.format_exc())
+    row["wall_s"] = time.perf_counter() - t0
+    return row
+
+
 def run_grid(
     preset: dict[str, Any], out: str | Path, *, methods: list[str] | None = None, log=print
 ) -> list[dict[str, Any]]:
-    """Train every run not finished yet; append rows to ``out/results.jsonl``."""
+    """Train every run not finished yet (:func:`efficient_attn.sweep.harness.run_points`,
+    in this process); rows go to ``out/results.jsonl``, appended with ``fsync``."""
     out = Path(out)
-    runs = expand(preset, methods)
+    runs = {run.name: run for run in expand(preset, methods)}
     (out / "runs").mkdir(parents=True, exist_ok=True)
-    results = out / "results.jsonl"
-    done = {r["name"] for r in read_rows(results)}
-    start = time.perf_counter()
-    for i, run in enumerate(runs):
-        if run.name in done:
-            continue
-        run_dir = out / "runs" / run.name
-        row = {"name": run.name, "task": run.task, "axis": run.axis, "value": run.value}
-        row.update(method=run.method, options=run.config.options, steps=run.config.steps)
-        t0 = time.perf_counter()
-        try:
-            resume = (run_dir / "config.json").exists()
-            final = train(run.config, run_dir, resume=resume, progress=False)
-            row.update(status="ok", accuracy=final["accuracy"], eval_loss=final["eval_loss"])
-        except Exception as e:  # a failing run is a row, the grid goes on
-            row.update(status="error", message=f"{type(e).__name__}: {e}", accuracy=None)
-            (run_dir / "error.txt").write_text(traceback.format_exc())
-        row["wall_s"] = time.perf_counter() - t0
-        with results.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-        elapsed = time.perf_counter() - start
-        log(
-            f"[{i + 1}/{len(runs)}] {run.name}: {row['status']} "
-            f"acc={row['accuracy'] if row['accuracy'] is None else round(row['accuracy'], 3)} "
-            f"({row['wall_s']:.0f} s, {elapsed / 60:.1f} min elapsed)"
-        )
-    return read_rows(results)
+    points = [{"key": name, "label": name} for name in runs]
+
+    class _Log:  # the harness writes progress lines; ``log`` receives them
+        def write(self, text: str) -> None:
+            for line in text.splitlines():
+                if line.strip():
+                    log(line)
+
+        def flush(self) -> None:
+            pass
+
+        def isatty(self) -> bool:
+            return False
+
+    executor = harness.Executor(
+        execute=lambda p: _train(runs[p["key"]], out / "runs" / p["key"]),
+        new_row=lambda p, status, message: _row(runs[p["key"]], status, message),
+        describe=lambda r: f"acc={r['accuracy']:.3f} ({r['wall_s']:.0f} s)",
+    )
+    harness.run_points(points, out, executor, name="quality grid", stream=_Log())
+    return read_rows(out / "results.jsonl")
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # torn last line of a killed run
-    return rows
+    """The grid's rows (the latest per run; a torn last line of a killed run is skipped)."""
+    return list({r["key"]: r for r in results.read_rows(path)}.values())
 
 
 def _tables(rows: list[dict[str, Any]]):
@@ -154,6 +171,9 @@ def write_report(out: str | Path, preset: dict[str, Any] | None = None) -> Path:
     md = ["# Quality: held-out accuracy per method and difficulty", ""]
     if preset and preset.get("description"):
         md += [preset["description"], ""]
+    note = throughput_note(rows)
+    if note:
+        md += [note, ""]
     tex = []
     for (task, axis), (values, acc) in tables.items():
         md += [f"## {task} (difficulty: {axis})", ""]

@@ -4,7 +4,9 @@ The task's ``kind`` picks the model: a :class:`DecoderLM` for next-token tasks
 (``mqar``, ``long_range``), an :class:`EncoderDecoder` for sequence-to-sequence
 tasks (``reverse``, ``sort``), whose reported ``accuracy`` is the held-out
 token accuracy of greedy autoregressive decoding (``eval_loss`` and
-``eval_accuracy`` stay teacher-forced).
+``eval_accuracy`` stay teacher-forced), and a :class:`Classifier` (LRA's
+encoder with a pooled head) for classification tasks (``listops``), whose
+``accuracy`` is held-out classification accuracy.
 
 AdamW with linear warmup and cosine decay (optax); held-out evaluation on a
 separate seed; orbax checkpoints (periodic, atomic, the last few kept).
@@ -12,9 +14,16 @@ separate seed; orbax checkpoints (periodic, atomic, the last few kept).
 data stream (batches are a function of (seed, step)) and optimizer state.
 
 Outputs in ``out``: ``config.json``, ``metrics.jsonl`` (one row per logged
-step), ``checkpoints/<step>/`` and ``final.json``; for sequence-to-sequence
-tasks also ``alignment.png``/``.pdf`` (the cross-attention of one held-out
-example, see :mod:`efficient_attn.analysis`).
+step), ``checkpoints/<step>/`` and ``final.json``. ``final.json`` also records
+training throughput: ``tokens_per_s`` (``batch_size * seq_len`` over the median
+compiled train step, timed with ``block_until_ready``, without the first
+(compiling) step and without data generation), ``flops_per_step`` (XLA's cost
+analysis of the compiled train step), ``matmul_flop_s`` (a float32 matmul
+timed in the same process after its first run: the machine's dense ceiling) and
+``flop_utilisation`` (achieved FLOP/s over ``matmul_flop_s``; near 1 the run
+is compute-bound). :func:`train` draws no figures: ``efficient-attn train``
+adds the cross-attention alignment of sequence-to-sequence runs
+(:func:`efficient_attn.analysis.write_run_alignment`).
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ import dataclasses
 import functools
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -36,7 +46,9 @@ import optax
 import orbax.checkpoint as ocp
 
 import efficient_attn as ea
-from efficient_attn.nn import DecoderLM, EncoderDecoder, ModelConfig, greedy_decode
+from efficient_attn import bench
+from efficient_attn.nn import Classifier, DecoderLM, EncoderDecoder, ModelConfig, greedy_decode
+from efficient_attn.nn.model import POOLINGS
 from efficient_attn.tasks import TASKS, Batch, make_task
 
 EVAL_SEED_OFFSET = 1_000_003  # held-out batches come from a disjoint seed
@@ -45,7 +57,18 @@ EVAL_SEED_OFFSET = 1_000_003  # held-out batches come from a disjoint seed
 MODELS: dict[str, tuple[type, Callable[[Any], tuple[jax.Array, ...]]]] = {
     "lm": (DecoderLM, lambda b: (b.inputs,)),
     "seq2seq": (EncoderDecoder, lambda b: (b.sources, b.inputs)),
+    "classify": (Classifier, lambda b: (b.inputs, b.lengths)),
 }
+#: TrainConfig fields handed to the task (those a task does not have must stay None).
+TASK_SETTINGS: tuple[str, ...] = (
+    "vocab_size",
+    "num_pairs",
+    "distance",
+    "num_queries",
+    "max_depth",
+    "max_args",
+    "min_length",
+)
 
 #: TrainConfig fields whose defaults differ per task (used by ``TrainConfig.for_task``
 #: and the CLI). Reversing 16 tokens, held-out greedy accuracy is 1.0 with dense
@@ -65,6 +88,8 @@ _SEQ2SEQ_DEFAULTS = {
 TASK_DEFAULTS: dict[str, dict[str, Any]] = {
     "reverse": _SEQ2SEQ_DEFAULTS,
     "sort": _SEQ2SEQ_DEFAULTS,
+    # a CPU-sized ListOps; LRA's is max_depth 10, lengths (500, 2000): experiments/listops_lra.toml
+    "listops": {"seq_len": 256, "max_depth": 6, "min_length": 64, "batch_size": 32},
 }
 
 
@@ -78,6 +103,10 @@ class TrainConfig:
     num_pairs: int | None = None  # mqar
     distance: int | None = None  # long_range
     num_queries: int | None = None  # long_range
+    max_depth: int | None = None  # listops
+    max_args: int | None = None  # listops
+    min_length: int | None = None  # listops (seq_len is its max_length)
+    pooling: str = "mean"  # classification tasks: "mean" or "cls"
     method: str = "dense"
     options: dict[str, Any] = dataclasses.field(default_factory=dict)
     kv_heads: int | None = None
@@ -103,18 +132,16 @@ class TrainConfig:
         return cls(task=task, **{**TASK_DEFAULTS.get(task, {}), **fields})
 
     def task_obj(self):
-        return make_task(
-            self.task,
-            seq_len=self.seq_len,
-            vocab_size=self.vocab_size,
-            num_pairs=self.num_pairs,
-            distance=self.distance,
-            num_queries=self.num_queries,
-        )
+        """The task; ``seq_len`` sets the task's length field (listops: ``max_length``)."""
+        length = getattr(TASKS.get(self.task), "length_field", "seq_len")
+        settings = {name: getattr(self, name) for name in TASK_SETTINGS}
+        return make_task(self.task, **{length: self.seq_len}, **settings)
 
     def model_config(self) -> ModelConfig:
         task = self.task_obj()
         return ModelConfig(
+            num_classes=getattr(task, "num_classes", None),
+            pooling=self.pooling,
             vocab_size=task.vocab_size,
             max_len=self.seq_len,
             d_model=self.d_model,
@@ -128,6 +155,8 @@ class TrainConfig:
 
     def validate(self) -> None:
         ea.get_method(self.method).resolve_options(self.options)
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"pooling={self.pooling!r}; valid: {', '.join(POOLINGS)}")
         for name in ("steps", "batch_size", "checkpoint_every", "log_every", "eval_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
@@ -184,12 +213,19 @@ class Trainer:
 
         self.train_step = jax.jit(train_step, donate_argnums=0)
         self.eval_step = jax.jit(loss_fn)
-        self._batch = jax.jit(
-            lambda seed, step: self.task.batch(seed, step, self.config.batch_size)
-        )
+        if getattr(self.task, "host", False):  # generated by NumPy on the host (listops)
+            self._batch = lambda seed, step: jax.tree.map(
+                jnp.asarray, self.task.batch(seed, step, self.config.batch_size)
+            )
+        else:
+            self._batch = jax.jit(
+                lambda seed, step: self.task.batch(seed, step, self.config.batch_size)
+            )
 
     def init_state(self) -> dict[str, Any]:
-        sample = self.model_inputs(self.task.batch(self.config.seed, 0, 1))
+        sample = self.model_inputs(
+            jax.tree.map(jnp.asarray, self.task.batch(self.config.seed, 0, 1))
+        )
         params = jax.jit(self.model.init)(jax.random.PRNGKey(self.config.seed), *sample)
         return {"params": params, "opt_state": self.tx.init(params), "step": jnp.int32(0)}
 
@@ -278,6 +314,48 @@ class _Bar:
             sys.stderr.write("\n")
 
 
+def compiled_flops(exe: Any) -> float | None:
+    """FLOPs of one call of a compiled executable by XLA's cost analysis (None if unknown)."""
+    try:
+        cost = exe.cost_analysis()
+    except Exception:  # some backends do not implement it
+        return None
+    if isinstance(cost, list | tuple):
+        cost = cost[0] if cost else None
+    flops = (cost or {}).get("flops")
+    return float(flops) if flops is not None and flops > 0 else None
+
+
+@functools.cache
+def _matmul_rate(n: int) -> float:
+    """A float32 ``n``-cubed matmul's FLOP/s, measured once per process (after the first run)."""
+    return bench.matmul_flop_rate(n, jnp.float32)
+
+
+def throughput(
+    config: TrainConfig, step_s: list[float], data_s: list[float], flops_per_step: float | None
+) -> dict[str, Any]:
+    """Tokens/s and FLOP utilisation of the run against a matmul timed now, in this process."""
+    if not step_s:
+        return {"tokens_per_s": None, "step_ms_median": None, "flop_utilisation": None}
+    step = float(np.median(step_s))
+    n = 1024 if jax.default_backend() == "cpu" else 4096
+    matmul = _matmul_rate(n)
+    achieved = None if flops_per_step is None else flops_per_step / step
+    return {
+        "tokens_per_s": config.batch_size * config.seq_len / step,
+        "step_ms_median": 1e3 * step,
+        "data_ms_median": 1e3 * float(np.median(data_s)),
+        "timed_steps": len(step_s),
+        "flops_per_step": flops_per_step,
+        "achieved_flop_s": achieved,
+        "matmul_flop_s": matmul,
+        "matmul_n": n,
+        "flop_utilisation": None if achieved is None else achieved / matmul,
+        "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+    }
+
+
 def train(
     config: TrainConfig,
     out: str | Path,
@@ -314,13 +392,24 @@ def train(
     start = int(state["step"])
     bar = _Bar(config.steps, start, progress)
     t0 = time.perf_counter()
+    step_fn, flops_per_step = None, None
+    step_s, data_s = [], []
     with metrics_path.open("a") as log:
         for step in range(start, config.steps):
             if stop_after is not None and step - start >= stop_after:
                 manager.close()
                 bar.close()
                 return {}
-            state, metrics = trainer.train_step(state, trainer.batch(step))
+            t_data = time.perf_counter()
+            batch = jax.block_until_ready(trainer.batch(step))
+            t_step = time.perf_counter()
+            if step_fn is None:  # compile once, ahead of time, to read its FLOPs
+                step_fn = trainer.train_step.lower(state, batch).compile()
+                flops_per_step = compiled_flops(step_fn)
+            state, metrics = jax.block_until_ready(step_fn(state, batch))
+            if step > start:  # the first step's time is mostly compilation
+                data_s.append(t_step - t_data)
+                step_s.append(time.perf_counter() - t_step)
             done = step + 1
             if done % config.log_every == 0 or done == config.steps:
                 row = {"step": done, **{k: float(v) for k, v in metrics.items()}}
@@ -343,15 +432,12 @@ def train(
         "config": config_json,
         "train_wall_s": time.perf_counter() - t0,
         "resumed_from": start,
+        **throughput(config, step_s, data_s, flops_per_step),
     }
     final["accuracy_metric"] = (
         "eval_greedy_accuracy" if "eval_greedy_accuracy" in final else "eval_accuracy"
     )
     final["accuracy"] = final[final["accuracy_metric"]]
-    if trainer.generate is not None:
-        from efficient_attn import analysis  # matplotlib loads only here
-
-        analysis.write_alignment(trainer, state["params"], out, accuracy=final["accuracy"])
     _write_json(out / "final.json", final)
     return final
 
@@ -394,6 +480,10 @@ def add_arguments(p) -> None:
     p.add_argument("--num-pairs", type=int, default=None, help="mqar key-value pairs")
     p.add_argument("--distance", type=int, default=None, help="long_range distance")
     p.add_argument("--num-queries", type=int, default=None, help="long_range queries")
+    p.add_argument("--max-depth", type=int, default=None, help="listops tree depth")
+    p.add_argument("--max-args", type=int, default=None, help="listops arguments per operator")
+    p.add_argument("--min-length", type=int, default=None, help="listops (--seq-len: max)")
+    p.add_argument("--pooling", default=None, help="classification head: mean or cls")
     for flag, field in _FLAGS.items():
         kind = type(getattr(d, field))
         p.add_argument(f"--{flag.replace('_', '-')}", type=kind, help=_default_help(field))
@@ -411,12 +501,9 @@ def config_from_args(args) -> TrainConfig:
     if not isinstance(options, dict):
         raise ValueError(f"--options must be a JSON object, got {args.options!r}")
     given = {field: getattr(args, flag) for flag, field in _FLAGS.items()}
+    given.update({name: getattr(args, name, None) for name in (*TASK_SETTINGS, "pooling")})
     return TrainConfig.for_task(
         args.task,
-        vocab_size=args.vocab_size,
-        num_pairs=args.num_pairs,
-        distance=args.distance,
-        num_queries=args.num_queries,
         method=args.method,
         options=options,
         kv_heads=args.kv_heads,
@@ -425,15 +512,24 @@ def config_from_args(args) -> TrainConfig:
     )
 
 
+def default_out(config: TrainConfig) -> str:
+    return f"runs/train/{config.task}-{config.method}"
+
+
 def run(args) -> int:
-    """``efficient-attn train``: train, then print the final held-out accuracy."""
+    """``efficient-attn train``: train, then print the final held-out accuracy and throughput."""
     config = config_from_args(args)
-    out = args.out or f"runs/train/{config.task}-{config.method}"
+    out = args.out or default_out(config)
     final = train(config, out, resume=args.resume, progress=not args.no_progress)
     greedy = "eval_greedy_accuracy" in final
     teacher = f" (greedy; teacher-forced {final['eval_accuracy']:.4f})" if greedy else ""
+    speed = ""
+    if final.get("tokens_per_s"):
+        speed = f"; {final['tokens_per_s']:,.0f} tokens/s"
+        if final.get("flop_utilisation") is not None:
+            speed += f", {100 * final['flop_utilisation']:.1f}% of the measured matmul rate"
     print(
         f"{config.task} / {config.method}: held-out accuracy {final['accuracy']:.4f}{teacher} "
-        f"after {final['step']} steps ({final['train_wall_s']:.0f} s); results in {out}"
+        f"after {final['step']} steps ({final['train_wall_s']:.0f} s{speed}); results in {out}"
     )
     return 0

@@ -52,7 +52,7 @@ def test_seq2seq_task_errors_and_registry():
         make_task("sort", vocab_size=2)
     with pytest.raises(ValueError, match="has no setting"):
         make_task("reverse", num_pairs=3)
-    with pytest.raises(ValueError, match="valid tasks: mqar, long_range, reverse, sort"):
+    with pytest.raises(ValueError, match="valid tasks: mqar, long_range, listops, reverse, sort"):
         make_task("nope")
 
 

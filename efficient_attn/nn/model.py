@@ -1,4 +1,5 @@
-"""A small decoder-only Transformer for synthetic recall tasks (Zoology-sized)."""
+"""Small Transformers for synthetic tasks: a decoder-only LM (Zoology-sized) and an encoder
+classifier (Long Range Arena's, Tay et al. 2020)."""
 
 from __future__ import annotations
 
@@ -28,6 +29,8 @@ class ModelConfig:
     options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     token_shift: bool = True
     scale: float | None = None  # attention logit scale (None: the method's default)
+    num_classes: int | None = None  # Classifier: output classes
+    pooling: str = "mean"  # Classifier: "mean" over non-padding tokens or "cls" (a class token)
 
 
 class TokenShift(nn.Module):
@@ -68,11 +71,13 @@ class Block(nn.Module):
     """Pre-norm Transformer block: x + attn(LN(x)); x + MLP(LN(x))."""
 
     config: ModelConfig
+    causal: bool = True
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        attn = attention_layer(self.config, causal=True, name="attention")
-        x = x + attn(nn.LayerNorm(name="ln_attention")(x))
+    def __call__(self, x: jax.Array, kv_lengths: jax.Array | None = None) -> jax.Array:
+        """x: [B, T, D]; kv_lengths: int [B], keys at positions >= it are padding."""
+        attn = attention_layer(self.config, causal=self.causal, name="attention")
+        x = x + attn(nn.LayerNorm(name="ln_attention")(x), kv_lengths=kv_lengths)
         return residual_mlp(self.config, x)
 
 
@@ -97,3 +102,46 @@ class DecoderLM(nn.Module):
         for i in range(self.config.num_layers):
             x = Block(self.config, name=f"block_{i}")(x)
         return embed.attend(nn.LayerNorm(name="ln_final")(x))
+
+
+POOLINGS: tuple[str, ...] = ("mean", "cls")
+
+
+class Classifier(nn.Module):
+    """Bidirectional encoder + pooled classification head, as LRA's (Tay et al. 2020).
+
+    Token + learned position embeddings, non-causal pre-norm blocks whose
+    attention ignores padding keys (``kv_lengths``, for every method), a final
+    LayerNorm, then ``pooling``: ``"mean"`` over the non-padding tokens or
+    ``"cls"`` (a learned class vector prepended to the sequence, LRA's
+    ``pooling_mode = "CLS"``), then Dense-GELU-Dense to ``num_classes`` logits.
+    """
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, tokens: jax.Array, lengths: jax.Array) -> jax.Array:
+        """tokens: int [B, T]; lengths: int [B] (non-padding tokens) -> logits [B, classes]."""
+        c = self.config
+        if c.pooling not in POOLINGS:
+            raise ValueError(f"pooling={c.pooling!r}; valid: {', '.join(POOLINGS)}")
+        if not c.num_classes:
+            raise ValueError(f"Classifier needs num_classes >= 1, got {c.num_classes}")
+        x = nn.Embed(c.vocab_size, c.d_model, name="embed")(tokens)  # [B, T, D]
+        positions = self.param("positions", nn.initializers.normal(0.02), (c.max_len, c.d_model))
+        x = x + positions[None, : tokens.shape[1]]
+        lengths = lengths.astype(jnp.int32)
+        if c.pooling == "cls":
+            cls = self.param("cls", nn.initializers.normal(0.02), (1, 1, c.d_model))
+            x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, c.d_model)), x], axis=1)
+            lengths = lengths + 1
+        for i in range(c.num_layers):
+            x = Block(c, causal=False, name=f"block_{i}")(x, lengths)
+        x = nn.LayerNorm(name="ln_final")(x)  # [B, T', D]
+        if c.pooling == "cls":
+            pooled = x[:, 0]
+        else:
+            valid = (jnp.arange(x.shape[1])[None, :] < lengths[:, None]).astype(x.dtype)
+            pooled = (x * valid[..., None]).sum(1) / jnp.maximum(valid.sum(1), 1.0)[:, None]
+        h = nn.gelu(nn.Dense(c.d_model, name="head_hidden")(pooled))
+        return nn.Dense(c.num_classes, name="head")(h)  # [B, classes]

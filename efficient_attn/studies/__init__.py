@@ -12,6 +12,10 @@ rows' ``experiment`` field.
   vs context length for MHA, GQA and MQA (:mod:`efficient_attn.studies.decode`).
 * ``scale_ablation``: softmax statistics and MQAR trainability under the
   logit scales 1/sqrt(d), 1 and 1/d (:mod:`efficient_attn.studies.scale_ablation`).
+* ``lra_efficiency`` and ``listops``: Long Range Arena's efficiency table and
+  ListOps accuracy beside ours (:mod:`efficient_attn.studies.lra`).
+* ``zoology_mqar``: MQAR accuracy vs model width per sequence length, Zoology's
+  Figure 2 (:mod:`efficient_attn.studies.zoology`).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from efficient_attn.studies import decode, scale_ablation
+from efficient_attn.studies import decode, lra, scale_ablation, zoology
 from efficient_attn.studies.base import (
     SWEEP_FLAGS,
     Study,
@@ -36,7 +40,10 @@ from efficient_attn.sweep import runner
 from efficient_attn.sweep.spec import experiments_dirs
 
 #: study name -> record (dispatch is this table).
-STUDIES: dict[str, Study] = {s.name: s for s in (decode.STUDY, scale_ablation.STUDY)}
+STUDIES: dict[str, Study] = {
+    s.name: s
+    for s in (decode.STUDY, scale_ablation.STUDY, lra.LRA_EFFICIENCY, lra.LISTOPS, zoology.STUDY)
+}
 
 __all__ = [
     "STUDIES",

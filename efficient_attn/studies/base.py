@@ -4,10 +4,10 @@ A study is a :class:`Study` record: the preset keys it reads (with defaults),
 the ``efficient-attn sweep`` flags it honours, ``points(settings, out_dir)``
 giving one payload per measurement, ``measure(payload, row)`` filling a row
 in a fresh worker process (:mod:`efficient_attn.studies.worker`), and
-``report(rows, out_dir)`` writing its tables and plots. The run loop reuses
-the sweep's machinery: rows are appended to ``DIR/results.jsonl``
-(:func:`efficient_attn.sweep.runner.append_row`), keyed by a stable ``key``
-that re-runs skip; each point runs in its own process
+``report(rows, out_dir)`` writing its tables and plots. The run loop is the
+sweep's (:func:`efficient_attn.sweep.harness.run_points`): rows are appended
+to ``DIR/results.jsonl`` with ``fsync``, keyed by a stable ``key`` that
+re-runs skip; each point runs in its own process
 (:func:`efficient_attn.sweep.runner.run_worker`), where a crash, kill or
 timeout still becomes a row.
 
@@ -20,37 +20,22 @@ the study's measurement fields (None where not measured), ``env``
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
-import os
 import sys
-import time
-from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from efficient_attn.sweep import runner
-from efficient_attn.sweep.worker import environment, utc_now
+from efficient_attn.sweep import harness, runner
+from efficient_attn.sweep.spec import AXIS_TABLE
 
 WORKER = (sys.executable, "-m", "efficient_attn.studies.worker")
 
 #: Preset keys every study reads, with defaults.
 COMMON_SETTINGS: dict[str, Any] = {"description": "", "note": "", "timeout_s": 600.0}
 #: ``efficient-attn sweep`` flags (argparse dests) a study may honour.
-SWEEP_FLAGS: tuple[str, ...] = (
-    "methods",
-    "seq_lens",
-    "batch",
-    "heads",
-    "kv_heads",
-    "head_dim",
-    "dtype",
-    "causal",
-    "passes",
-    "option",
-    "repeats",
-    "shard",
-)
+SWEEP_FLAGS: tuple[str, ...] = (*(a.flag for a in AXIS_TABLE if a.flag), "repeats", "shard")
 #: Flags every study honours.
 COMMON_FLAGS: tuple[str, ...] = ("--out", "--timeout", "--retry-errors", "--no-report", "--dry-run")
 
@@ -158,24 +143,6 @@ def new_row(study: Study, payload: Mapping[str, Any], status: str, message: str 
     }
 
 
-def _infeasible_families(rows: Mapping[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """family -> the shortest row of that family that ran out of memory or time."""
-    failed: dict[str, dict[str, Any]] = {}
-    for row in rows.values():
-        family = row.get("family")
-        if not family or not runner.infeasible(row) or row.get("skipped"):
-            continue
-        if family not in failed or row["seq_len"] < failed[family]["seq_len"]:
-            failed[family] = row
-    return failed
-
-
-def _write_meta(out_dir: Path, meta: dict[str, Any]) -> None:
-    tmp = out_dir / f".sweep.json.{os.getpid()}"
-    tmp.write_text(json.dumps(meta, indent=1) + "\n")
-    os.replace(tmp, out_dir / "sweep.json")
-
-
 def run_points(
     study: Study,
     name: str,
@@ -186,69 +153,143 @@ def run_points(
     stream: TextIO | None = sys.stderr,
     meta: Mapping[str, Any] | None = None,
     command: Sequence[str] = WORKER,
-) -> runner.Outcome:
-    """Run the study's points not yet in ``out_dir``, one worker process each.
+) -> harness.Outcome:
+    """Run the study's points not yet in ``out_dir``, one worker process each
+    (:func:`efficient_attn.sweep.harness.run_points`).
 
     Points whose key has a row are skipped (``retry_errors``: unless that row
     is an ``error``). A point whose ``family`` ran out of memory or time at a
     shorter ``seq_len`` is recorded with that status without running.
     """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    points = study.points(settings, out_dir)
-    latest: dict[str, dict[str, Any]] = {}
-    for path in runner.results_files(out_dir):
-        for row in runner.read_rows(path):
-            latest[row["key"]] = row
-    done = {k for k, r in latest.items() if not (retry_errors and r["status"] == "error")}
-    failed = _infeasible_families(latest)
-    todo = [p for p in points if p["key"] not in done]
-    path = out_dir / runner.RESULTS
-    _write_meta(
+    points = study.points(settings, Path(out_dir))
+
+    def execute(payload: dict[str, Any]) -> dict[str, Any]:
+        row = runner.run_worker(payload, float(settings["timeout_s"]), command)
+        if row.get("experiment") != study.name:  # the worker died: the runner's sweep row
+            dead = new_row(study, payload, row["status"], row["message"])
+            dead["worker_s"] = row["worker_s"]
+            return dead
+        return row
+
+    executor = harness.Executor(
+        execute=execute,
+        new_row=lambda payload, status, message: new_row(study, payload, status, message),
+        describe=study.describe,
+    )
+    return harness.run_points(
+        points,
         out_dir,
-        {**(meta or {}), "name": name, "study": study.name, "points": len(points), **settings},
+        executor,
+        name=f"study {study.name!r} ({name})",
+        retry_errors=retry_errors,
+        stream=stream,
+        meta={**(meta or {}), "name": name, "study": study.name, "points": len(points), **settings},
     )
-    if stream is not None:
-        stream.write(
-            f"study {study.name!r} ({name}): {len(points)} points, "
-            f"{len(points) - len(todo)} already in {out_dir}, running {len(todo)} -> {path}\n"
+
+
+def method_list(settings: Mapping[str, Any]) -> list[str]:
+    """The preset's ``methods`` checked against the registry (``"all"``: every available one).
+
+    A name that is not registered is a :class:`ValueError` listing the registered methods.
+    """
+    import efficient_attn as ea
+    from efficient_attn.sweep.spec import as_list, check_methods
+
+    names = settings["methods"]
+    if names == "all":
+        return [m for m in ea.methods() if ea.get_method(m).available() is None]
+    return check_methods(as_list("methods", names), list(ea.methods()))
+
+
+def train_config(table: Mapping[str, Any], **fields: Any) -> Any:
+    """A validated :class:`efficient_attn.train.TrainConfig` from a preset's ``[train]`` table
+    (task defaults first), overridden by ``fields``; unknown keys are a :class:`ValueError`."""
+    from efficient_attn.train import TrainConfig
+
+    valid = {f.name for f in dataclasses.fields(TrainConfig)}
+    merged = {**dict(table), **fields}
+    unknown = sorted(set(merged) - valid)
+    if unknown:
+        raise ValueError(
+            f"[train] key(s) {unknown} unknown; valid keys: {', '.join(sorted(valid))}"
         )
-    fallback_env = environment(devices=False)
-    statuses: Counter = Counter()
-    begin = time.perf_counter()
-    for i, payload in enumerate(todo):
-        start = time.perf_counter()
-        shorter = failed.get(payload.get("family") or "")
-        if shorter is not None and shorter["seq_len"] < payload["seq_len"]:
-            first = (str(shorter.get("message") or "").splitlines() or [""])[0][:300]
-            row = new_row(
-                study,
-                payload,
-                shorter["status"],
-                f"not run: infeasible at the shorter length {shorter['seq_len']} ({first})",
-            )
-            row["skipped"] = True
-        else:
-            row = runner.run_worker(payload, float(settings["timeout_s"]), command)
-            if row.get("experiment") != study.name:  # the worker died: the runner's sweep row
-                status, message, worker_s = row["status"], row["message"], row["worker_s"]
-                row = new_row(study, payload, status, message)
-                row["worker_s"] = worker_s
-            if runner.infeasible(row) and payload.get("family"):
-                failed.setdefault(payload["family"], row)
-        if row.get("env"):
-            fallback_env = row["env"]
-        else:
-            row["env"] = {**fallback_env, "date": utc_now()}
-        runner.append_row(path, row)
-        statuses[row["status"]] += 1
-        if stream is not None:
-            what = study.describe(row) if row["status"] == "ok" else row["message"][:120]
-            stream.write(
-                f"[{i + 1}/{len(todo)} {time.perf_counter() - begin:.0f} s] {payload['label']}: "
-                f"{row['status']} {what} ({time.perf_counter() - start:.1f} s)\n"
-            )
-            stream.flush()
-    return runner.Outcome(
-        path=path, ran=len(todo), skipped=len(points) - len(todo), statuses=statuses
+    task = merged.pop("task", TrainConfig.task)
+    config = TrainConfig.for_task(task, **merged)
+    config.validate()
+    return config
+
+
+def trained_point(
+    experiment: str, key: str, label: str, config: Any, out_dir: Path, **identity: Any
+) -> dict[str, Any]:
+    """A payload that trains ``config`` in ``OUT/runs/<name>-<digest>/`` (resumed if killed)."""
+    fields = dataclasses.asdict(config)
+    digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:10]
+    run_dir = Path("runs") / f"{identity.get('method', 'run')}-{digest}"
+    return {
+        "experiment": experiment,
+        "key": f"{key}|{digest}",
+        "label": label,
+        **identity,
+        "run_dir": str(run_dir),
+        "config": fields,
+        "run": {"run_dir": str(Path(out_dir).absolute() / run_dir)},
+    }
+
+
+#: Row fields :func:`measure_trained` fills.
+TRAINED_MEASUREMENTS: tuple[str, ...] = (
+    "accuracy",
+    "eval_loss",
+    "steps",
+    "train_wall_s",
+    "tokens_per_s",
+    "step_ms_median",
+    "flops_per_step",
+    "matmul_flop_s",
+    "flop_utilisation",
+    "curve",
+)
+
+
+def measure_trained(payload: dict[str, Any], row: dict[str, Any]) -> None:
+    """Train (or finish training) the payload's run; its held-out accuracy and throughput."""
+    from efficient_attn.train import TrainConfig, train
+
+    run_dir = Path(payload["run"]["run_dir"])
+    final = train(TrainConfig(**payload["config"]), run_dir, resume=True, progress=False)
+    logged = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x]
+    row.update({k: final.get(k) for k in TRAINED_MEASUREMENTS if k in final})
+    row.update(
+        steps=final["step"],
+        curve=[[r["step"], r["eval_accuracy"]] for r in logged if "eval_accuracy" in r],
     )
+
+
+def describe_trained(row: dict[str, Any]) -> str:
+    """A few words on a finished trained row (progress log)."""
+    return f"accuracy {row['accuracy']:.3f}, {row.get('tokens_per_s') or 0:,.0f} tokens/s"
+
+
+def throughput_note(rows: Sequence[dict[str, Any]]) -> str:
+    """One sentence: median tokens/s and FLOP utilisation of the ok trained rows."""
+    ok = [r for r in rows if r["status"] == "ok" and r.get("tokens_per_s")]
+    if not ok:
+        return ""
+    tps = sorted(r["tokens_per_s"] for r in ok)
+    util = sorted(r["flop_utilisation"] for r in ok if r.get("flop_utilisation") is not None)
+    text = f"Training throughput: {tps[0]:,.0f}-{tps[-1]:,.0f} tokens/s"
+    if util:
+        rates = sorted(r["matmul_flop_s"] for r in ok if r.get("matmul_flop_s"))
+        median = util[len(util) // 2]
+        where = f" ({rates[0] / 1e9:.0f}-{rates[-1] / 1e9:.0f} GFLOP/s)" if rates else ""
+        text += (
+            f"; {100 * util[0]:.1f}-{100 * util[-1]:.1f}% (median {100 * median:.1f}%) of the "
+            f"matmul rate measured in the same processes{where}, so the runs are "
+            + (
+                "mostly compute-bound."
+                if median > 0.5
+                else "not compute-bound (overheads dominate)."
+            )
+        )
+    return text

@@ -146,3 +146,40 @@ def decode_plot(rows: Sequence[dict[str, Any]], stem: Path, title: str) -> list[
     axes[0].legend(fontsize=7, ncols=2)
     fig.suptitle(f"Decoding one token against a KV cache ({title})", fontsize=9)
     return _save(fig, stem)
+
+
+def zoology_plot(best: dict, stem: Path, source: str) -> list[Path]:
+    """Zoology Figure 2's layout: a panel per sequence length, accuracy vs d_model per method.
+
+    ``best``: (seq_len, pairs, method, d_model) -> accuracy (or a status string: not drawn).
+    """
+    panels = sorted({k[:2] for k in best})
+    if not panels:
+        return []
+    methods = list(dict.fromkeys(k[2] for k in best))
+    fig = Figure(figsize=(3.2 * len(panels), 3.2), layout="constrained")
+    axes = fig.subplots(1, len(panels), squeeze=False, sharey=True)[0]
+    for ax, (t, p) in zip(axes, panels, strict=True):
+        for m in methods:
+            pts = sorted(
+                (d, v)
+                for (tt, pp, mm, d), v in best.items()
+                if (tt, pp, mm) == (t, p, m) and isinstance(v, float)
+            )
+            if pts:
+                ax.plot(*zip(*pts, strict=True), marker="o", ms=4, label=m)
+        widths = sorted({k[3] for k in best if k[:2] == (t, p)})
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(widths, [str(d) for d in widths])
+        ax.minorticks_off()
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_title(f"Sequence length {t} ({p} pairs)", fontsize=9)
+        ax.set_xlabel("model dimension")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("MQAR accuracy")
+    axes[-1].legend(fontsize=7, loc="lower right")
+    fig.suptitle(f"MQAR accuracy vs width, Zoology's layout ({source.split(',')[0]})", fontsize=9)
+    paths = [stem.with_suffix(".png"), stem.with_suffix(".pdf")]
+    for path in paths:
+        fig.savefig(path, dpi=150)
+    return paths

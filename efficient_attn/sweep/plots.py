@@ -13,7 +13,7 @@ import matplotlib
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from efficient_attn.sweep.report import TIME, Metric, PanelData, rel_error, time_ms
+from efficient_attn.sweep.results import TIME, Metric, PanelData, rel_error, time_ms
 
 
 def _length_label(t: int) -> str:

@@ -13,130 +13,33 @@ that ran out of memory counts as infinitely slow and large.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from efficient_attn.sweep.runner import merge_rows
-from efficient_attn.sweep.spec import PASSES
+from efficient_attn.sweep.results import (  # noqa: F401  (re-exported: the data model)
+    ERROR,
+    MEMORY,
+    TIME,
+    Metric,
+    Panel,
+    PanelData,
+    group,
+    memory_mib,
+    merge_rows,
+    rel_error,
+    sweep_meta,
+    time_ms,
+    variant,
+)
 
 BASELINES: tuple[str, ...] = ("dense", "xla")
 FIT_POINTS = 3
 _MARK = {"oom": "OOM", "error": "error", "unsupported": "n/a"}
 _INF = math.inf
-
-
-@dataclasses.dataclass(frozen=True)
-class Panel:
-    """The settings shared by one table/figure."""
-
-    pass_: str
-    dtype: str
-    causal: bool
-    batch: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    strategy: str | None = None
-
-    @property
-    def slug(self) -> str:
-        mask = "causal" if self.causal else "full"
-        return (
-            f"{self.pass_.replace('+', '')}-{self.dtype}-{mask}-b{self.batch}-n{self.heads}"
-            f"-k{self.kv_heads}-h{self.head_dim}"
-            + (f"-{self.strategy.replace('_', '')}" if self.strategy else "")
-        )
-
-    @property
-    def title(self) -> str:
-        mask = "causal" if self.causal else "non-causal"
-        return (
-            f"{self.pass_}, {self.dtype}, {mask}, batch {self.batch}, {self.heads} heads, "
-            f"{self.kv_heads} kv heads, head dim {self.head_dim}"
-            + (f", sequence parallel: {self.strategy}" if self.strategy else "")
-        )
-
-    @classmethod
-    def of(cls, row: dict[str, Any]) -> Panel:
-        return cls(
-            row["pass"],
-            row["dtype"],
-            bool(row["causal"]),
-            row["batch"],
-            row["heads"],
-            row["kv_heads"],
-            row["head_dim"],
-            row.get("strategy"),
-        )
-
-
-def variant(row: dict[str, Any]) -> str:
-    """Method name with its non-default options, e.g. ``performer(num_features=64)``.
-
-    Sequence-parallel points add strategy and device count: ``blockwise ring P=8``.
-    """
-    opts = ",".join(f"{k}={v}" for k, v in sorted((row.get("options") or {}).items()))
-    name = f"{row['method']}({opts})" if opts else row["method"]
-    if row.get("strategy"):
-        name += f" {row['strategy']} P={row.get('devices') or 1}"
-    return name
-
-
-@dataclasses.dataclass
-class PanelData:
-    panel: Panel
-    variants: list[str]
-    lengths: list[int]
-    cells: dict[tuple[str, int], dict[str, Any]]
-
-    def values(self, name: str, metric: Callable[[dict], float | None]) -> dict[int, float]:
-        """Length -> value of ``metric`` where the point ran (``inf`` where it hit OOM)."""
-        out = {}
-        for t in self.lengths:
-            row = self.cells.get((name, t))
-            if row is None:
-                continue
-            if row["status"] == "ok" and metric(row) is not None:
-                out[t] = metric(row)
-            elif row["status"] == "oom":
-                out[t] = _INF
-        return out
-
-
-def group(rows: Iterable[dict[str, Any]]) -> list[PanelData]:
-    """Rows -> panels (forward first), variants in order of first appearance."""
-    panels: dict[Panel, PanelData] = {}
-    for row in rows:
-        p = Panel.of(row)
-        data = panels.setdefault(p, PanelData(p, [], [], {}))
-        name = variant(row)
-        if name not in data.variants:
-            data.variants.append(name)
-        if row["seq_len"] not in data.lengths:
-            data.lengths.append(row["seq_len"])
-        data.cells[(name, row["seq_len"])] = row
-    for data in panels.values():
-        data.lengths.sort()
-    order = {p: i for i, p in enumerate(PASSES)}
-    return sorted(panels.values(), key=lambda d: order.get(d.panel.pass_, len(order)))
-
-
-def time_ms(row: dict[str, Any]) -> float | None:
-    return row.get("time_ms")
-
-
-def memory_mib(row: dict[str, Any]) -> float | None:
-    b = row.get("memory_bytes")
-    return None if b is None else b / 2**20
-
-
-def rel_error(row: dict[str, Any]) -> float | None:
-    return row.get("rel_error")
 
 
 def fit_exponent(values: dict[int, float], points: int = FIT_POINTS) -> float | None:
@@ -194,35 +97,6 @@ def _error_cell(row: dict[str, Any] | None) -> str:
     if row is not None and row["status"] == "ok" and row.get("grad_rel_error") is not None:
         text += f" / {row['grad_rel_error']:.1e}"
     return text
-
-
-@dataclasses.dataclass(frozen=True)
-class Metric:
-    name: str
-    caption: str
-    unit: str
-    value: Callable[[dict], float | None]
-    fit: bool
-    title: str
-
-
-TIME = Metric("time", "Time per call", "ms, median", time_ms, True, "Time vs sequence length")
-MEMORY = Metric(
-    "memory",
-    "Compiled memory",
-    "MiB, temp + arguments + outputs",
-    memory_mib,
-    True,
-    "Compiled memory (temp + arguments + outputs) vs sequence length",
-)
-ERROR = Metric(
-    "error",
-    "Relative error vs float64",
-    "Frobenius",
-    rel_error,
-    False,
-    "Error vs exact attention",
-)
 
 
 def table(data: PanelData, metric: Metric) -> tuple[list[str], list[list[str]]]:
@@ -381,18 +255,6 @@ def _notes(rows: Sequence[dict[str, Any]]) -> list[str]:
     for (name, status, message), where in groups.items():
         lines.append(f"- **{name}** {status} at {'; '.join(where)}: {message}")
     return lines
-
-
-def sweep_meta(paths: Sequence[str | Path]) -> dict[str, Any]:
-    """The run's ``sweep.json`` (name, description, settings, command) under ``paths``, or {}."""
-    for p in paths:
-        meta = Path(p) / "sweep.json"
-        if meta.is_file():
-            try:
-                return json.loads(meta.read_text())
-            except json.JSONDecodeError:
-                continue
-    return {}
 
 
 def header_lines(

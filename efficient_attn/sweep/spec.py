@@ -41,21 +41,51 @@ from typing import Any
 DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16")
 PASSES: tuple[str, ...] = ("fwd", "fwd+bwd")
 
-#: Axes a preset or a ``[[grid]]`` may set; each is swept (a scalar is a list of one).
-AXES: tuple[str, ...] = (
-    "methods",
-    "seq_lens",
-    "batch",
-    "heads",
-    "kv_heads",
-    "head_dim",
-    "dtype",
-    "causal",
-    "passes",
-    "options",
-    "devices",
-    "strategy",
+
+@dataclasses.dataclass(frozen=True)
+class Axis:
+    """One swept axis: its preset key, default, and ``efficient-attn sweep`` flag.
+
+    ``flag`` is the argparse dest (None: preset only); ``kind`` says how the
+    flag's text parses: ``int`` / ``str`` (comma lists), ``bool``
+    (``--x/--no-x``) or ``options`` (repeatable ``METHOD.NAME=V[,V]``).
+    """
+
+    name: str
+    default: Any
+    flag: str | None
+    kind: str
+    help: str = ""
+
+
+#: Every axis a preset or a ``[[grid]]`` may set (each is swept; a scalar is a list of
+#: one): the one declaration that the preset checks, the CLI flags, the study flags and
+#: the defaults read. A new axis is an entry here, a :class:`Point` field (and its key
+#: suffix, written only when not the default so old keys stay valid) and its loop in
+#: :func:`_expand_grid`.
+AXIS_TABLE: tuple[Axis, ...] = (
+    Axis("methods", "all", "methods", "str", "comma-separated, or 'all'"),
+    Axis("seq_lens", [1024], "seq_lens", "int", "e.g. 1024,2048,4096"),
+    Axis("batch", 1, "batch", "int"),
+    Axis("heads", 4, "heads", "int"),
+    Axis(
+        "kv_heads", None, "kv_heads", "int", "must divide --heads (1: multi-query)"
+    ),  # None: =heads
+    Axis("head_dim", 64, "head_dim", "int"),
+    Axis("dtype", "float32", "dtype", "str", "float32, bfloat16 or float16 (comma list)"),
+    Axis("causal", True, "causal", "bool"),
+    Axis("passes", ["fwd"], "passes", "str", "fwd, fwd+bwd or both (comma list)"),
+    Axis(
+        "options",
+        {},
+        "option",
+        "options",
+        "method option values to sweep (repeatable), e.g. performer.num_features=64,256",
+    ),
+    Axis("devices", 1, None, "int"),
+    Axis("strategy", "none", None, "str"),
 )
+AXES: tuple[str, ...] = tuple(a.name for a in AXIS_TABLE)
 #: Sequence-parallel strategies (``efficient_attn.parallel.api.STRATEGIES``); None: one device.
 STRATEGIES: tuple[str, ...] = ("ring", "all_to_all")
 #: Settings of the whole sweep (top level only).
@@ -73,20 +103,7 @@ SETTINGS: dict[str, Any] = {
     # run and time only where B * N * Tq * Tk <= this; beyond, compile only (memory); 0: no limit
     "time_max_elements": 0,
 }
-_AXIS_DEFAULTS: dict[str, Any] = {
-    "methods": "all",
-    "seq_lens": [1024],
-    "batch": 1,
-    "heads": 4,
-    "kv_heads": None,  # None: kv_heads = heads
-    "head_dim": 64,
-    "dtype": "float32",
-    "causal": True,
-    "passes": ["fwd"],
-    "options": {},
-    "devices": 1,
-    "strategy": "none",
-}
+_AXIS_DEFAULTS: dict[str, Any] = {a.name: a.default for a in AXIS_TABLE}
 
 
 class SpecError(ValueError):
