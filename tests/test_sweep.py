@@ -393,3 +393,26 @@ strategy = ["ring", "all_to_all"]
     text = (out / "report.md").read_text()
     assert "host devices share the cores" in text and "sequence parallel: ring" in text
     assert "blockwise ring P=2" in text and "Compiled memory per device" in text
+
+
+def test_mods_are_a_sweep_axis(tmp_path):
+    """flex.toml expands over mods; a point records block density, FLOPs and build time,
+    and its error is against the float64 reference with the same mods."""
+    name, data = spec.load_preset("flex")
+    sweep = spec.build_sweep(name, data, {}, ea.methods())
+    assert {p.mods for p in sweep.points} >= {"causal", "window:256", "documents:16", "alibi"}
+    assert len({p.key for p in sweep.points}) == len(sweep.points)
+    with pytest.raises(spec.SpecError, match="unknown mods variant"):
+        _sweep('methods = ["dense"]\nseq_lens = [16]\nmods = ["spiral"]\n', tmp_path)
+    for method in ("blockwise", "dense"):
+        point = spec.Point(method, {}, 48, 1, 2, 2, 8, "float32", False, "fwd+bwd",
+                           mods="documents:3")  # fmt: skip
+        payload = {**point.identity(), "repeats": 1, "warmup": 1, "reference_max_elements": 10**6}
+        row = worker.run_point(payload)
+        assert row["status"] == "ok" and row["mods"] == "documents:3", row["message"]
+        assert row["rel_error"] < 1e-5 and row["grad_rel_error"] < 1e-5
+        if method == "blockwise":
+            assert 0 < row["block_density"] <= 1 and row["block_mask_build_ms"] > 0
+            assert row["executed_flops_fwd"] >= row["useful_flops_fwd"] > 0
+    row = worker.run_point({**payload, "method": "linear_elu", "pass": "fwd"})
+    assert row["status"] == "unsupported" and "mask_mod" in row["message"]

@@ -23,6 +23,7 @@ from typing import Any
 from efficient_attn.sweep.results import (  # noqa: F401  (re-exported: the data model)
     ERROR,
     MEMORY,
+    MOD_METRICS,
     TIME,
     Metric,
     Panel,
@@ -113,6 +114,8 @@ def table(data: PanelData, metric: Metric) -> tuple[list[str], list[list[str]]]:
                 _cell(data.cells.get((name, t)), metric.value, fmt_value) for t in data.lengths
             ]
         if not any(cells) or all(c == "n/a" for c in cells if c):
+            continue
+        if metric.optional and all(c in ("", "n/a", "n/c") for c in cells):
             continue
         if metric.fit:
             slope = fit_exponent(data.values(name, metric.value))
@@ -313,12 +316,16 @@ def write_report(paths: Sequence[str | Path], out_dir: str | Path | None = None)
     for data in group(rows):
         slug, title = data.panel.slug, data.panel.title
         md += ["", f"## {title}", ""]
-        for metric in (TIME, MEMORY, ERROR):
+        for metric in (TIME, MEMORY, ERROR, *MOD_METRICS):
             header, body = table(data, metric)
             if not body:
                 continue
             stem = out / f"{metric.name}-{slug}"
-            figure = plots.metric_plot(data, metric, stem, device) if plots else []
+            figure = (
+                plots.metric_plot(data, metric, stem, device)
+                if plots and not metric.optional
+                else []
+            )
             written += figure
             if figure:
                 md += [f"![{metric.name}]({figure[0].name})", ""]

@@ -181,6 +181,8 @@ def variant(row: dict[str, Any]) -> str:
     name = f"{row['method']}({opts})" if opts else row["method"]
     if row.get("strategy"):
         name += f" {row['strategy']} P={row.get('devices') or 1}"
+    if row.get("mods") not in (None, "none"):
+        name += f" [{row['mods']}]"
     return name
 
 
@@ -244,6 +246,7 @@ class Metric:
     value: Callable[[dict], float | None]
     fit: bool
     title: str
+    optional: bool = False  # only rows that carry it (mods sweeps): other variants are left out
 
 
 TIME = Metric("time", "Time per call", "ms, median", time_ms, True, "Time vs sequence length")
@@ -263,3 +266,19 @@ ERROR = Metric(
     False,
     "Error vs exact attention",
 )
+
+
+def _executed_over_useful(row: dict[str, Any]) -> float | None:
+    useful, executed = row.get("useful_flops_fwd"), row.get("executed_flops_fwd")
+    return None if not useful or executed is None else executed / useful
+
+
+#: Block-mask figures of points with a ``mods`` variant on a tiled method.
+MOD_METRICS = (
+    Metric("density", "Block density (tiles computed)", "fraction",
+           lambda r: r.get("block_density"), False, "Block density vs length", optional=True),
+    Metric("executed", "Executed / useful FLOPs", "ratio", _executed_over_useful, False,
+           "Executed over useful FLOPs vs sequence length", optional=True),
+    Metric("build", "Block-mask build", "ms, first call", lambda r: r.get("block_mask_build_ms"),
+           False, "Block-mask build time vs sequence length", optional=True),
+)  # fmt: skip

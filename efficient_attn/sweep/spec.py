@@ -82,6 +82,13 @@ AXIS_TABLE: tuple[Axis, ...] = (
         "options",
         "method option values to sweep (repeatable), e.g. performer.num_features=64,256",
     ),
+    Axis(
+        "mods",
+        ["none"],
+        "mods",
+        "str",
+        "mask/score variants (efficient_attn.mods.VARIANTS), e.g. none,window:256,documents:16",
+    ),
     Axis("devices", 1, None, "int"),
     Axis("strategy", "none", None, "str"),
 )
@@ -127,6 +134,7 @@ class Point:
     seed: int = 0
     devices: int = 1
     strategy: str | None = None
+    mods: str = "none"
 
     @property
     def key(self) -> str:
@@ -138,6 +146,7 @@ class Point:
             f"|{self.pass_}|seed{self.seed}"
             + (f"|P{self.devices}" if self.devices != 1 else "")
             + (f"|sp={self.strategy}" if self.strategy is not None else "")
+            + (f"|mods={self.mods}" if self.mods != "none" else "")
         )
 
     @property
@@ -145,6 +154,7 @@ class Point:
         opts = ",".join(f"{k}={v}" for k, v in sorted(self.options.items()))
         name = f"{self.method}({opts})" if opts else self.method
         where = f" {self.strategy} P={self.devices}" if self.strategy is not None else ""
+        where += f" [{self.mods}]" if self.mods != "none" else ""
         return f"{name}{where} L={self.seq_len} {self.pass_} {self.dtype}"
 
     def identity(self) -> dict[str, Any]:
@@ -164,6 +174,7 @@ class Point:
             "seed": self.seed,
             "devices": self.devices,
             "strategy": self.strategy,
+            "mods": self.mods,
         }
 
     @classmethod
@@ -182,6 +193,7 @@ class Point:
             seed=int(d.get("seed", 0)),
             devices=int(d.get("devices") or 1),
             strategy=d.get("strategy"),
+            mods=str(d.get("mods") or "none"),
         )
 
 
@@ -329,6 +341,14 @@ def _expand_grid(grid: Mapping[str, Any], registered: Sequence[str], seed: int) 
             f"devices={devices} needs a sequence-parallel strategy ({', '.join(STRATEGIES)}); "
             'strategy = "none" runs on one device'
         )
+    from efficient_attn.mods import from_spec as mods_from_spec
+
+    variants = as_list("mods", grid["mods"])
+    for spec in variants:
+        try:
+            mods_from_spec(str(spec), 16, 16, 1)
+        except ValueError as e:
+            raise SpecError(str(e)) from None
     options = grid["options"]
     if not isinstance(options, Mapping):
         raise SpecError("options must be a table: [options.METHOD] NAME = value or [values]")
@@ -341,14 +361,15 @@ def _expand_grid(grid: Mapping[str, Any], registered: Sequence[str], seed: int) 
                 divisors = [d for d in range(1, n + 1) if n % d == 0]
                 raise SpecError(f"kv_heads={k} must divide heads={n}; valid kv_heads: {divisors}")
             for method in methods:
-                for opts, strategy, p in itertools.product(
-                    option_grid(method, options.get(method, {})), strategies, devices
+                for opts, strategy, p, mod in itertools.product(
+                    option_grid(method, options.get(method, {})), strategies, devices, variants
                 ):
                     if strategy is None and p != 1:
                         continue  # one-device attention: devices=1 only
                     points.append(
-                        Point(method, opts, t, b, n, k, h, dtype, causal, pass_, seed, p, strategy)
-                    )
+                        Point(method, opts, t, b, n, k, h, dtype, causal, pass_, seed, p, strategy,
+                              str(mod))
+                    )  # fmt: skip
     return points
 
 

@@ -65,6 +65,10 @@ MEASUREMENTS: tuple[str, ...] = (
     "compiled_peak_bytes",
     "peak_bytes",
     "host_peak_rss_bytes",
+    "block_density",
+    "block_mask_build_ms",
+    "useful_flops_fwd",
+    "executed_flops_fwd",
     "rel_error",
     "grad_rel_error",
     "grad_rel_errors",
@@ -176,6 +180,7 @@ _IDENTITY = (
     "seed",
     "devices",
     "strategy",
+    "mods",
 )
 
 
@@ -202,7 +207,7 @@ def _reference(point: dict[str, Any], arrays: dict[str, Any], grads: bool) -> di
     # softmax attention's is shared by every method at the same inputs.
     own = ea.get_method(point["method"]).reference is not None
     shared = ("key", "method", "options", "pass", "devices", "strategy")
-    ident = {k: point[k] for k in _IDENTITY if k not in shared or (own and k == "method")}
+    ident = {k: point.get(k) for k in _IDENTITY if k not in shared or (own and k == "method")}
     digest = hashlib.sha256(json.dumps([ident, grads], sort_keys=True).encode()).hexdigest()[:20]
     cache = point.get("cache_dir")
     path = Path(cache) / f"ref-{digest}{'-grads' if grads else ''}.npz" if cache else None
@@ -214,7 +219,9 @@ def _reference(point: dict[str, Any], arrays: dict[str, Any], grads: bool) -> di
             continue
     q, k, v = (np.asarray(arrays[n]) for n in "qkv")
     causal = bool(point["causal"])
-    if own:  # its float64 formula, forward only (no gradient formula to compare with)
+    if point.get("mods", "none") != "none":
+        ref = _mods_reference(point, arrays, grads)
+    elif own:  # its float64 formula, forward only (no gradient formula to compare with)
         ref = {"out": bench.own_reference(point["method"], q, k, v, causal=causal)}
     else:
         ref = {"out": ea.numpy_reference(q, k, v, causal=causal)[0]}
@@ -228,6 +235,67 @@ def _reference(point: dict[str, Any], arrays: dict[str, Any], grads: bool) -> di
         np.savez(tmp, **ref)
         os.replace(tmp, path)
     return ref
+
+
+def _mods_reference(point: dict[str, Any], arrays: dict[str, Any], grads: bool) -> dict[str, Any]:
+    """Float64 output (and gradients) with the point's mods on the materialised matrix."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    import efficient_attn as ea
+    from efficient_attn.mods import from_spec
+
+    t, n = point["seq_len"], point["heads"]
+    mask_mod, score_mod = from_spec(point["mods"], t, t, n)
+    with jax.enable_x64(True):
+        q, k, v = (jnp.asarray(np.asarray(arrays[x]), jnp.float64) for x in "qkv")
+
+        def f(q, k, v):
+            return ea.attention(q, k, v, method="dense", causal=bool(point["causal"]),
+                                mask_mod=mask_mod, score_mod=score_mod)  # fmt: skip
+
+        out, vjp = jax.vjp(f, q, k, v)
+        ref = {"out": np.asarray(out)}
+        if grads:
+            dq, dk, dv = vjp(jnp.asarray(np.asarray(arrays["dout"]), jnp.float64))
+            ref.update(dq=np.asarray(dq), dk=np.asarray(dk), dv=np.asarray(dv))
+    return ref
+
+
+def _mods_fn(point: dict[str, Any], row: dict[str, Any], spec: Any) -> Any:
+    """``fwd(q, k, v)`` with the point's mods and a block mask built once (timed, recorded)."""
+    import efficient_attn as ea
+    from efficient_attn import bench, blockmask
+    from efficient_attn.mods import from_spec
+
+    b, t, n, h = (point[x] for x in ("batch", "seq_len", "heads", "head_dim"))
+    mask_mod, score_mod = from_spec(point["mods"], t, t, n)
+    options, causal = dict(point["options"]), bool(point["causal"])
+    kw = {"mask_mod": mask_mod, "score_mod": score_mod}
+    tiles = {k: row["resolved_options"].get(k) for k in ("block_q", "block_k")}
+    if None not in tiles.values():  # a tiled method: its block mask, built once
+        mask = mask_mod if mask_mod is not None else ea.mods.full_mask()
+        if causal:
+            mask = mask & ea.mods.causal_bottom_right(t, t)
+        start = time.perf_counter()
+        block = blockmask.build_inferred(mask, t, t, batch=b, heads=n, **tiles)
+        row["block_mask_build_ms"] = (time.perf_counter() - start) * 1e3
+        row["block_density"] = block.density
+        pairs = (
+            float(block.visible.sum()) * (b // block.tiles.shape[0]) * (n // block.tiles.shape[1])
+        )
+        computed = float((block.tiles != 0).any((0, 1)).sum()) * tiles["block_q"] * tiles["block_k"]
+        row["useful_flops_fwd"] = 4.0 * h * pairs
+        row["executed_flops_fwd"] = 4.0 * h * computed * b * n
+        kw = {"block_mask": block, "score_mod": score_mod}
+        options = {k: v for k, v in options.items() if k not in tiles}
+
+    def fwd(q, k, v):
+        return ea.attention(q, k, v, method=spec.name, causal=causal, **kw,
+                            **bench.with_arrays(spec.name, h, options))  # fmt: skip
+
+    return fwd
 
 
 def _measure(point: dict[str, Any], row: dict[str, Any]) -> None:
@@ -245,7 +313,9 @@ def _measure(point: dict[str, Any], row: dict[str, Any]) -> None:
     seed = int(point["seed"])
     q, k, v = bench.random_inputs(b, t, t, n, kh, h, point["dtype"], seed=seed)
     dout = jax.random.normal(jax.random.PRNGKey(seed + 1), (b, t, n, h), q.dtype)
-    if point.get("strategy") is None:
+    if point.get("mods", "none") != "none":
+        fwd = _mods_fn(point, row, spec)
+    elif point.get("strategy") is None:
         fwd = bench.attention_fn(spec.name, causal=causal, backward=False, **point["options"])
     else:
         fwd, (q, k, v, dout) = _sequence_parallel(point, (q, k, v, dout))
@@ -302,6 +372,8 @@ def _measure(point: dict[str, Any], row: dict[str, Any]) -> None:
         times_ms=times_ms,
     )
     row["flops"] = bench.attention_flops(b, n, t, t, h, causal=causal, backward=backward)
+    if row.get("useful_flops_fwd") is not None:  # mods: FLOPs of the visible pairs only
+        row["flops"] = row["useful_flops_fwd"] * (3.5 if backward else 1.0)
     row["flops_per_s"] = row["flops"] / (row["time_ms"] / 1e3)
     stats = jax.devices()[0].memory_stats()
     row["peak_bytes"] = None if not stats else stats.get("peak_bytes_in_use")
@@ -364,6 +436,16 @@ def _sequence_parallel(point: dict[str, Any], arrays: tuple[Any, ...]) -> tuple[
     return fwd, arrays
 
 
+def _mod_features(point: dict[str, Any]) -> list[tuple[str, bool]]:
+    """The mod features a point's ``mods`` variant needs."""
+    if point.get("mods", "none") == "none":
+        return []
+    from efficient_attn.mods import from_spec
+
+    mask_mod, score_mod = from_spec(point["mods"], point["seq_len"], point["seq_len"], 1)
+    return [("mask_mod", mask_mod is not None), ("score_mod", score_mod is not None)]
+
+
 def _unsupported_reason(point: dict[str, Any]) -> str | None:
     import efficient_attn as ea
 
@@ -380,6 +462,7 @@ def _unsupported_reason(point: dict[str, Any]) -> str | None:
             ("causal", point["causal"]),
             ("gqa", point["kv_heads"] != point["heads"]),
             ("grad", point["pass"] == "fwd+bwd"),
+            *_mod_features(point),
         )
         if used
     ]
