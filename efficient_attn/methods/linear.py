@@ -49,7 +49,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from efficient_attn import masking
+from efficient_attn import chunked, masking
 from efficient_attn.registry import get_method, positive_int, register_method
 
 FAMILY = ("linear_elu", "linear_relu", "linear_softmax", "performer")
@@ -296,23 +296,19 @@ def _linear_attention(fm, q, k, v, *, causal, kv_lengths, scale, chunk):
         x = x[:, :, :, -offset:]
     length = min(tq, tk)
     c = min(chunk, length)
-    nc = masking.cdiv(length, c)
-
-    def blocks(t, axis):  # split ``axis`` (length ``length``) into [nc, ..., c, ...]
-        t = masking.pad_axis(t, axis, c)
-        t = t.reshape(*t.shape[:axis], nc, c, *t.shape[axis + 1 :])
-        return jnp.moveaxis(t, axis, 0)
 
     def body(carry, xs):
         out, carry = _chunk_step(fm, carry, *xs)
         return carry, out
 
-    xs = (blocks(x, 3), blocks(y, 2), blocks(vt, 2), blocks(valid, 2))
-    if nc == 1:
-        out = _chunk_step(fm, state, *(t[0] for t in xs))[0][None]
-    else:
-        _, out = jax.lax.scan(jax.checkpoint(body, prevent_cse=False), state, xs)
-    out = jnp.moveaxis(out, 0, 3).reshape(b, kh, -1, nc * c, hv)[:, :, :, :length]
+    xs = (
+        chunked.to_chunks(x, 3, c),
+        chunked.to_chunks(y, 2, c),
+        chunked.to_chunks(vt, 2, c),
+        chunked.to_chunks(valid, 2, c),
+    )
+    _, out = chunked.scan_chunks(body, state, xs, (3, 2, 2, 2), 3, checkpoint=True)
+    out = chunked.from_chunks(out, 3, length)  # [B, K, G, length, Hv]
     out = out.transpose(0, 3, 1, 2, 4).reshape(b, length, n, hv)
     if offset < 0:
         out = jnp.pad(out, ((0, 0), (-offset, 0), (0, 0), (0, 0)))
