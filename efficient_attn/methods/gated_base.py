@@ -208,7 +208,7 @@ def prepare(xp: Any, rule: Rule, q, k, v, kv_lengths, scale, arrays, l2norm: boo
     g = xp.where(valid[:, None, :, None], g, 0.0)
     beta = None
     if rule.delta:
-        beta = xp.where(valid, xp.asarray(arrays["beta"], acc).transpose(0, 2, 1), 0.0)
+        beta = xp.where(valid[:, None], xp.asarray(arrays["beta"], acc).transpose(0, 2, 1), 0.0)
     return Inputs(q, k, v, g, beta)
 
 
@@ -350,7 +350,9 @@ def recurrent_form(rule: Rule) -> Recurrent:
         b, n, h = q_t.shape
         kh, hv = k_t.shape[1], v_t.shape[-1]
         if state.s.shape != (b, kh, h, hv):
-            raise ValueError(f"state.s has shape {state.s.shape}; these inputs need {(b, kh, h, hv)}")
+            raise ValueError(
+                f"state.s has shape {state.s.shape}; these inputs need {(b, kh, h, hv)}"
+            )
         _, l2norm = check_options(rule, options)
         arrays = _token_arrays(rule, options, b, kh, h)
         lengths = valid.astype(jnp.int32)  # the token is padding where not valid

@@ -10,7 +10,8 @@ features). Causal attention is computed chunkwise as in GLA (Yang et al.
 and normaliser ``z = sum_j phi(k_j) [F]`` carried across chunks by
 ``jax.lax.scan``. The chunk body is rematerialised, so the backward pass
 stores one state per chunk, never one per position. The same chunk step with
-one position is the recurrent (RNN) form used for decoding: :func:`step`.
+one position is the recurrent (RNN) form used for decoding
+(:func:`efficient_attn.linear_step`).
 
 Definitions. ``scale`` enters as ``sqrt(scale)`` on both sides:
 ``x = sqrt(scale) q``, ``y = sqrt(scale) k`` (the split under which FAVOR+
@@ -50,7 +51,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from efficient_attn import chunked, masking
-from efficient_attn.registry import get_method, positive_int, register_method
+from efficient_attn.recurrent import init_state, step  # noqa: F401  (the names of old)
+from efficient_attn.registry import Recurrent, positive_int, register_method
 
 FAMILY = ("linear_elu", "linear_relu", "linear_softmax", "performer")
 _EXP_CAP = 80.0  # exp(80) * 4096 features < float32 max
@@ -375,7 +377,40 @@ def _run(method, q, k, v, causal, kv_lengths, scale, **options):
     return _jitted(q, k, v, kv_lengths, scale, fm.projection, **static)
 
 
-@register_method("linear_elu", exact=False, weights=_weights_of("linear_elu"))
+def _recurrent_form(method: str) -> Recurrent:
+    """The recurrent form of ``method`` (state: :class:`LinearState`) for decoding."""
+
+    def init_state(batch, kv_heads, head_dim, value_dim, *, dtype=jnp.float32, **options):
+        fm = _feature_map(method, head_dim, options)[0]
+        f = fm.num_features(head_dim)
+        return _empty_state(fm, batch, kv_heads, f, value_dim, masking.stat_dtype(dtype))
+
+    def step(state, q_t, k_t, v_t, *, scale, valid, **options):
+        b, n, h = q_t.shape
+        kh, hv = k_t.shape[1], v_t.shape[-1]
+        fm = _feature_map(method, h, options)[0]
+        if state.s.shape != (b, kh, fm.num_features(h), hv):
+            raise ValueError(
+                f"state.s has shape {state.s.shape}; these inputs need "
+                f"{(b, kh, fm.num_features(h), hv)}"
+            )
+        acc = state.s.dtype
+        root = jnp.sqrt(jnp.asarray(scale, acc))
+        x = (q_t.astype(acc) * root).reshape(b, kh, n // kh, 1, h)
+        y = (k_t.astype(acc) * root)[:, :, None]
+        v = v_t.astype(acc)[:, :, None]
+        out, state = _chunk_step(fm, state, x, y, v, valid[:, None, None])
+        return out.reshape(b, n, hv).astype(q_t.dtype), state
+
+    return Recurrent(init_state=init_state, step=step)
+
+
+@register_method(
+    "linear_elu",
+    exact=False,
+    weights=_weights_of("linear_elu"),
+    recurrent=_recurrent_form("linear_elu"),
+)
 def linear_elu(
     q: jax.Array,
     k: jax.Array,
@@ -394,7 +429,12 @@ def linear_elu(
     return _run("linear_elu", q, k, v, causal, kv_lengths, scale, chunk=chunk)
 
 
-@register_method("linear_relu", exact=False, weights=_weights_of("linear_relu"))
+@register_method(
+    "linear_relu",
+    exact=False,
+    weights=_weights_of("linear_relu"),
+    recurrent=_recurrent_form("linear_relu"),
+)
 def linear_relu(
     q: jax.Array,
     k: jax.Array,
@@ -415,7 +455,12 @@ def linear_relu(
     return _run("linear_relu", q, k, v, causal, kv_lengths, scale, chunk=chunk, eps=eps)
 
 
-@register_method("linear_softmax", exact=False, weights=_weights_of("linear_softmax"))
+@register_method(
+    "linear_softmax",
+    exact=False,
+    weights=_weights_of("linear_softmax"),
+    recurrent=_recurrent_form("linear_softmax"),
+)
 def linear_softmax(
     q: jax.Array,
     k: jax.Array,
@@ -435,7 +480,12 @@ def linear_softmax(
     return _run("linear_softmax", q, k, v, causal, kv_lengths, scale, chunk=chunk)
 
 
-@register_method("performer", exact=False, weights=_weights_of("performer"))
+@register_method(
+    "performer",
+    exact=False,
+    weights=_weights_of("performer"),
+    recurrent=_recurrent_form("performer"),
+)
 def performer(
     q: jax.Array,
     k: jax.Array,
@@ -457,76 +507,3 @@ def performer(
     """
     options = {"chunk": chunk, "num_features": num_features, "seed": seed}
     return _run("performer", q, k, v, causal, kv_lengths, scale, **options)
-
-
-def _recurrent_map(method: str, head_dim: int, options: dict[str, Any]) -> FeatureMap:
-    if method not in FAMILY:
-        raise ValueError(f"{method=} has no recurrent form; linear methods: {', '.join(FAMILY)}")
-    return _feature_map(method, head_dim, get_method(method).resolve_options(options))[0]
-
-
-def init_state(
-    method: str,
-    batch: int,
-    kv_heads: int,
-    head_dim: int,
-    value_dim: int,
-    *,
-    dtype: Any = jnp.float32,
-    **options: Any,
-) -> LinearState:
-    """The empty recurrent state of ``method`` (no key seen yet) for inputs of ``dtype``.
-
-    Shapes: ``s [B, K, F, Hv]``, ``z [B, K, F]``, ``m [B, K, 1 or F]`` with ``F = H``
-    (``num_features`` for performer); statistics are float32 (float64 for float64).
-    ``options`` are the method's options (``num_features``, ``seed``, ``eps``).
-    """
-    for name, value in (("batch", batch), ("kv_heads", kv_heads), ("head_dim", head_dim)):
-        positive_int(name, value)
-    positive_int("value_dim", value_dim)
-    fm = _recurrent_map(method, head_dim, options)
-    f = fm.num_features(head_dim)
-    return _empty_state(fm, batch, kv_heads, f, value_dim, masking.stat_dtype(dtype))
-
-
-def step(
-    method: str,
-    state: LinearState,
-    q_t: jax.Array,
-    k_t: jax.Array,
-    v_t: jax.Array,
-    *,
-    scale: float | None = None,
-    valid: jax.Array | None = None,
-    **options: Any,
-) -> tuple[jax.Array, LinearState]:
-    """One decoding step of the causal form: absorb ``(k_t, v_t)``, then attend with ``q_t``.
-
-    q_t: [B, N, H], k_t: [B, K, H], v_t: [B, K, Hv] -> (out_t [B, N, Hv], new state).
-    Running it over positions ``0..T-1`` equals ``attention(..., causal=True)``.
-    ``valid`` (bool ``[B]``, default all True): where False the token is padding,
-    the state is left unchanged and ``out_t`` reads the state as is.
-    ``scale`` defaults to ``1/sqrt(H)``; ``options`` as for :func:`init_state`.
-    """
-    if q_t.ndim != 3 or k_t.ndim != 3 or v_t.ndim != 3:
-        raise ValueError(
-            f"q_t, k_t, v_t must be [B, N, H], [B, K, H], [B, K, Hv]; "
-            f"got {q_t.shape}, {k_t.shape}, {v_t.shape}"
-        )
-    b, n, h = q_t.shape
-    kh, hv = k_t.shape[1], v_t.shape[-1]
-    if k_t.shape != (b, kh, h) or v_t.shape[:2] != (b, kh) or n % kh:
-        raise ValueError(f"bad step shapes q_t {q_t.shape}, k_t {k_t.shape}, v_t {v_t.shape}")
-    fm = _recurrent_map(method, h, options)
-    if state.s.shape != (b, kh, fm.num_features(h), hv):
-        raise ValueError(
-            f"state.s has shape {state.s.shape}; these inputs need "
-            f"{(b, kh, fm.num_features(h), hv)}"
-        )
-    acc = state.s.dtype
-    root = jnp.sqrt(jnp.asarray(1.0 / np.sqrt(h) if scale is None else scale, acc))
-    x = (q_t.astype(acc) * root).reshape(b, kh, n // kh, 1, h)
-    y = (k_t.astype(acc) * root)[:, :, None]
-    valid = jnp.ones((b,), bool) if valid is None else jnp.asarray(valid, bool)
-    out, state = _chunk_step(fm, state, x, y, v_t.astype(acc)[:, :, None], valid[:, None, None])
-    return out.reshape(b, n, hv).astype(q_t.dtype), state
