@@ -7,10 +7,10 @@
 from efficient_attn import methods as _methods  # noqa: F401  (registers the families)
 from efficient_attn.api import attention, attention_weights, sparsity_pattern
 from efficient_attn.methods.linear import LinearState
+from efficient_attn.parallel import sequence_parallel_attention
 from efficient_attn.recurrent import init_state as linear_init_state
 from efficient_attn.recurrent import recurrent_methods
 from efficient_attn.recurrent import step as linear_step
-from efficient_attn.parallel import sequence_parallel_attention
 from efficient_attn.reference import numpy_reference, numpy_reference_grads
 from efficient_attn.registry import (
     FEATURES,
@@ -27,10 +27,10 @@ from efficient_attn.registry import (
 __all__ = [
     "FEATURES",
     "ArrayOption",
-    "Recurrent",
-    "TokenProjection",
     "LinearState",
     "Method",
+    "Recurrent",
+    "TokenProjection",
     "attention",
     "attention_weights",
     "get_method",

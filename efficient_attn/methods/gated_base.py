@@ -6,7 +6,8 @@ query head ``n`` reads the state of K/V head ``n // (N / K)``:
 
 * ``retnet`` (Sun et al. 2023): ``S_t = gamma_h S_{t-1} + k_t v_t^T``,
   ``gamma_h = 1 - 2^(-5-h)`` for K/V head ``h`` (array option ``gamma [K]`` overrides);
-* ``mamba2`` (SSD, Dao & Gu 2024): ``S_t = exp(a_t) S_{t-1} + k_t v_t^T``, ``a = log_decay [B, T, K]``;
+* ``mamba2`` (SSD, Dao & Gu 2024): ``S_t = exp(a_t) S_{t-1} + k_t v_t^T``,
+  ``a = log_decay [B, T, K]``;
 * ``gla`` (Yang et al. 2024): ``S_t = diag(exp(a_t)) S_{t-1} + k_t v_t^T``, ``a [B, T, K, H]``;
 * ``deltanet`` (Schlag et al. 2021; Yang et al. 2024):
   ``S_t = S_{t-1} + beta_t k'_t (v_t - S_{t-1}^T k'_t)^T``, ``beta [B, T, K]`` in (0, 1);
@@ -183,7 +184,7 @@ def prepare(xp: Any, rule: Rule, q, k, v, kv_lengths, scale, arrays, l2norm: boo
     ``xp``: ``numpy`` (float64 reference) or ``jax.numpy`` (float32 or wider).
     ``arrays``: the rule's array options (see :func:`arrays_of`).
     """
-    b, t, n, h = q.shape
+    b, t = q.shape[:2]
     kh = k.shape[2]
     acc = np.float64 if xp is np else masking.stat_dtype(q.dtype)
     q, k, v = (xp.asarray(x, acc) for x in (q, k, v))

@@ -51,7 +51,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from efficient_attn import chunked, masking
-from efficient_attn.recurrent import init_state, step  # noqa: F401  (the names of old)
 from efficient_attn.registry import Recurrent, positive_int, register_method
 
 FAMILY = ("linear_elu", "linear_relu", "linear_softmax", "performer")
