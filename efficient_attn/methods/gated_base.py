@@ -354,8 +354,8 @@ def recurrent_form(rule: Rule) -> Recurrent:
             raise ValueError(
                 f"state.s has shape {state.s.shape}; these inputs need {(b, kh, h, hv)}"
             )
-        _, l2norm = check_options(rule, options)
         arrays = _token_arrays(rule, options, b, kh, h)
+        _, l2norm = check_options(rule, {**options, **arrays})
         lengths = valid.astype(jnp.int32)  # the token is padding where not valid
         x = prepare(
             jnp, rule, q_t[:, None], k_t[:, None], v_t[:, None], lengths, scale, arrays, l2norm
