@@ -17,7 +17,8 @@ cumulative log decay ``b`` and entering state ``S``, the written values
 
 so ``N = U - W S`` with ``U = (I + L)^-1 diag(beta) V`` and
 ``W = (I + L)^-1 diag(beta exp(b)) K`` (the WY representation; one triangular
-solve per chunk, for all chunks at once). Then
+solve per chunk, by forward substitution for all chunks at once:
+:func:`unit_lower_inverse`). Then
 
     o_i = exp(b_i) S^T q'_i + sum_{j <= i} exp(b_i - b_j) (q'_i . k_j) n_j,
     S'  = exp(b_C) S + sum_j exp(b_C - b_j) k_j n_j^T.
@@ -41,6 +42,37 @@ DELTANET = base.Rule("deltanet", decay=None, delta=True)
 GATED_DELTANET = base.Rule("gated_deltanet", decay="scalar", delta=True)
 
 
+@jax.custom_vjp
+def unit_lower_inverse(lower: jax.Array) -> jax.Array:
+    """``(I + lower)^-1`` of strictly lower-triangular ``lower [..., C, C]``.
+
+    Forward substitution one row at a time, for all chunks at once (plain XLA,
+    no LAPACK call); the backward pass is ``dL = -X^T dX X^T`` (strictly lower).
+    """
+    c = lower.shape[-1]
+
+    def row(i, a):  # a: the strictly lower part of the inverse, rows < i final
+        r = jax.lax.dynamic_index_in_dim(a, i, axis=-2, keepdims=False)  # [..., C]
+        r = jnp.where(jnp.arange(c) < i, r + jnp.einsum("...j,...jc->...c", r, a), 0.0)
+        return jax.lax.dynamic_update_index_in_dim(a, r, i, axis=-2)
+
+    return jax.lax.fori_loop(1, c, row, -lower) + jnp.eye(c, dtype=lower.dtype)
+
+
+def _inverse_fwd(lower):
+    x = unit_lower_inverse(lower)
+    return x, x
+
+
+def _inverse_bwd(x, dx):
+    xt = jnp.swapaxes(x, -1, -2)
+    c = x.shape[-1]
+    return (jnp.where(jnp.tril(jnp.ones((c, c), bool), -1), -(xt @ dx @ xt), 0.0),)
+
+
+unit_lower_inverse.defvjp(_inverse_fwd, _inverse_bwd)
+
+
 def delta_chunks(x: base.Inputs, chunk: int) -> jax.Array:
     """The chunkwise form: prepared :class:`~gated_base.Inputs` -> ``[B, K, G, T, Hv]``."""
     t, hv = x.k.shape[2], x.v.shape[-1]
@@ -54,9 +86,7 @@ def delta_chunks(x: base.Inputs, chunk: int) -> jax.Array:
     strict = jnp.tril(jnp.ones((chunk, chunk), bool), -1)
     lower = jnp.where(strict, beta[..., :, None] * kk * decays, 0.0)
     rhs = jnp.concatenate([beta[..., None] * v, (beta * jnp.exp(b))[..., None] * k], axis=-1)
-    solved = jax.scipy.linalg.solve_triangular(
-        lower + jnp.eye(chunk, dtype=lower.dtype), rhs, lower=True, unit_diagonal=True
-    )
+    solved = unit_lower_inverse(lower) @ rhs  # the UT transform applied to [beta V, beta e^b K]
     u, w = solved[..., :hv], solved[..., hv:]  # [B, K, nc, C, Hv], [B, K, nc, C, H]
     last = b[..., -1:]  # [B, K, nc, 1]
     kd = k * jnp.exp(last - b)[..., None]
