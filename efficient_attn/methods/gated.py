@@ -18,7 +18,8 @@ intra-chunk ``C x C`` matrices and the chunk contributions to the state are
 computed for all chunks at once; only the chunk-boundary states are a
 ``jax.lax.scan``, so the backward pass stores ``T / C`` states. For ``gla``
 (a decay per key channel) the intra-chunk weights need the ``[C, C, H]``
-decays; its default chunk is smaller (16). Cost per head: ``O(T C H)`` time
+decays, computed a few chunks at a time (:func:`_channel_scores`); its default
+chunk is smaller (16). Cost per head: ``O(T C H)`` time
 (``O(T C H)`` exponentials for ``gla``) plus ``O(T H Hv)``.
 """
 
@@ -44,6 +45,26 @@ def causal_decays(b: jax.Array) -> jax.Array:
     return jnp.where(tril, jnp.exp(jnp.where(tril, diff, 0.0)), 0.0)
 
 
+def _channel_scores(q: jax.Array, k: jax.Array, b: jax.Array, group: int = 8) -> jax.Array:
+    """``a_ij = sum_h q_ih k_jh exp(b_ih - b_jh)`` (j <= i) per chunk: ``[B, K, G, nc, C, C]``.
+
+    q: [B, K, G, nc, C, H], k, b: [B, K, nc, C, H]. The ``[C, C, H]`` decays exist
+    for ``group`` chunks at a time (``lax.map``, rematerialised in the backward
+    pass), so memory stays ``O(T C)`` per head, not ``O(T C H)``.
+    """
+    nc = k.shape[2]
+    m = min(group, nc)
+    q, k, b = (chunked.to_chunks(x, ax, m) for x, ax in ((q, 3), (k, 2), (b, 2)))
+
+    @jax.checkpoint
+    def scores(xs):
+        qg, kg, bg = xs  # [B, K, G, m, C, H], [B, K, m, C, H] x 2
+        return jnp.einsum("bkgnih,bknijh->bkgnij", qg, kg[..., None, :, :] * causal_decays(bg))
+
+    a = jax.lax.map(scores, (jnp.moveaxis(q, 3, 0), jnp.moveaxis(k, 2, 0), jnp.moveaxis(b, 2, 0)))
+    return chunked.from_chunks(jnp.moveaxis(a, 0, 3), 3, nc)
+
+
 def decay_chunks(x: base.Inputs, chunk: int) -> jax.Array:
     """The chunkwise form: prepared :class:`~gated_base.Inputs` -> ``[B, K, G, T, Hv]``."""
     t = x.k.shape[2]
@@ -51,11 +72,10 @@ def decay_chunks(x: base.Inputs, chunk: int) -> jax.Array:
     k = chunked.to_chunks(x.k, 2, chunk)  # [B, K, nc, C, H]
     v = chunked.to_chunks(x.v, 2, chunk)  # [B, K, nc, C, Hv]
     b = jnp.cumsum(chunked.to_chunks(x.g, 2, chunk), axis=-2)  # [B, K, nc, C, 1 or H]
-    decays = causal_decays(b)  # [B, K, nc, C, C, 1 or H]
     if b.shape[-1] == 1:
-        a = jnp.einsum("bkgnih,bknjh->bkgnij", q, k) * decays[:, :, None, ..., 0]
+        a = jnp.einsum("bkgnih,bknjh->bkgnij", q, k) * causal_decays(b)[:, :, None, ..., 0]
     else:
-        a = jnp.einsum("bkgnih,bknijh->bkgnij", q, k[..., None, :, :] * decays)
+        a = _channel_scores(q, k, b)  # [B, K, G, nc, C, C]
     last = b[..., -1:, :]  # [B, K, nc, 1, 1 or H]
     u = jnp.einsum("bknch,bkncd->bknhd", k * jnp.exp(last - b), v)  # chunk's own keys
     keep = jnp.exp(last[..., 0, :])[..., None]  # [B, K, nc, 1 or H, 1]
