@@ -9,14 +9,18 @@ from efficient_attn import mods
 from efficient_attn.api import attention, attention_weights, sparsity_pattern
 from efficient_attn.blockmask import BlockMask, block_mask
 from efficient_attn.methods.linear import LinearState
-from efficient_attn.methods.linear import init_state as linear_init_state
-from efficient_attn.methods.linear import step as linear_step
 from efficient_attn.parallel import sequence_parallel_attention
+from efficient_attn.recurrent import init_state as linear_init_state
+from efficient_attn.recurrent import recurrent_methods
+from efficient_attn.recurrent import step as linear_step
 from efficient_attn.reference import numpy_reference, numpy_reference_grads
 from efficient_attn.registry import (
+    BASIC_FEATURES,
     FEATURES,
     ArrayOption,
     Method,
+    Recurrent,
+    TokenProjection,
     get_method,
     init_arrays,
     methods,
@@ -24,11 +28,14 @@ from efficient_attn.registry import (
 )
 
 __all__ = [
+    "BASIC_FEATURES",
     "FEATURES",
     "ArrayOption",
     "BlockMask",
     "LinearState",
     "Method",
+    "Recurrent",
+    "TokenProjection",
     "attention",
     "attention_weights",
     "block_mask",
@@ -40,6 +47,7 @@ __all__ = [
     "mods",
     "numpy_reference",
     "numpy_reference_grads",
+    "recurrent_methods",
     "register_method",
     "sequence_parallel_attention",
     "sparsity_pattern",

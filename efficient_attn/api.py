@@ -139,22 +139,40 @@ def _check_features(spec: Method, shapes: Shapes, causal: bool, kv_lengths: Any)
     reason = spec.available()
     if reason is not None:
         raise ValueError(f"method {spec.name!r} is not available here: {reason}")
+    if spec.causal_only and not causal:
+        raise ValueError(
+            f"method {spec.name!r} is a causal recurrence over the keys (each position "
+            "updates a state the later ones read): it needs causal=True self-attention"
+        )
 
 
 def _check_arrays(spec: Method, opts: dict[str, Any], shapes: Shapes) -> None:
-    """Every array option ``spec`` requires is given, with agreeing shapes."""
+    """Every array option ``spec`` requires is given, with agreeing shapes.
+
+    Optional arrays left out are filled in ``opts`` with their initialiser's value.
+    """
     if not spec.arrays:
         return
-    missing = [n for n in spec.arrays if opts.get(n) is None]
+    missing = [n for n, a in spec.arrays.items() if a.required and opts.get(n) is None]
     if missing:
         wanted = ", ".join(f"{n} [{', '.join(spec.arrays[n].shape)}]" for n in spec.arrays)
         raise ValueError(
             f"method {spec.name!r} requires array option(s) {missing} (it takes {wanted}; "
-            f"H = head_dim); create them with ea.init_arrays({spec.name!r}, key, head_dim) "
+            "B = batch, T = key length, K = kv_heads, H = head_dim); create them with "
+            f"ea.init_arrays({spec.name!r}, key, head_dim, B=..., T=..., K=...) "
             "or learn them (efficient_attn.nn.MultiHeadAttention does)"
         )
-    bound: dict[str, tuple[int, str]] = {HEAD_DIM: (shapes.head_dim, "query/key head_dim")}
+    bound: dict[str, tuple[int, str]] = {
+        HEAD_DIM: (shapes.head_dim, "query/key head_dim"),
+        "B": (shapes.batch, "the batch"),
+        "T": (shapes.kv_len, "the key length"),
+        "K": (shapes.kv_heads, "the key/value heads"),
+    }
     for name, array in spec.arrays.items():
+        if opts.get(name) is None:
+            shape = tuple(bound[d][0] if d in bound else spec.sizes[d] for d in array.shape)
+            with jax.ensure_compile_time_eval():
+                opts[name] = array.init(jax.random.PRNGKey(0), shape, jnp.float32)
         x = opts[name]
         shape = getattr(x, "shape", None)
         if shape is None or len(shape) != len(array.shape):

@@ -48,18 +48,26 @@ def random_inputs(
     return q, k, v
 
 
-def with_arrays(method: str, head_dim: int, options: dict[str, Any], seed: int = 0) -> dict:
+def with_arrays(
+    method: str, head_dim: int, options: dict[str, Any], seed: int = 0, **dims: int
+) -> dict:
     """``options`` plus the array options ``method`` requires and ``options`` lacks.
 
     Missing arrays are initialised from ``PRNGKey(seed)`` by the method's
     initialisers (concrete even when called while tracing), so benchmarks
-    and sweeps run methods with learned arrays (``additive``) with no special case.
+    and sweeps run methods with learned arrays (``additive``) or per-token
+    inputs (``gla``: ``dims`` gives their ``B``, ``T``, ``K``) with no special case.
     """
     if all(name in options for name in get_method(method).arrays):
         return options
     with jax.ensure_compile_time_eval():
-        made = init_arrays(method, jax.random.PRNGKey(seed), head_dim)
+        made = init_arrays(method, jax.random.PRNGKey(seed), head_dim, **dims)
     return {**made, **options}
+
+
+def input_dims(q: Any, k: Any) -> dict[str, int]:
+    """``B``, ``T``, ``K`` of ``q [B, Tq, N, H]``, ``k [B, Tk, K, H]`` (for per-token arrays)."""
+    return {"B": q.shape[0], "T": k.shape[1], "K": k.shape[2]}
 
 
 def own_reference(method: str, q: Any, k: Any, v: Any, *, causal: bool, **options: Any):
@@ -71,7 +79,7 @@ def own_reference(method: str, q: Any, k: Any, v: Any, *, causal: bool, **option
     spec = get_method(method)
     if spec.reference is None:
         return None
-    given = with_arrays(method, q.shape[-1], options)
+    given = with_arrays(method, q.shape[-1], options, **input_dims(q, k))
     arrays = {name: np.asarray(given[name]) for name in spec.arrays}  # the formula's only options
     q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
     return spec.reference(q, k, v, causal=causal, scale=spec.default_scale(q.shape[-1]), **arrays)
@@ -84,7 +92,7 @@ def attention_fn(method: str, *, causal: bool, backward: bool, **options: Any) -
     """
 
     def fwd(q, k, v):
-        opts = with_arrays(method, q.shape[-1], options)
+        opts = with_arrays(method, q.shape[-1], options, **input_dims(q, k))
         return attention(q, k, v, method=method, causal=causal, **opts)
 
     if not backward:

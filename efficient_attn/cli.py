@@ -47,12 +47,18 @@ def _methods_table() -> str:
     rows = ["| method | exact | supports | options | available | description |", "|---" * 6 + "|"]
     for name in ea.methods():
         m = ea.get_method(name)
-        arrays = [f"{k} [{', '.join(a.shape)}] (array, required)" for k, a in m.arrays.items()]
+        arrays = [
+            f"{k} [{', '.join(a.shape)}] "
+            f"({'per-token input' if a.per_token else 'array'}, "
+            f"{'required' if a.required else 'optional'})"
+            for k, a in m.arrays.items()
+        ]
         sizes = [f"{k}={v}" for k, v in m.sizes.items()]  # default sizes of the arrays' dims
         opts = ", ".join([*arrays, *sizes, *(f"{k}={v!r}" for k, v in m.options.items())]) or "-"
         reason = m.available()
         rows.append(
-            f"| {name} | {m.exact} | {', '.join(sorted(m.supports))} | {opts} | "
+            f"| {name} | {m.exact} | {', '.join(sorted(m.supports))}"
+            f"{' (causal only)' if m.causal_only else ''} | {opts} | "
             f"{'yes' if reason is None else 'no: ' + reason} | {m.description} |"
         )
     return "\n".join(rows)

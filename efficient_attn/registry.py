@@ -7,6 +7,11 @@ must have a default, which is the method's recommended setting. A method may
 also *require* array options (learned projections, e.g. ``additive``): it
 declares them with :class:`ArrayOption` (shape and initialiser), callers create
 them with :func:`init_arrays`, and the Flax layer learns them as parameters.
+*Per-token* array options (shape starting ``("B", "T", ...)``, e.g. the
+decays of ``gla``) are inputs of the call like ``k``: their initialiser draws
+realistic values, and the Flax layer computes them from its input with a
+learned :class:`TokenProjection`. Methods that are causal recurrences
+(``causal_only``) record their token-by-token form (:class:`Recurrent`) for decoding.
 The API checks shapes, dtypes, ``kv_lengths``, option names and array shapes
 before a method is called, so a method only has to compute.
 """
@@ -41,6 +46,37 @@ _MOD_KWARGS = {"mask_mod": ("mask_mod", "block_mask"), "score_mod": ("score_mod"
 
 #: Dimension name of :attr:`ArrayOption.shape` bound to the query/key head_dim.
 HEAD_DIM = "H"
+#: Dimension names bound to the call's inputs: batch B, key positions T (= Tk),
+#: key/value heads K, and head_dim H.
+BOUND_DIMS: tuple[str, ...] = ("B", "T", "K", HEAD_DIM)
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenProjection:
+    """How a layer computes a per-token array from its input ``x [B, T, D]``.
+
+    ``activation(x @ W1 @ W2)`` reshaped to the array's shape, with ``W1 [D, rank]``
+    (no W1 when ``rank`` is None) and ``W2 [rank or D, prod(shape[2:])]`` plus a bias
+    (FLA's layers: GLA's low-rank gate with ``logsigmoid / 16``, DeltaNet's sigmoid beta).
+    """
+
+    activation: Callable[[Any], Any]
+    rank: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Recurrent:
+    """The token-by-token (decoding) form of a causal method.
+
+    ``init_state(batch, kv_heads, head_dim, value_dim, *, dtype, **options) -> state``
+    and ``step(state, q_t [B, N, H], k_t [B, K, H], v_t [B, K, Hv], *, scale, valid,
+    **options) -> (out_t [B, N, Hv], state)``; ``options`` are the method's resolved
+    options, per-token arrays given for this token (``[B, K, ...]``, T dropped).
+    Used by :func:`efficient_attn.linear_init_state` / :func:`efficient_attn.linear_step`.
+    """
+
+    init_state: Callable[..., Any]
+    step: Callable[..., Any]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,18 +84,31 @@ class ArrayOption:
     """An array a method requires as an option, e.g. a projection learned with the model.
 
     Attributes:
-      shape: dimension names. ``"H"`` is the head_dim of query and key; any
+      shape: dimension names. ``"H"`` is the head_dim of query and key,
+        ``"B"``, ``"T"``, ``"K"`` the batch, key length and K/V heads; any
         other name is a size the method's arrays share (checked to agree;
         its default for :func:`init_arrays` is in the method's ``sizes``).
       init: ``init(key, shape, dtype) -> array``, e.g. a
         :mod:`jax.nn.initializers` function; used by :func:`init_arrays` and
         by the Flax layer to create the parameter.
       description: what the array is, for ``efficient-attn methods``.
+      project: for per-token arrays (shape ``("B", "T", ...)``, bound to the
+        batch and the key positions): how the Flax layer computes it from its
+        input; required for them, None otherwise.
+      required: False when the method fills a missing array with ``init``'s
+        value (deterministic defaults that callers may override, e.g. ``retnet``'s decays).
     """
 
     shape: tuple[str, ...]
     init: Callable[..., Any]
     description: str = ""
+    project: TokenProjection | None = None
+    required: bool = True
+
+    @property
+    def per_token(self) -> bool:
+        """One value per (batch, key position): an input of the call, not a parameter."""
+        return self.shape[:2] == ("B", "T")
 
 
 def _default_scale(head_dim: int) -> float:
@@ -98,6 +147,9 @@ class Method:
       ring: ``ring(**options) -> (forward, backward)``, the method's exact
         (out, lse) kernels on explicit positions for ``strategy="ring"``
         (see :mod:`efficient_attn.parallel.kernels`), or None.
+      causal_only: the method is a causal recurrence over its keys: it
+        requires ``causal=True`` (the API raises ``ValueError`` otherwise).
+      recurrent: its token-by-token form for decoding, or None.
     """
 
     name: str
@@ -114,6 +166,8 @@ class Method:
     default_scale: Callable[[int], float] = _default_scale
     reference: Callable[..., Any] | None = None
     ring: Callable[..., Any] | None = None
+    causal_only: bool = False
+    recurrent: Recurrent | None = None
 
     def resolve_options(self, given: Mapping[str, Any]) -> dict[str, Any]:
         """Defaults overridden by ``given``; unknown names raise ``ValueError``.
@@ -128,16 +182,33 @@ class Method:
             )
         return {**self.options, **given}
 
-    def array_shapes(self, head_dim: int, **sizes: int) -> dict[str, tuple[int, ...]]:
-        """Concrete shape of each array option for ``head_dim`` and ``sizes`` (else defaults)."""
-        unknown = sorted(set(sizes) - set(self.sizes))
+    def array_shapes(
+        self, head_dim: int, *, per_token: bool = True, **sizes: int
+    ) -> dict[str, tuple[int, ...]]:
+        """Concrete shape of each array option for ``head_dim`` and ``sizes`` (else defaults).
+
+        ``sizes`` may also bind ``B``, ``T``, ``K`` (batch, key length, K/V heads),
+        which arrays naming them need; ``per_token=False`` leaves out per-token arrays.
+        """
+        unknown = sorted(set(sizes) - set(self.sizes) - set(BOUND_DIMS))
         if unknown:
             valid = ", ".join(f"{k}={v}" for k, v in self.sizes.items()) or "none"
-            raise ValueError(f"method {self.name!r} has no size(s) {unknown}; its sizes: {valid}")
+            raise ValueError(
+                f"method {self.name!r} has no size(s) {unknown}; its sizes: {valid} "
+                "(and B, T, K for arrays that name them)"
+            )
         dims = {**self.sizes, **sizes, HEAD_DIM: head_dim}
         for name, value in dims.items():
             positive_int(name, value)
-        return {name: tuple(dims[d] for d in a.shape) for name, a in self.arrays.items()}
+        arrays = {n: a for n, a in self.arrays.items() if per_token or not a.per_token}
+        for name, a in arrays.items():
+            unbound = [d for d in a.shape if d not in dims]
+            if unbound:
+                raise ValueError(
+                    f"array {name} [{', '.join(a.shape)}] of method {self.name!r} needs "
+                    f"size(s) {unbound} (e.g. B=batch, T=key length, K=kv_heads)"
+                )
+        return {name: tuple(dims[d] for d in a.shape) for name, a in arrays.items()}
 
 
 _REGISTRY: dict[str, Method] = {}
@@ -175,6 +246,8 @@ def register_method(
     default_scale: Callable[[int], float] | None = None,
     reference: Callable[..., Any] | None = None,
     ring: Callable[..., Any] | None = None,
+    causal_only: bool = False,
+    recurrent: Recurrent | None = None,
     replace: bool = False,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorator registering ``fn(q, k, v, *, causal, kv_lengths, scale, **options)``.
@@ -200,6 +273,8 @@ def register_method(
       default_scale: ``head_dim -> scale`` when the caller passes no scale.
       reference: float64 NumPy formula of a method that is not softmax attention.
       ring: factory of the method's ring-attention kernels (exact methods).
+      causal_only: the method is a causal recurrence (needs ``causal=True``).
+      recurrent: its token-by-token form for decoding (:class:`Recurrent`).
       replace: allow re-registering an existing name.
     """
     unknown = sorted(set(supports) - set(FEATURES))
@@ -208,12 +283,15 @@ def register_method(
     if not exact and weights is None:
         raise ValueError(f"approximate method {name!r} must provide weights=")
     arrays, sizes = dict(arrays or {}), dict(sizes or {})
-    named = {d for a in arrays.values() for d in a.shape} - {HEAD_DIM}
+    named = {d for a in arrays.values() for d in a.shape} - set(BOUND_DIMS)
     if named != set(sizes):
         raise ValueError(
             f"method {name!r}: sizes= must give a default for each dimension named in "
-            f"arrays= other than {HEAD_DIM!r}: expected {sorted(named)}, got {sorted(sizes)}"
+            f"arrays= other than {BOUND_DIMS}: expected {sorted(named)}, got {sorted(sizes)}"
         )
+    unprojected = [n for n, a in arrays.items() if a.per_token and a.project is None]
+    if unprojected:
+        raise ValueError(f"method {name!r}: per-token array(s) {unprojected} need project=")
 
     def decorator(fn: Callable[..., Any]) -> Callable[..., Any]:
         if name in _REGISTRY and not replace:
@@ -234,6 +312,8 @@ def register_method(
             default_scale=default_scale or _default_scale,
             reference=reference,
             ring=ring,
+            causal_only=causal_only,
+            recurrent=recurrent,
         )
         return fn
 
@@ -257,7 +337,9 @@ def init_arrays(
 
     ``ea.attention(q, k, v, method=m, **ea.init_arrays(m, key, q.shape[-1]))``
     works for every registered method. ``sizes`` override the method's
-    default dimension sizes (e.g. ``A=128`` for ``additive``).
+    default dimension sizes (e.g. ``A=128`` for ``additive``); methods with
+    per-token arrays (``gla``) also need ``B``, ``T``, ``K`` (batch, key
+    length, K/V heads), for which the arrays' initialisers draw realistic values.
 
     Args:
       method: a registered method name.

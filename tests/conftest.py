@@ -45,12 +45,13 @@ def make_qkv(
     return q, k, v
 
 
-def method_arrays(method: str, head_dim: int, seed: int = 0) -> dict[str, np.ndarray]:
+def method_arrays(method: str, head_dim: int, seed: int = 0, **dims: int) -> dict[str, np.ndarray]:
     """The array options ``method`` requires (``ea.init_arrays``) as float32 NumPy; {} if none.
 
+    ``dims``: ``B``, ``T``, ``K`` of the call, for per-token arrays (``log_decay``, ``beta``).
     Concrete also when called inside jitted test functions (see ``bench.with_arrays``).
     """
-    made = bench.with_arrays(method, head_dim, {}, seed=seed + 7)
+    made = bench.with_arrays(method, head_dim, {}, seed=seed + 7, **dims)
     return {name: np.asarray(x, np.float32) for name, x in made.items()}
 
 

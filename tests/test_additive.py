@@ -34,7 +34,7 @@ def test_missing_or_misshaped_arrays_are_clear_errors():
     with pytest.raises(ValueError, match="must have shape"):
         ea.attention(q, k, v, method="additive", **{**arrays, "score_vector": np.zeros((2, 64))})
     with pytest.raises(ValueError, match="no size"):
-        ea.init_arrays("additive", jax.random.PRNGKey(0), 16, B=3)
+        ea.init_arrays("additive", jax.random.PRNGKey(0), 16, Z=3)
 
 
 def test_init_arrays_shapes_and_sizes():

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import efficient_attn as ea
+from efficient_attn import bench
 from tests.conftest import make_qkv, method_arrays, method_params, rel_err
 
 METHODS = method_params()
@@ -28,9 +29,26 @@ def require(method: str, *features: str) -> None:
         pytest.skip(f"{method} does not support {features}")
 
 
+def arrays_for(method, q, k):
+    """The array options of ``method`` (none for most; per-token ones sized for q, k)."""
+    return method_arrays(method, q.shape[-1], **bench.input_dims(q, k))
+
+
 def attend(method, q, k, v, **kw):
-    """``ea.attention`` with the array options ``method`` requires (none for most)."""
-    return ea.attention(q, k, v, method=method, **method_arrays(method, q.shape[-1]), **kw)
+    """``ea.attention`` with the array options ``method`` requires (none for most; ``kw``
+    may override them); causal recurrences (``causal_only``) default to ``causal=True``."""
+    kw = {"causal": ea.get_method(method).causal_only, **arrays_for(method, q, k), **kw}
+    return ea.attention(q, k, v, method=method, **kw)
+
+
+def require_full(method: str) -> bool:
+    """False (after checking the ValueError) for causal recurrences, which refuse causal=False."""
+    if not ea.get_method(method).causal_only:
+        return True
+    q, k, v = make_qkv()
+    with pytest.raises(ValueError, match="causal recurrence"):
+        attend(method, q, k, v, causal=False)
+    return False
 
 
 def call(method, q, k, v, **kw):
@@ -79,8 +97,17 @@ def test_gqa_equals_repeated_kv(method, kv_heads):
             attend(method, q, k, v)
         return
     rep = 4 // kv_heads
-    expected = call(method, q, np.repeat(k, rep, axis=2), np.repeat(v, rep, axis=2))
-    np.testing.assert_allclose(call(method, q, k, v), expected, rtol=1e-5, atol=1e-5)
+    spec = ea.get_method(method)
+    arrays = arrays_for(method, q, k)  # arrays over K/V heads are repeated with them
+    repeated = {
+        n: np.repeat(x, rep, axis=spec.arrays[n].shape.index("K"))
+        if "K" in spec.arrays[n].shape
+        else x
+        for n, x in arrays.items()
+    }
+    rk, rv = np.repeat(k, rep, axis=2), np.repeat(v, rep, axis=2)
+    expected = call(method, q, rk, rv, **repeated)
+    np.testing.assert_allclose(call(method, q, k, v, **arrays), expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -115,6 +142,8 @@ def test_padding_ignored(method, causal):
         return
     if causal:
         require(method, "causal")
+    elif not require_full(method):
+        return
     k2, v2 = k.copy(), v.copy()
     k2[1, 6:] = 1e4  # huge values in padding must not leak
     v2[1, 6:] = -1e6
@@ -161,11 +190,13 @@ def test_causal_cross_with_more_queries_than_keys_gives_zero_rows(method):
 def test_weights_reproduce_attention(method, causal):
     if causal:
         require(method, "causal")
+    elif not require_full(method):
+        return
     q, k, v = make_qkv(q_len=11, kv_len=11, heads=4, kv_heads=2)
     kw = {"causal": causal}
     if supports(method, "kv_lengths"):
         kw["kv_lengths"] = np.array([11, 5])
-    w = np.asarray(ea.attention_weights(q, k, method=method, **method_arrays(method, 16), **kw))
+    w = np.asarray(ea.attention_weights(q, k, method=method, **arrays_for(method, q, k), **kw))
     assert w.shape == (2, 4, 11, 11) and w.dtype == np.float32
     v_rep = np.repeat(v, 2, axis=2).astype(np.float64)
     expected = np.einsum("bnqk,bknd->bqnd", w.astype(np.float64), v_rep)
@@ -247,8 +278,10 @@ def test_own_reference_float64(method, b, tq, tk, n, kh, h, causal, kv_lengths):
     """Output vs the method's float64 NumPy formula; gradients (q, k, v and every array
     option) vs float64 central differences of that formula along random directions."""
     spec = ea.get_method(method)
+    if tq != tk:  # causal recurrences test this in their own files (test_gated.py)
+        require(method, "cross")
     q, k, v, lengths, dout = _exact_inputs(b, tq, tk, n, kh, h, kv_lengths)
-    inputs = {"q": q, "k": k, "v": v, **method_arrays(method, h)}
+    inputs = {"q": q, "k": k, "v": v, **arrays_for(method, q, k)}
     kw = {"causal": causal, "kv_lengths": lengths, "scale": spec.default_scale(h)}
 
     def reference_loss(x):

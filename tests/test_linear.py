@@ -68,11 +68,11 @@ def test_recurrent_steps_equal_causal_parallel_form(method):
 
     def scan_step(state, xs):
         q_t, k_t, v_t, valid_t = xs
-        out, state = linear.step(method, state, q_t, k_t, v_t, valid=valid_t)
+        out, state = ea.linear_step(method, state, q_t, k_t, v_t, valid=valid_t)
         return state, out
 
     def decode(q, k, v):
-        state = linear.init_state(method, b, kh, h, hv)
+        state = ea.linear_init_state(method, b, kh, h, hv)
         xs = (*(jnp.swapaxes(x, 0, 1) for x in (q, k, v)), jnp.asarray(valid))
         return jnp.swapaxes(jax.lax.scan(scan_step, state, xs)[1], 0, 1)
 
@@ -199,15 +199,15 @@ def test_option_validation(method, options, match):
 
 def test_recurrent_api_errors():
     with pytest.raises(ValueError, match="has no recurrent form"):
-        linear.init_state("dense", 1, 1, 8, 8)
+        ea.linear_init_state("dense", 1, 1, 8, 8)
     with pytest.raises(ValueError, match="unknown option"):
-        linear.init_state("linear_elu", 1, 1, 8, 8, num_features=4)
+        ea.linear_init_state("linear_elu", 1, 1, 8, 8, num_features=4)
     with pytest.raises(ValueError, match="batch=0 must be a positive int"):
-        linear.init_state("linear_elu", 0, 1, 8, 8)
-    state = linear.init_state("performer", 2, 1, 8, 8, num_features=16)
+        ea.linear_init_state("linear_elu", 0, 1, 8, 8)
+    state = ea.linear_init_state("performer", 2, 1, 8, 8, num_features=16)
     assert state.s.shape == (2, 1, 16, 8) and state.m.shape == (2, 1, 1)
     x = jnp.ones((2, 2, 8))
     with pytest.raises(ValueError, match=r"state\.s has shape"):
-        linear.step("performer", state, x, x[:, :1], x[:, :1])  # default num_features=256
+        ea.linear_step("performer", state, x, x[:, :1], x[:, :1])  # default num_features=256
     with pytest.raises(ValueError, match="must be"):
-        linear.step("performer", state, x[0], x[:, :1], x[:, :1], num_features=16)
+        ea.linear_step("performer", state, x[0], x[:, :1], x[:, :1], num_features=16)

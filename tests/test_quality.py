@@ -73,5 +73,5 @@ def test_preset_errors(tmp_path):
 def test_shipped_preset_expands():
     preset = quality.load_preset("experiments/quality.toml")
     runs = quality.expand(preset, ["dense", "local"])
-    assert len(runs) == 8
+    assert len(runs) == 10  # 2 methods x (2 distances + 2 + 1 MQAR pair counts)
     assert {r.config.options.get("window") for r in runs if r.method == "local"} == {16}

@@ -79,7 +79,7 @@ def test_presets_are_listed_and_sweep_presets_unchanged(capsys):
     assert not {"decode", "scale_ablation"} & set(spec.available_presets())
     assert cli.main(["sweep", "decode", "--dry-run"]) == 0
     keys = capsys.readouterr().out.split()
-    assert len(keys) == 6 * 3 * 6 and len(set(keys)) == len(keys)  # methods x K x lengths
+    assert len(keys) == 11 * 3 * 6 and len(set(keys)) == len(keys)  # methods x K x lengths
     assert cli.main(["sweep", "no_such_preset", "--dry-run"]) == 2
     assert "studies: " in capsys.readouterr().err
 
@@ -170,10 +170,9 @@ def test_recurrent_decode_step_equals_causal_attention(method):
 
     b, t, n, kh, h = 1, 24, 4, 2, 8
     options = ea.get_method(method).resolve_options({})
-    state, (q, k_new, v_new), step = decode._recurrent_step(
-        method, options, b, t, n, kh, h, np.float32, 3
-    )
-    out, new_state = jax.jit(step)(state, q, k_new, v_new)
+    state, inputs, step = decode._recurrent_step(method, options, b, t, n, kh, h, np.float32, 3)
+    q, k_new, v_new = inputs[:3]  # then the step's per-token inputs (none for these methods)
+    out, new_state = jax.jit(step)(state, *inputs)
     normal = decode._normals(3, np.float32)  # the same draws, in the same order
     ks, vs = (np.moveaxis(np.asarray(normal(t - 1, b, kh, h)), 0, 1) for _ in range(2))
     k = np.concatenate([ks, np.asarray(k_new)[:, None]], axis=1)  # [B, L, K, H]

@@ -10,7 +10,8 @@ features). Causal attention is computed chunkwise as in GLA (Yang et al.
 and normaliser ``z = sum_j phi(k_j) [F]`` carried across chunks by
 ``jax.lax.scan``. The chunk body is rematerialised, so the backward pass
 stores one state per chunk, never one per position. The same chunk step with
-one position is the recurrent (RNN) form used for decoding: :func:`step`.
+one position is the recurrent (RNN) form used for decoding
+(:func:`efficient_attn.linear_step`).
 
 Definitions. ``scale`` enters as ``sqrt(scale)`` on both sides:
 ``x = sqrt(scale) q``, ``y = sqrt(scale) k`` (the split under which FAVOR+
@@ -41,116 +42,18 @@ time; memory ``O(N (H + Hv) + (N / chunk) F Hv)`` with gradients.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from efficient_attn import masking
-from efficient_attn.registry import get_method, positive_int, register_method
+from efficient_attn import chunked, masking
+from efficient_attn.methods.feature_maps import FeatureMap, performer_projection  # noqa: F401
+from efficient_attn.methods.feature_maps import feature_map as _feature_map
+from efficient_attn.registry import Recurrent, register_method
 
 FAMILY = ("linear_elu", "linear_relu", "linear_softmax", "performer")
-_EXP_CAP = 80.0  # exp(80) * 4096 features < float32 max
-
-
-def _normals(seed: int, stream: int, count: int, draw: int = 4096) -> np.ndarray:
-    """``count`` standard normals of ``PRNGKey(seed)``'s stream ``stream``, ``draw`` at a time.
-
-    Fixed-size draws share one compiled kernel whatever the count; evaluated
-    eagerly even under ``jit``.
-    """
-    with jax.ensure_compile_time_eval():
-        key = jax.random.fold_in(jax.random.PRNGKey(seed), stream)
-        parts = [
-            np.asarray(jax.random.normal(jax.random.fold_in(key, i), (draw,), jnp.float32))
-            for i in range(masking.cdiv(count, draw))
-        ]
-    return np.concatenate(parts)[:count].astype(np.float64)
-
-
-@functools.lru_cache(maxsize=64)
-def performer_projection(num_features: int, head_dim: int, seed: int) -> np.ndarray:
-    """FAVOR+ random projection ``W [F, H]`` drawn from ``jax.random.PRNGKey(seed)``.
-
-    Rows come in blocks of ``H`` mutually orthogonal directions (QR of a
-    Gaussian block), each row rescaled by the norm of an independent Gaussian
-    vector, so every row is marginally ``N(0, I_H)`` (Choromanski et al. 2020,
-    sec. 2.4). The same ``(num_features, head_dim, seed)`` always gives the
-    same array; it never depends on the data.
-    """
-    blocks = masking.cdiv(num_features, head_dim)
-    gauss = _normals(seed, 0, blocks * head_dim * head_dim).reshape(blocks, head_dim, head_dim)
-    norms = _normals(seed, 1, num_features * head_dim).reshape(num_features, head_dim)
-    q, r = np.linalg.qr(gauss)  # [blocks, H, H]
-    q = q * np.sign(np.diagonal(r, axis1=-2, axis2=-1))[:, None, :]
-    rows = np.swapaxes(q, -1, -2).reshape(blocks * head_dim, head_dim)[:num_features]
-    w = (rows * np.linalg.norm(norms, axis=-1)[:, None]).astype(np.float32)
-    w.setflags(write=False)
-    return w
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class FeatureMap:
-    """``phi`` for queries and keys of one method.
-
-    ``query(x)`` gives non-negative features ``[..., F]`` (any per-row
-    positive factor cancels). ``key(y)`` gives features ``[..., F]`` for
-    elu/relu and log-features for the exponential maps (``exp_keys``), which
-    the caller exponentiates after subtracting a running maximum.
-
-    Performer queries are shifted per row by ``max_f (log phi(x)_f + log D_f)``
-    with ``D`` the row's visible key mass per feature, so the row's normaliser
-    ``phi(x)·D`` lies in ``[1, F]``: neither it nor its gradient under- or
-    overflows however large the logits. Exponents are capped at ``_EXP_CAP``
-    (only reached where float32 would overflow anyway).
-    """
-
-    kind: str
-    eps: float = 0.0
-    projection: jax.Array | np.ndarray | None = None  # [F, H], performer
-
-    @property
-    def exp_keys(self) -> bool:
-        return self.kind in ("linear_softmax", "performer")
-
-    @property
-    def per_feature(self) -> bool:
-        """Normalised per feature (``linear_softmax``) instead of per row."""
-        return self.kind == "linear_softmax"
-
-    def num_features(self, head_dim: int) -> int:
-        return head_dim if self.projection is None else self.projection.shape[0]
-
-    def _favor_logits(self, x: jax.Array) -> jax.Array:
-        w = jnp.asarray(self.projection, x.dtype)
-        return x @ w.T - 0.5 * jnp.sum(x * x, axis=-1, keepdims=True)
-
-    def query(self, x: jax.Array, mass: jax.Array) -> jax.Array:
-        """Features ``[..., F]`` of ``x [..., H]``; ``mass`` (broadcasts to ``[..., F]``):
-        the visible keys' feature sums, which only set performer's per-row shift."""
-        if self.kind == "linear_elu":
-            return jax.nn.elu(x) + 1.0
-        if self.kind == "linear_relu":
-            return jax.nn.relu(x)
-        if self.kind == "linear_softmax":
-            return jax.nn.softmax(x, axis=-1)
-        logits = self._favor_logits(x)
-        plain = jax.lax.stop_gradient(logits)
-        shift = jnp.max(plain + jnp.log(jax.lax.stop_gradient(mass)), axis=-1, keepdims=True)
-        shift = jnp.where(jnp.isfinite(shift), shift, jnp.max(plain, axis=-1, keepdims=True))
-        return jnp.exp(jnp.minimum(logits - shift, _EXP_CAP))
-
-    def key(self, y: jax.Array) -> jax.Array:
-        if self.kind == "linear_elu":
-            return jax.nn.elu(y) + 1.0
-        if self.kind == "linear_relu":
-            return jax.nn.relu(y)
-        if self.kind == "linear_softmax":
-            return y
-        return self._favor_logits(y)
 
 
 class LinearState(NamedTuple):
@@ -165,24 +68,6 @@ class LinearState(NamedTuple):
     s: jax.Array
     z: jax.Array
     m: jax.Array
-
-
-def _feature_map(method: str, head_dim: int, options: dict[str, Any]) -> tuple[FeatureMap, int]:
-    """(feature map, chunk) of ``method`` after validating option values."""
-    chunk = positive_int("chunk", options["chunk"])
-    if method == "linear_relu":
-        eps = options["eps"]
-        if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not 0 < eps < np.inf:
-            raise ValueError(f"eps={eps!r} must be a positive finite float")
-        return FeatureMap(method, eps=float(eps)), chunk
-    if method == "performer":
-        num_features = positive_int("num_features", options["num_features"])
-        seed = options["seed"]
-        if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
-            raise ValueError(f"seed={seed!r} must be a non-negative int")
-        projection = performer_projection(num_features, head_dim, int(seed))
-        return FeatureMap(method, projection=projection), chunk
-    return FeatureMap(method), chunk
 
 
 def _empty_state(fm: FeatureMap, b: int, kh: int, f: int, hv: int, dtype) -> LinearState:
@@ -296,23 +181,19 @@ def _linear_attention(fm, q, k, v, *, causal, kv_lengths, scale, chunk):
         x = x[:, :, :, -offset:]
     length = min(tq, tk)
     c = min(chunk, length)
-    nc = masking.cdiv(length, c)
-
-    def blocks(t, axis):  # split ``axis`` (length ``length``) into [nc, ..., c, ...]
-        t = masking.pad_axis(t, axis, c)
-        t = t.reshape(*t.shape[:axis], nc, c, *t.shape[axis + 1 :])
-        return jnp.moveaxis(t, axis, 0)
 
     def body(carry, xs):
         out, carry = _chunk_step(fm, carry, *xs)
         return carry, out
 
-    xs = (blocks(x, 3), blocks(y, 2), blocks(vt, 2), blocks(valid, 2))
-    if nc == 1:
-        out = _chunk_step(fm, state, *(t[0] for t in xs))[0][None]
-    else:
-        _, out = jax.lax.scan(jax.checkpoint(body, prevent_cse=False), state, xs)
-    out = jnp.moveaxis(out, 0, 3).reshape(b, kh, -1, nc * c, hv)[:, :, :, :length]
+    xs = (
+        chunked.to_chunks(x, 3, c),
+        chunked.to_chunks(y, 2, c),
+        chunked.to_chunks(vt, 2, c),
+        chunked.to_chunks(valid, 2, c),
+    )
+    _, out = chunked.scan_chunks(body, state, xs, (3, 2, 2, 2), 3, checkpoint=True)
+    out = chunked.from_chunks(out, 3, length)  # [B, K, G, length, Hv]
     out = out.transpose(0, 3, 1, 2, 4).reshape(b, length, n, hv)
     if offset < 0:
         out = jnp.pad(out, ((0, 0), (-offset, 0), (0, 0), (0, 0)))
@@ -379,7 +260,40 @@ def _run(method, q, k, v, causal, kv_lengths, scale, **options):
     return _jitted(q, k, v, kv_lengths, scale, fm.projection, **static)
 
 
-@register_method("linear_elu", exact=False, weights=_weights_of("linear_elu"))
+def _recurrent_form(method: str) -> Recurrent:
+    """The recurrent form of ``method`` (state: :class:`LinearState`) for decoding."""
+
+    def init_state(batch, kv_heads, head_dim, value_dim, *, dtype=jnp.float32, **options):
+        fm = _feature_map(method, head_dim, options)[0]
+        f = fm.num_features(head_dim)
+        return _empty_state(fm, batch, kv_heads, f, value_dim, masking.stat_dtype(dtype))
+
+    def step(state, q_t, k_t, v_t, *, scale, valid, **options):
+        b, n, h = q_t.shape
+        kh, hv = k_t.shape[1], v_t.shape[-1]
+        fm = _feature_map(method, h, options)[0]
+        if state.s.shape != (b, kh, fm.num_features(h), hv):
+            raise ValueError(
+                f"state.s has shape {state.s.shape}; these inputs need "
+                f"{(b, kh, fm.num_features(h), hv)}"
+            )
+        acc = state.s.dtype
+        root = jnp.sqrt(jnp.asarray(scale, acc))
+        x = (q_t.astype(acc) * root).reshape(b, kh, n // kh, 1, h)
+        y = (k_t.astype(acc) * root)[:, :, None]
+        v = v_t.astype(acc)[:, :, None]
+        out, state = _chunk_step(fm, state, x, y, v, valid[:, None, None])
+        return out.reshape(b, n, hv).astype(q_t.dtype), state
+
+    return Recurrent(init_state=init_state, step=step)
+
+
+@register_method(
+    "linear_elu",
+    exact=False,
+    weights=_weights_of("linear_elu"),
+    recurrent=_recurrent_form("linear_elu"),
+)
 def linear_elu(
     q: jax.Array,
     k: jax.Array,
@@ -398,7 +312,12 @@ def linear_elu(
     return _run("linear_elu", q, k, v, causal, kv_lengths, scale, chunk=chunk)
 
 
-@register_method("linear_relu", exact=False, weights=_weights_of("linear_relu"))
+@register_method(
+    "linear_relu",
+    exact=False,
+    weights=_weights_of("linear_relu"),
+    recurrent=_recurrent_form("linear_relu"),
+)
 def linear_relu(
     q: jax.Array,
     k: jax.Array,
@@ -419,7 +338,12 @@ def linear_relu(
     return _run("linear_relu", q, k, v, causal, kv_lengths, scale, chunk=chunk, eps=eps)
 
 
-@register_method("linear_softmax", exact=False, weights=_weights_of("linear_softmax"))
+@register_method(
+    "linear_softmax",
+    exact=False,
+    weights=_weights_of("linear_softmax"),
+    recurrent=_recurrent_form("linear_softmax"),
+)
 def linear_softmax(
     q: jax.Array,
     k: jax.Array,
@@ -439,7 +363,12 @@ def linear_softmax(
     return _run("linear_softmax", q, k, v, causal, kv_lengths, scale, chunk=chunk)
 
 
-@register_method("performer", exact=False, weights=_weights_of("performer"))
+@register_method(
+    "performer",
+    exact=False,
+    weights=_weights_of("performer"),
+    recurrent=_recurrent_form("performer"),
+)
 def performer(
     q: jax.Array,
     k: jax.Array,
@@ -461,76 +390,3 @@ def performer(
     """
     options = {"chunk": chunk, "num_features": num_features, "seed": seed}
     return _run("performer", q, k, v, causal, kv_lengths, scale, **options)
-
-
-def _recurrent_map(method: str, head_dim: int, options: dict[str, Any]) -> FeatureMap:
-    if method not in FAMILY:
-        raise ValueError(f"{method=} has no recurrent form; linear methods: {', '.join(FAMILY)}")
-    return _feature_map(method, head_dim, get_method(method).resolve_options(options))[0]
-
-
-def init_state(
-    method: str,
-    batch: int,
-    kv_heads: int,
-    head_dim: int,
-    value_dim: int,
-    *,
-    dtype: Any = jnp.float32,
-    **options: Any,
-) -> LinearState:
-    """The empty recurrent state of ``method`` (no key seen yet) for inputs of ``dtype``.
-
-    Shapes: ``s [B, K, F, Hv]``, ``z [B, K, F]``, ``m [B, K, 1 or F]`` with ``F = H``
-    (``num_features`` for performer); statistics are float32 (float64 for float64).
-    ``options`` are the method's options (``num_features``, ``seed``, ``eps``).
-    """
-    for name, value in (("batch", batch), ("kv_heads", kv_heads), ("head_dim", head_dim)):
-        positive_int(name, value)
-    positive_int("value_dim", value_dim)
-    fm = _recurrent_map(method, head_dim, options)
-    f = fm.num_features(head_dim)
-    return _empty_state(fm, batch, kv_heads, f, value_dim, masking.stat_dtype(dtype))
-
-
-def step(
-    method: str,
-    state: LinearState,
-    q_t: jax.Array,
-    k_t: jax.Array,
-    v_t: jax.Array,
-    *,
-    scale: float | None = None,
-    valid: jax.Array | None = None,
-    **options: Any,
-) -> tuple[jax.Array, LinearState]:
-    """One decoding step of the causal form: absorb ``(k_t, v_t)``, then attend with ``q_t``.
-
-    q_t: [B, N, H], k_t: [B, K, H], v_t: [B, K, Hv] -> (out_t [B, N, Hv], new state).
-    Running it over positions ``0..T-1`` equals ``attention(..., causal=True)``.
-    ``valid`` (bool ``[B]``, default all True): where False the token is padding,
-    the state is left unchanged and ``out_t`` reads the state as is.
-    ``scale`` defaults to ``1/sqrt(H)``; ``options`` as for :func:`init_state`.
-    """
-    if q_t.ndim != 3 or k_t.ndim != 3 or v_t.ndim != 3:
-        raise ValueError(
-            f"q_t, k_t, v_t must be [B, N, H], [B, K, H], [B, K, Hv]; "
-            f"got {q_t.shape}, {k_t.shape}, {v_t.shape}"
-        )
-    b, n, h = q_t.shape
-    kh, hv = k_t.shape[1], v_t.shape[-1]
-    if k_t.shape != (b, kh, h) or v_t.shape[:2] != (b, kh) or n % kh:
-        raise ValueError(f"bad step shapes q_t {q_t.shape}, k_t {k_t.shape}, v_t {v_t.shape}")
-    fm = _recurrent_map(method, h, options)
-    if state.s.shape != (b, kh, fm.num_features(h), hv):
-        raise ValueError(
-            f"state.s has shape {state.s.shape}; these inputs need "
-            f"{(b, kh, fm.num_features(h), hv)}"
-        )
-    acc = state.s.dtype
-    root = jnp.sqrt(jnp.asarray(1.0 / np.sqrt(h) if scale is None else scale, acc))
-    x = (q_t.astype(acc) * root).reshape(b, kh, n // kh, 1, h)
-    y = (k_t.astype(acc) * root)[:, :, None]
-    valid = jnp.ones((b,), bool) if valid is None else jnp.asarray(valid, bool)
-    out, state = _chunk_step(fm, state, x, y, v_t.astype(acc)[:, :, None], valid[:, None, None])
-    return out.reshape(b, n, hv).astype(q_t.dtype), state

@@ -28,6 +28,9 @@ class MultiHeadAttention(nn.Module):
       sizes: sizes of the method's array options (e.g. ``{"A": 32}`` for
         ``additive``); those arrays are learned as parameters of this layer,
         initialised by the method's :class:`efficient_attn.ArrayOption`.
+        Per-token arrays (``log_decay``, ``beta`` of the gated recurrences) are
+        computed from the keys' input by small learned projections, as
+        flash-linear-attention's layers do (:class:`efficient_attn.TokenProjection`).
     """
 
     num_heads: int
@@ -41,14 +44,28 @@ class MultiHeadAttention(nn.Module):
     sizes: Mapping[str, int] | None = None
     dtype: Any = jnp.float32
 
-    def _method_options(self) -> dict[str, Any]:
-        """The method's options plus its array options, created as parameters."""
+    def _method_options(self, context: jax.Array) -> dict[str, Any]:
+        """The method's options plus its array options: parameters, and per-token
+        arrays computed from ``context [B, Tk, D]`` by their :class:`ea.TokenProjection`."""
         spec = ea.get_method(self.method)
-        shapes = spec.array_shapes(self.head_dim, **dict(self.sizes or {}))
-        arrays = {
+        kv_heads = self.num_kv_heads or self.num_heads
+        sizes = {**dict(self.sizes or {}), "K": kv_heads}
+        shapes = spec.array_shapes(self.head_dim, per_token=False, **sizes)
+        arrays = {  # optional arrays (retnet's fixed decays) keep the method's defaults
             name: self.param(name, spec.arrays[name].init, shape, jnp.float32).astype(self.dtype)
             for name, shape in shapes.items()
+            if spec.arrays[name].required
         }
+        dims = {**spec.sizes, **sizes, "H": self.head_dim}
+        for name, array in spec.arrays.items():
+            if array.per_token:
+                tail = tuple(dims[d] for d in array.shape[2:])
+                z = context
+                if array.project.rank is not None:
+                    down = nn.Dense(array.project.rank, use_bias=False, name=f"{name}_down")
+                    z = down(z.astype(jnp.float32))
+                z = nn.DenseGeneral(tail, name=f"{name}_proj")(z.astype(jnp.float32))
+                arrays[name] = array.project.activation(z)  # float32 [B, Tk, *tail]
         return {**dict(self.options or {}), **arrays}
 
     def _project(self, x: jax.Array, context: jax.Array):
@@ -80,7 +97,7 @@ class MultiHeadAttention(nn.Module):
             causal=self.causal,
             kv_lengths=kv_lengths,
             scale=self.scale,
-            **self._method_options(),
+            **self._method_options(context),
         )
         features = self.out_features or x.shape[-1]
         return nn.DenseGeneral(features, axis=(-2, -1), dtype=self.dtype, name="out")(out)
@@ -99,5 +116,5 @@ class MultiHeadAttention(nn.Module):
             causal=self.causal,
             kv_lengths=kv_lengths,
             scale=self.scale,
-            **self._method_options(),
+            **self._method_options(context),
         )

@@ -10,12 +10,14 @@ is in place) and attends with ``q: [B, 1, N, H]`` through
 causal, the one query sees all L keys. ``cache_bytes`` is the sum of the cache
 arrays' ``.nbytes``.
 
-Linear methods (:data:`efficient_attn.methods.linear.FAMILY`) decode from
-their recurrent state instead: the empty state
+Methods with a recurrent form on their registry entry (``Method.recurrent``:
+the linear and the gated/delta-rule methods, :func:`efficient_attn.recurrent_methods`)
+decode from their recurrent state instead: the empty state
 (:func:`efficient_attn.linear_init_state`) absorbs L - 1 random context tokens
 once (not timed), then one :func:`efficient_attn.linear_step` (absorb the new
 token, read out with its query) is timed; ``cache_bytes`` is the state's size,
-independent of L.
+independent of L. Per-token inputs (``log_decay``, ``beta``) are drawn by the
+method's initialisers (``ea.init_arrays``) for the L tokens and passed to each step.
 
 Time: the compiled step is warmed up, then timed ``repeats`` times (fewer
 where one step takes more than ``timing_budget_s / repeats``), each call
@@ -40,7 +42,19 @@ from efficient_attn.sweep import report as sweep_report
 from efficient_attn.sweep.spec import DTYPES, as_list, check_methods, int_list, option_grid
 
 SETTINGS: dict[str, Any] = {
-    "methods": ["dense", "blockwise", "xla", "local", "linear_elu", "performer"],
+    "methods": [
+        "dense",
+        "blockwise",
+        "xla",
+        "local",
+        "linear_elu",
+        "performer",
+        "retnet",
+        "mamba2",
+        "gla",
+        "deltanet",
+        "gated_deltanet",
+    ],
     "seq_lens": [1024, 2048, 4096, 8192, 16384, 32768],
     "batch": 1,
     "heads": 8,
@@ -196,24 +210,32 @@ def _recurrent_step(method: str, options: dict, b, t, n, kh, h, dtype, seed) -> 
     normal = _normals(seed, dtype)
     state = ea.linear_init_state(method, b, kh, h, h, dtype=dtype, **options)
     q0 = jnp.zeros((b, n, h), dtype)
+    spec = ea.get_method(method)
+    arrays = ea.init_arrays(method, jax.random.PRNGKey(seed), h, B=b, T=t, K=kh)
+    fixed = {name: x for name, x in arrays.items() if not spec.arrays[name].per_token}
+    tokens = {  # per-token inputs, [L, B, K, ...]: L - 1 for the context, the last for the step
+        name: jnp.swapaxes(x, 0, 1) for name, x in arrays.items() if spec.arrays[name].per_token
+    }
 
     @functools.partial(jax.jit, donate_argnums=0)
-    def absorb(state, ks, vs):  # ks, vs: [L - 1, B, K, H]
-        def body(s, kv):
-            return ea.linear_step(method, s, q0, *kv, **options)[1], None
+    def absorb(state, ks, vs, context):  # ks, vs: [L - 1, B, K, H]
+        def body(s, xs):
+            k_t, v_t, tok = xs
+            return ea.linear_step(method, s, q0, k_t, v_t, **options, **fixed, **tok)[1], None
 
-        return jax.lax.scan(body, state, (ks, vs))[0]
+        return jax.lax.scan(body, state, (ks, vs, context))[0]
 
     if t > 1:
-        state = jax.block_until_ready(
-            absorb(state, normal(t - 1, b, kh, h), normal(t - 1, b, kh, h))
-        )
+        context = {name: x[: t - 1] for name, x in tokens.items()}
+        ks, vs = normal(t - 1, b, kh, h), normal(t - 1, b, kh, h)
+        state = jax.block_until_ready(absorb(state, ks, vs, context))
     q, k_new, v_new = normal(b, n, h), normal(b, kh, h), normal(b, kh, h)
+    last = {name: x[t - 1] for name, x in tokens.items()}
 
-    def step(state, q, k_new, v_new):
-        return ea.linear_step(method, state, q, k_new, v_new, **options)
+    def step(state, q, k_new, v_new, last):
+        return ea.linear_step(method, state, q, k_new, v_new, **options, **fixed, **last)
 
-    return state, (q, k_new, v_new), step
+    return state, (q, k_new, v_new, last), step
 
 
 def _time_steps(exe, carry, inputs, repeats: int, warmup: int, budget_s: float) -> tuple:
@@ -241,14 +263,13 @@ def measure(payload: dict[str, Any], row: dict[str, Any]) -> None:
     import numpy as np
 
     import efficient_attn as ea
-    from efficient_attn.methods.linear import FAMILY
 
     spec = ea.get_method(payload["method"])
     reason = spec.available()
     if reason is not None:
         raise Unsupported(f"method {spec.name!r} is not available here: {reason}")
     b, t, n, kh, h = (payload[x] for x in ("batch", "seq_len", "heads", "kv_heads", "head_dim"))
-    recurrent = spec.name in FAMILY
+    recurrent = spec.recurrent is not None
     needed = ["causal", "cross"] + (["gqa"] if kh != n else [])
     missing = [f for f in needed if f not in spec.supports]
     if missing and not recurrent:

@@ -470,6 +470,8 @@ def _unsupported_reason(point: dict[str, Any]) -> str | None:
     if missing:
         valid = sorted(spec.supports)
         return f"method {spec.name!r} does not support {missing}; it supports {valid}"
+    if spec.causal_only and not point["causal"]:
+        return f"method {spec.name!r} is a causal recurrence: it needs causal=True"
     return None
 
 

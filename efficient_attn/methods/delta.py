@@ -1,0 +1,165 @@
+"""Delta-rule linear attention, chunkwise: ``deltanet``, ``gated_deltanet``.
+
+DeltaNet (Schlag et al. 2021, "Linear Transformers Are Secretly Fast Weight
+Programmers"; parallelised by Yang et al. 2024, "Parallelizing Linear
+Transformers with the Delta Rule over Sequence Length") and Gated DeltaNet
+(Yang, Kautz & Hatamizadeh 2025): ``S_t = al_t (I - beta_t k_t k_t^T) S_{t-1}
++ beta_t k_t v_t^T`` (``al = 1`` for DeltaNet; definitions and options in
+:mod:`efficient_attn.methods.gated_base`).
+
+Chunkwise form with the UT transform (flash-linear-attention's
+``chunk_gated_delta_rule``): inside a chunk of ``C`` positions with
+cumulative log decay ``b`` and entering state ``S``, the written values
+``n_i = beta_i (v_i - al_i S_{i-1}^T k_i)`` solve the unit lower-triangular system
+
+    (I + L) N = diag(beta) V - diag(beta exp(b)) K S,
+    L_ij = beta_i (k_i . k_j) exp(b_i - b_j)  (j < i),
+
+so ``N = U - W S`` with ``U = (I + L)^-1 diag(beta) V`` and
+``W = (I + L)^-1 diag(beta exp(b)) K`` (the WY representation; one triangular
+solve per chunk, by forward substitution for all chunks at once:
+:func:`unit_lower_inverse`). Then
+
+    o_i = exp(b_i) S^T q'_i + sum_{j <= i} exp(b_i - b_j) (q'_i . k_j) n_j,
+    S'  = exp(b_C) S + sum_j exp(b_C - b_j) k_j n_j^T.
+
+Only ``S -> (N, S')`` is sequential: a ``jax.lax.scan`` over chunks of two
+``C x H x Hv`` matmuls, storing ``T / C`` states for the backward pass.
+Cost per head: ``O(T C (H + Hv) + T H Hv)`` plus a ``C x C`` solve per chunk.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from efficient_attn import chunked
+from efficient_attn.methods import gated_base as base
+from efficient_attn.methods.gated import causal_decays
+from efficient_attn.registry import register_method
+
+DELTANET = base.Rule("deltanet", decay=None, delta=True)
+GATED_DELTANET = base.Rule("gated_deltanet", decay="scalar", delta=True)
+
+
+@jax.custom_vjp
+def unit_lower_inverse(lower: jax.Array) -> jax.Array:
+    """``(I + lower)^-1`` of strictly lower-triangular ``lower [..., C, C]``.
+
+    Forward substitution one row at a time, for all chunks at once (plain XLA,
+    no LAPACK call); the backward pass is ``dL = -X^T dX X^T`` (strictly lower).
+    """
+    c = lower.shape[-1]
+
+    def row(i, a):  # a: the strictly lower part of the inverse, rows < i final
+        r = jax.lax.dynamic_index_in_dim(a, i, axis=-2, keepdims=False)  # [..., C]
+        r = jnp.where(jnp.arange(c) < i, r + jnp.einsum("...j,...jc->...c", r, a), 0.0)
+        return jax.lax.dynamic_update_index_in_dim(a, r, i, axis=-2)
+
+    return jax.lax.fori_loop(1, c, row, -lower) + jnp.eye(c, dtype=lower.dtype)
+
+
+def _inverse_fwd(lower):
+    x = unit_lower_inverse(lower)
+    return x, x
+
+
+def _inverse_bwd(x, dx):
+    xt = jnp.swapaxes(x, -1, -2)
+    c = x.shape[-1]
+    return (jnp.where(jnp.tril(jnp.ones((c, c), bool), -1), -(xt @ dx @ xt), 0.0),)
+
+
+unit_lower_inverse.defvjp(_inverse_fwd, _inverse_bwd)
+
+
+def delta_chunks(x: base.Inputs, chunk: int) -> jax.Array:
+    """The chunkwise form: prepared :class:`~gated_base.Inputs` -> ``[B, K, G, T, Hv]``."""
+    t, hv = x.k.shape[2], x.v.shape[-1]
+    q = chunked.to_chunks(x.q, 3, chunk)  # [B, K, G, nc, C, H]
+    k = chunked.to_chunks(x.k, 2, chunk)  # [B, K, nc, C, H]
+    v = chunked.to_chunks(x.v, 2, chunk)  # [B, K, nc, C, Hv]
+    beta = chunked.to_chunks(x.beta, 2, chunk)  # [B, K, nc, C]
+    b = jnp.cumsum(chunked.to_chunks(x.g, 2, chunk)[..., 0], axis=-1)  # [B, K, nc, C]
+    decays = causal_decays(b[..., None])[..., 0]  # [B, K, nc, C, C], j <= i
+    kk = jnp.einsum("bknih,bknjh->bknij", k, k)
+    strict = jnp.tril(jnp.ones((chunk, chunk), bool), -1)
+    lower = jnp.where(strict, beta[..., :, None] * kk * decays, 0.0)
+    rhs = jnp.concatenate([beta[..., None] * v, (beta * jnp.exp(b))[..., None] * k], axis=-1)
+    solved = unit_lower_inverse(lower) @ rhs  # the UT transform applied to [beta V, beta e^b K]
+    u, w = solved[..., :hv], solved[..., hv:]  # [B, K, nc, C, Hv], [B, K, nc, C, H]
+    last = b[..., -1:]  # [B, K, nc, 1]
+    kd = k * jnp.exp(last - b)[..., None]
+    keep = jnp.exp(last)[..., None]  # [B, K, nc, 1, 1]
+
+    def body(s, xs):  # s: [B, K, H, Hv], the state entering the chunk
+        u_n, w_n, kd_n, keep_n = xs
+        new = u_n - jnp.einsum("bkch,bkhd->bkcd", w_n, s)  # written values n_i
+        return keep_n * s + jnp.einsum("bkch,bkcd->bkhd", kd_n, new), (s, new)
+
+    s0 = jnp.zeros((*k.shape[:2], k.shape[-1], hv), k.dtype)
+    _, (states, new) = chunked.scan_chunks(body, s0, (u, w, kd, keep), 2, 2)
+    a = jnp.einsum("bkgnih,bknjh->bkgnij", q, k) * decays[:, :, None]
+    inter = jnp.einsum("bkgnih,bknhd->bkgnid", q * jnp.exp(b)[:, :, None, ..., None], states)
+    out = inter + jnp.einsum("bkgnij,bknjd->bkgnid", a, new)
+    return chunked.from_chunks(out, 3, t)
+
+
+def _register(rule: base.Rule, fn):
+    return register_method(
+        rule.name,
+        exact=False,
+        supports=("causal", "kv_lengths", "gqa", "grad"),
+        weights=base.weights_of(rule, delta_chunks),
+        arrays=base.arrays_of(rule),
+        reference=base.numpy_reference(rule),
+        causal_only=True,
+        recurrent=base.recurrent_form(rule),
+    )(fn)
+
+
+def deltanet(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    causal: bool,
+    kv_lengths: jax.Array | None,
+    scale: float,
+    beta: jax.Array | None = None,
+    chunk: int = 64,
+    qk_l2norm: bool = True,
+) -> jax.Array:
+    """DeltaNet (Schlag et al. 2021; Yang et al. 2024): the delta rule, chunkwise (UT transform).
+
+    q: [B, T, N, H], k: [B, T, K, H], v: [B, T, K, Hv], beta: [B, T, K] in (0, 1)
+    -> [B, T, N, Hv]. ``qk_l2norm``: unit-norm queries and keys (FLA's default).
+    """
+    options = {"beta": beta, "chunk": chunk, "qk_l2norm": qk_l2norm}
+    return base.run(DELTANET, delta_chunks, q, k, v, causal, kv_lengths, scale, options)
+
+
+def gated_deltanet(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    causal: bool,
+    kv_lengths: jax.Array | None,
+    scale: float,
+    log_decay: jax.Array | None = None,
+    beta: jax.Array | None = None,
+    chunk: int = 64,
+    qk_l2norm: bool = True,
+) -> jax.Array:
+    """Gated DeltaNet (Yang, Kautz & Hatamizadeh 2025): a decayed delta rule, chunkwise.
+
+    q: [B, T, N, H], k: [B, T, K, H], v: [B, T, K, Hv], log_decay: [B, T, K] ``<= 0``,
+    beta: [B, T, K] in (0, 1) -> [B, T, N, Hv]. ``qk_l2norm`` as for ``deltanet``.
+    """
+    options = {"log_decay": log_decay, "beta": beta, "chunk": chunk, "qk_l2norm": qk_l2norm}
+    return base.run(GATED_DELTANET, delta_chunks, q, k, v, causal, kv_lengths, scale, options)
+
+
+for _rule, _fn in ((DELTANET, deltanet), (GATED_DELTANET, gated_deltanet)):
+    _register(_rule, _fn)

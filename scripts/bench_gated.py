@@ -1,0 +1,123 @@
+"""Gated and delta-rule recurrences vs XLA's exact attention and linear_elu, in one run.
+
+Issue 15's benchmark: B=1, 4 heads (MHA), head_dim 64, float32, causal. Per-token
+inputs (``log_decay``, ``beta``) are drawn by the registry's initialisers and
+passed as arguments of the compiled function (never baked in as constants).
+Prints markdown tables:
+
+1. at N=8192: forward and forward+backward time and the compiled temporary
+   memory of forward+backward (``jax.jit(f).lower(*a).compile().memory_analysis()``),
+   each against ``xla`` (``jax.nn.dot_product_attention``), and throughput
+   (tokens/s) against ``linear_elu``;
+2. time slope 8192 -> 32768: ``t(32768) / t(8192) / 4`` (1.0 is linear), forward and
+   forward+backward.
+
+Times are medians of ``--repeats`` runs after one warm-up, each blocked on with
+``block_until_ready``. Targets per method: forward at 8192 <= 0.08x xla,
+forward+backward temp memory <= 0.05x xla's, slope <= 1.15.
+
+    python scripts/bench_gated.py [--repeats 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+
+import efficient_attn as ea
+from efficient_attn import bench
+
+GATED = ("retnet", "mamba2", "gla", "deltanet", "gated_deltanet")
+BATCH, HEADS, HEAD_DIM = 1, 4, 64
+MAIN_LEN, LONG_LEN = 8192, 32768
+
+
+def _fn(method: str, names: tuple[str, ...], backward: bool):
+    """``f(q, k, v, *arrays)``: the output, or the gradients of ``sum(out * dout)``."""
+
+    def fwd(q, k, v, *arrays):
+        opts = dict(zip(names, arrays, strict=True))
+        return ea.attention(q, k, v, method=method, causal=True, **opts)
+
+    if not backward:
+        return fwd
+
+    def fwd_bwd(q, k, v, *arrays):
+        out, vjp = jax.vjp(fwd, q, k, v, *arrays)
+        return vjp(jax.random.normal(jax.random.PRNGKey(1), out.shape, out.dtype))
+
+    return fwd_bwd
+
+
+def timings(method: str, n: int, repeats: int, modes=("fwd", "fwd+bwd")) -> dict:
+    """{mode: bench.Timing} of ``method``, causal, at length ``n``."""
+    q, k, v = bench.random_inputs(BATCH, n, n, HEADS, HEADS, HEAD_DIM, jnp.float32)
+    arrays = ea.init_arrays(method, jax.random.PRNGKey(2), HEAD_DIM, **bench.input_dims(q, k))
+    names = tuple(arrays)
+    args = (q, k, v, *arrays.values())
+    return {
+        mode: bench.measure(_fn(method, names, mode == "fwd+bwd"), args, repeats) for mode in modes
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per measurement")
+    args = parser.parse_args()
+    start = time.perf_counter()
+    print(f"# Gated and delta-rule benchmark ({bench.device_description()}, jax {jax.__version__})")
+    print(
+        f"\nB={BATCH}, heads={HEADS} (K/V heads {HEADS}), head_dim={HEAD_DIM}, float32, causal; "
+        f"median of {args.repeats} runs after one warm-up; default options of each method; "
+        f"1-minute load average at start {os.getloadavg()[0]:.2f}"
+    )
+    main = {m: timings(m, MAIN_LEN, args.repeats) for m in ("xla", "linear_elu", *GATED)}
+    xla, elu = main["xla"], main["linear_elu"]
+    print(f"\n## N={MAIN_LEN}: time, compiled temp memory vs xla; throughput vs linear_elu\n")
+    print(
+        "| method | fwd ms | fwd / xla | fwd+bwd ms | fwd+bwd / xla | fwd+bwd temp MiB "
+        "| temp / xla | fwd tokens/s | fwd throughput / linear_elu |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for m, r in main.items():
+        f, fb = r["fwd"], r["fwd+bwd"]
+        print(
+            f"| {m} | {1e3 * f.median_s:.1f} | {f.median_s / xla['fwd'].median_s:.3f} "
+            f"| {1e3 * fb.median_s:.1f} | {fb.median_s / xla['fwd+bwd'].median_s:.3f} "
+            f"| {fb.temp_bytes / 2**20:.1f} | {fb.temp_bytes / xla['fwd+bwd'].temp_bytes:.4f} "
+            f"| {BATCH * MAIN_LEN / f.median_s:,.0f} | {elu['fwd'].median_s / f.median_s:.2f} |"
+        )
+    print(f"\n## Time slope {MAIN_LEN} -> {LONG_LEN}: t({LONG_LEN}) / t({MAIN_LEN}) / 4\n")
+    print("| method | fwd ms at 32768 | fwd slope | fwd+bwd ms at 32768 | fwd+bwd slope |")
+    print("|---|---:|---:|---:|---:|")
+    slopes = {}
+    for m in ("linear_elu", *GATED):
+        long = timings(m, LONG_LEN, args.repeats)
+        cells = []
+        for mode in ("fwd", "fwd+bwd"):
+            slopes[(m, mode)] = long[mode].median_s / main[m][mode].median_s / 4
+            cells += [f"{1e3 * long[mode].median_s:.0f}", f"{slopes[(m, mode)]:.2f}"]
+        print(f"| {m} | {' | '.join(cells)} |")
+    print("\n## Targets\n")
+    for m in GATED:
+        r = main[m]
+        checks = {
+            "fwd <= 0.08x xla": r["fwd"].median_s <= 0.08 * xla["fwd"].median_s,
+            "fwd+bwd temp <= 0.05x xla": r["fwd+bwd"].temp_bytes
+            <= 0.05 * xla["fwd+bwd"].temp_bytes,
+            "fwd slope <= 1.15": slopes[(m, "fwd")] <= 1.15,
+            "fwd+bwd slope <= 1.15": slopes[(m, "fwd+bwd")] <= 1.15,
+        }
+        print(f"- {m}: " + ", ".join(f"{k}: {'yes' if ok else 'NO'}" for k, ok in checks.items()))
+    print(
+        f"\n(total {time.perf_counter() - start:.0f} s; "
+        f"1-minute load average at end {os.getloadavg()[0]:.2f})"
+    )
+
+
+if __name__ == "__main__":
+    main()
