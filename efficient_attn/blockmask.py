@@ -286,8 +286,9 @@ _classify_jit = jax.jit(_classify, static_argnums=(0, 4, 5, 6, 7, 8, 9))
 def _count_tiles(mask_mod, qs, ks, q_limit, k_limit, chunk: int = 64):
     """Visible pairs of each tile ``qs[u] x ks[u]`` (``[U, bq]``, ``[U, bk]``): ``[U]`` int32.
 
-    For a mask over positions only, evaluated op by op on fixed-size chunks of
-    tiles: no compilation per mask (JAX caches each primitive per shape).
+    For a mask over positions only, called on NumPy index arrays in chunks of
+    tiles: library masks evaluate in NumPy (nothing compiled); a ``jnp`` mask
+    runs op by op (JAX caches each primitive per shape).
     """
     b = np.zeros((1, 1, 1, 1, 1), np.int32)
     u, bq, bk = qs.shape[0], qs.shape[1], ks.shape[1]
@@ -299,11 +300,20 @@ def _count_tiles(mask_mod, qs, ks, q_limit, k_limit, chunk: int = 64):
         qp, kp = qs[c : c + chunk], ks[c : c + chunk]
         q = np.minimum(qp, q_limit - 1)[:, None, None, :, None]
         k = np.minimum(kp, k_limit - 1)[:, None, None, None, :]
-        m = np.asarray(mask_mod(b, b, jnp.asarray(q), jnp.asarray(k)), bool)
+        m = np.asarray(mask_mod(b, b, q, k), bool)  # NumPy in, NumPy out for library masks
         m = np.broadcast_to(m, (qp.shape[0], 1, 1, bq, bk))[:, 0, 0]
         m = m & (qp < q_limit)[:, :, None] & (kp < k_limit)[:, None, :]
         counts.append(m.sum((1, 2), dtype=np.int32))
     return np.concatenate(counts)[:u]
+
+
+def _numpy_capable(mask_mod) -> bool:
+    """Whether ``mask_mod`` evaluates NumPy index arrays to a NumPy result."""
+    z = np.zeros((1, 1, 1, 1), np.int32)
+    try:
+        return isinstance(mask_mod(z, z, z, z), np.ndarray | np.bool_)
+    except Exception:  # e.g. a jnp-only expression
+        return False
 
 
 def _bounded_static(mask_mod, q_pos, k_pos, q_limit, k_limit, bq, bk):
@@ -325,8 +335,10 @@ def _bounded_static(mask_mod, q_pos, k_pos, q_limit, k_limit, bq, bk):
         q_lo[:, None].astype(np.int64), q_hi[:, None].astype(np.int64),
         k_lo[None, :].astype(np.int64), k_hi[None, :].astype(np.int64),
     )  # fmt: skip
-    if bounds is None:
-        return None
+    if bounds is None:  # no bounds: every tile is evaluated, in NumPy where the mask allows
+        if nq * nk * bq * bk > 2**28 or not _numpy_capable(mask_mod):
+            return None
+        bounds = (np.True_, np.False_)
     may, must = (np.broadcast_to(np.asarray(x, bool), (nq, nk)) for x in bounds)
     may = may & q_ok.any(1)[:, None] & k_ok.any(1)[None, :]
     must = must & may & q_ok.all(1)[:, None] & k_ok.all(1)[None, :]

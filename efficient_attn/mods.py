@@ -12,7 +12,9 @@ Indices are absolute 0-based positions passed as broadcastable int32 arrays,
 so mods are ordinary ``jnp`` expressions and may index arrays they close over
 (segment ids, a bias table, per-head slopes); gradients reach those arrays.
 
-Every mod here is a small frozen dataclass registered as a pytree: its
+Masks here are written with operators, so they evaluate on NumPy index
+arrays too (static block masks are built without compiling anything). Every
+mod here is a small frozen dataclass registered as a pytree: its
 settings are static (hashable, so masks over indices only are built once and
 cached) and its arrays are leaves (a :class:`efficient_attn.BlockMask` holding
 a document mask can be passed into and returned from ``jax.jit``). Combine
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import operator
 from collections.abc import Callable
 from typing import Any
 
@@ -91,7 +94,7 @@ class _AndMasks(Mask):
     mods: tuple
 
     def __call__(self, b, h, q_idx, kv_idx):
-        return functools.reduce(jnp.logical_and, (m(b, h, q_idx, kv_idx) for m in self.mods))
+        return functools.reduce(operator.and_, (m(b, h, q_idx, kv_idx) for m in self.mods))
 
     def tile_bounds(self, *span):
         bounds = [_bounds(m, span) for m in self.mods]
@@ -107,7 +110,7 @@ class _OrMasks(Mask):
     mods: tuple
 
     def __call__(self, b, h, q_idx, kv_idx):
-        return functools.reduce(jnp.logical_or, (m(b, h, q_idx, kv_idx) for m in self.mods))
+        return functools.reduce(operator.or_, (m(b, h, q_idx, kv_idx) for m in self.mods))
 
     def tile_bounds(self, *span):
         bounds = [_bounds(m, span) for m in self.mods]
@@ -161,7 +164,7 @@ class _Not(Mask):
     mod: Any
 
     def __call__(self, b, h, q_idx, kv_idx):
-        return jnp.logical_not(self.mod(b, h, q_idx, kv_idx))
+        return ~self.mod(b, h, q_idx, kv_idx)
 
     def tile_bounds(self, *span):
         may, must = _bounds(self.mod, span)
@@ -182,7 +185,7 @@ class Full(Mask):
     """Every pair is visible (attention without a mask)."""
 
     def __call__(self, b, h, q_idx, kv_idx):
-        return jnp.ones((), bool)
+        return np.ones((), bool)
 
     def tile_bounds(self, q_lo, q_hi, k_lo, k_hi):
         return np.True_, np.True_
@@ -283,7 +286,7 @@ class DilatedWindow(Mask):
 
     def __call__(self, b, h, q_idx, kv_idx):
         d = q_idx - kv_idx
-        return (jnp.abs(d) <= self.window * self.dilation) & (d % self.dilation == 0)
+        return (abs(d) <= self.window * self.dilation) & (d % self.dilation == 0)
 
     def tile_bounds(self, q_lo, q_hi, k_lo, k_hi):
         reach = self.window * self.dilation
@@ -452,14 +455,32 @@ class BigBird(Mask):
     def __call__(self, b, h, q_idx, kv_idx):
         length = max(self.q_len, self.kv_len)
         nb = -(-length // self.block)
-        table = jnp.asarray(
-            _bigbird_table(
-                nb, self.causal, self.num_global_blocks, self.num_random_blocks, self.seed
-            )
+        table = _bigbird_table(
+            nb, self.causal, self.num_global_blocks, self.num_random_blocks, self.seed
         )
+        xp = np if isinstance(q_idx, np.ndarray) and isinstance(kv_idx, np.ndarray) else jnp
         qb = (q_idx + (length - self.q_len)) // self.block
         kb = (kv_idx + (length - self.kv_len)) // self.block
-        return table[jnp.clip(qb, 0, nb - 1), jnp.clip(kb, 0, nb - 1)]
+        return xp.asarray(table)[xp.clip(qb, 0, nb - 1), xp.clip(kb, 0, nb - 1)]
+
+    def tile_bounds(self, q_lo, q_hi, k_lo, k_hi):
+        length = max(self.q_len, self.kv_len)
+        nb = -(-length // self.block)
+        table = _bigbird_table(
+            nb, self.causal, self.num_global_blocks, self.num_random_blocks, self.seed
+        )
+
+        def blocks(lo, hi, shift):
+            lo = np.clip((lo + shift) // self.block, 0, nb - 1)
+            return lo, lo == np.clip((hi + shift) // self.block, 0, nb - 1)
+
+        (qb, q_one), (kb, k_one) = (
+            blocks(q_lo, q_hi, length - self.q_len),
+            blocks(k_lo, k_hi, length - self.kv_len),
+        )
+        one = q_one & k_one  # the tile lies inside one block pair: exact
+        hit = table[qb, kb]
+        return hit | ~one, hit & one
 
 
 def bigbird_mask(

@@ -119,7 +119,7 @@ def test_compiled_memory_is_linear_in_length():
     assert b2 < 0.1 * d2
 
 
-@settings(max_examples=10)
+@settings(max_examples=5)
 @given(
     b=st.integers(1, 2),
     tq=st.integers(1, 40),
@@ -152,7 +152,7 @@ def test_property_blockwise_and_dense_match_float64(
         np.testing.assert_allclose(out, ref, rtol=1e-4, atol=2e-5)
 
 
-@settings(max_examples=6)
+@settings(max_examples=3)
 @given(
     tq=st.integers(1, 24),
     tk=st.integers(1, 24),
