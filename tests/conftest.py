@@ -25,7 +25,7 @@ from efficient_attn import bench
 
 settings.register_profile(
     "ci",
-    max_examples=int(os.environ.get("HYPOTHESIS_MAX_EXAMPLES", "15")),
+    max_examples=int(os.environ.get("HYPOTHESIS_MAX_EXAMPLES", "10")),
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
     derandomize=True,

@@ -119,7 +119,7 @@ def test_compiled_memory_is_linear_in_length():
     assert b2 < 0.1 * d2
 
 
-@settings(max_examples=5)
+@settings(max_examples=3)
 @given(
     b=st.integers(1, 2),
     tq=st.integers(1, 40),

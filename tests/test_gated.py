@@ -192,7 +192,7 @@ def test_errors_name_what_is_valid():
     assert set(METHODS) <= set(ea.recurrent_methods())
 
 
-@pytest.mark.parametrize("method", _params(default=("gated_deltanet",))[2:])
+@pytest.mark.parametrize("method", _params(default=("deltanet",))[2:])
 def test_layer_learns_per_token_inputs_from_its_input(method):
     layer = MultiHeadAttention(num_heads=4, head_dim=8, num_kv_heads=2, method=method, causal=True)
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 13, 16))

@@ -61,6 +61,7 @@ def _model(method="dense", **kw) -> EncoderDecoder:
     return EncoderDecoder(ModelConfig(method=method, **{**config, **kw}))
 
 
+@pytest.mark.slow  # the reverse-task CLI test trains and decodes this model by default
 @pytest.mark.parametrize("method", method_params(fast=("additive",)))
 def test_encoder_decoder_shapes_and_causality(method):
     """Logits [B, T, V] with S != T; the decoder is causal and every output sees the source."""
