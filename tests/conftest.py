@@ -77,8 +77,3 @@ def method_params(fast: tuple[str, ...] | None = None):
             marks.append(pytest.mark.slow)
         params.append(pytest.param(name, id=name, marks=marks))
     return params
-
-
-#: One method per family (dense for the exact ones), plus additive (array options): what
-#: end-to-end tests run by default.
-FAMILY_REPRESENTATIVES = ("dense", "additive", "performer", "bigbird")

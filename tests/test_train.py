@@ -13,7 +13,7 @@ import efficient_attn as ea
 from efficient_attn.nn import DecoderLM, ModelConfig, MultiHeadAttention
 from efficient_attn.tasks import LongRange, Mqar, make_task
 from efficient_attn.train import TrainConfig, Trainer, masked_metrics, train
-from tests.conftest import FAMILY_REPRESENTATIVES, method_params
+from tests.conftest import method_params
 
 
 def test_mqar_answers_are_determined_by_the_inputs():
