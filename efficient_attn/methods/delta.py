@@ -36,7 +36,6 @@ import jax.numpy as jnp
 from efficient_attn import chunked
 from efficient_attn.methods import gated_base as base
 from efficient_attn.methods.gated import causal_decays
-from efficient_attn.registry import register_method
 
 DELTANET = base.Rule("deltanet", decay=None, delta=True)
 GATED_DELTANET = base.Rule("gated_deltanet", decay="scalar", delta=True)
@@ -105,19 +104,6 @@ def delta_chunks(x: base.Inputs, chunk: int) -> jax.Array:
     return chunked.from_chunks(out, 3, t)
 
 
-def _register(rule: base.Rule, fn):
-    return register_method(
-        rule.name,
-        exact=False,
-        supports=("causal", "kv_lengths", "gqa", "grad"),
-        weights=base.weights_of(rule, delta_chunks),
-        arrays=base.arrays_of(rule),
-        reference=base.numpy_reference(rule),
-        causal_only=True,
-        recurrent=base.recurrent_form(rule),
-    )(fn)
-
-
 def deltanet(
     q: jax.Array,
     k: jax.Array,
@@ -162,4 +148,4 @@ def gated_deltanet(
 
 
 for _rule, _fn in ((DELTANET, deltanet), (GATED_DELTANET, gated_deltanet)):
-    _register(_rule, _fn)
+    base.register(_rule, delta_chunks, _fn)

@@ -30,7 +30,6 @@ import jax.numpy as jnp
 
 from efficient_attn import chunked
 from efficient_attn.methods import gated_base as base
-from efficient_attn.registry import register_method
 
 RETNET = base.Rule("retnet", decay="head", delta=False)
 MAMBA2 = base.Rule("mamba2", decay="scalar", delta=False)
@@ -89,19 +88,6 @@ def decay_chunks(x: base.Inputs, chunk: int) -> jax.Array:
     inter = jnp.einsum("bkgnih,bknhd->bkgnid", q * jnp.exp(b)[:, :, None], states)
     out = inter + jnp.einsum("bkgnij,bknjd->bkgnid", a, v)
     return chunked.from_chunks(out, 3, t)
-
-
-def _register(rule: base.Rule, fn):
-    return register_method(
-        rule.name,
-        exact=False,
-        supports=("causal", "kv_lengths", "gqa", "grad"),
-        weights=base.weights_of(rule, decay_chunks),
-        arrays=base.arrays_of(rule),
-        reference=base.numpy_reference(rule),
-        causal_only=True,
-        recurrent=base.recurrent_form(rule),
-    )(fn)
 
 
 def retnet(
@@ -165,4 +151,4 @@ def gla(
 
 
 for _rule, _fn in ((RETNET, retnet), (MAMBA2, mamba2), (GLA, gla)):
-    _register(_rule, _fn)
+    base.register(_rule, decay_chunks, _fn)

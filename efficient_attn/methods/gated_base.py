@@ -40,7 +40,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from efficient_attn import masking
-from efficient_attn.registry import ArrayOption, Recurrent, TokenProjection, positive_int
+from efficient_attn.registry import (
+    ArrayOption,
+    Recurrent,
+    TokenProjection,
+    positive_int,
+    register_method,
+)
 
 _NORM_EPS = 1e-6
 
@@ -367,3 +373,17 @@ def recurrent_form(rule: Rule) -> Recurrent:
         return out.reshape(b, n, hv).astype(q_t.dtype), RecurrentState(s)
 
     return Recurrent(init_state=init_state, step=step)
+
+
+def register(rule: Rule, kernel: Kernel, fn: Callable[..., jax.Array]) -> None:
+    """Register ``fn`` as the causal-only method of ``rule``, run by the chunkwise ``kernel``."""
+    register_method(
+        rule.name,
+        exact=False,
+        supports=("causal", "kv_lengths", "gqa", "grad"),
+        weights=weights_of(rule, kernel),
+        arrays=arrays_of(rule),
+        reference=numpy_reference(rule),
+        causal_only=True,
+        recurrent=recurrent_form(rule),
+    )(fn)
