@@ -8,6 +8,7 @@ from efficient_attn import methods as _methods  # noqa: F401  (registers the fam
 from efficient_attn import mods
 from efficient_attn.api import attention, attention_weights, sparsity_pattern
 from efficient_attn.blockmask import BlockMask, block_mask
+from efficient_attn.dropin import dot_product_attention
 from efficient_attn.methods.linear import LinearState
 from efficient_attn.parallel import sequence_parallel_attention
 from efficient_attn.recurrent import init_state as linear_init_state
@@ -17,8 +18,10 @@ from efficient_attn.reference import numpy_reference, numpy_reference_grads
 from efficient_attn.registry import (
     BASIC_FEATURES,
     FEATURES,
+    MOD_FEATURES,
     ArrayOption,
     Method,
+    Native,
     Recurrent,
     TokenProjection,
     get_method,
@@ -30,15 +33,18 @@ from efficient_attn.registry import (
 __all__ = [
     "BASIC_FEATURES",
     "FEATURES",
+    "MOD_FEATURES",
     "ArrayOption",
     "BlockMask",
     "LinearState",
     "Method",
+    "Native",
     "Recurrent",
     "TokenProjection",
     "attention",
     "attention_weights",
     "block_mask",
+    "dot_product_attention",
     "get_method",
     "init_arrays",
     "linear_init_state",

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from efficient_attn import masking
 from efficient_attn.blockmask import BlockMask, check_block_mask
 from efficient_attn.registry import HEAD_DIM, Method, get_method, methods, methods_supporting
 
@@ -93,22 +94,33 @@ def check_kv_lengths(kv_lengths: Any, shapes: Shapes) -> jax.Array | None:
 
 
 #: Call arguments that need a feature, and the feature.
-_MOD_ARGS = {"mask_mod": "mask_mod", "block_mask": "mask_mod", "score_mod": "score_mod"}
+_FEATURE_ARGS = {
+    "mask_mod": "mask_mod",
+    "block_mask": "mask_mod",
+    "score_mod": "score_mod",
+    "bias": "bias",
+    "dropout": "dropout",
+    "return_lse": "lse",
+}
 
 
 def _check_mods(spec: Method, mods: dict[str, Any], shapes: Shapes, opts: dict[str, Any]) -> None:
     """Mods only for methods that accept them; callables; a block mask of this call's sizes."""
     for arg, value in mods.items():
-        if value is None:
+        if value is None or value is False:
             continue
-        feature = _MOD_ARGS[arg]
+        feature = _FEATURE_ARGS[arg]
         if feature not in spec.supports:
             raise ValueError(
                 f"method {spec.name!r} does not accept {arg}; methods that do: "
                 f"{', '.join(methods_supporting(feature))}"
             )
-        if arg != "block_mask" and not callable(value):
+        if arg in ("mask_mod", "score_mod") and not callable(value):
             raise ValueError(f"{arg} must be a callable; got {value!r}")
+    if mods.get("bias") is not None:
+        mods["bias"] = masking.check_bias(
+            mods["bias"], shapes.batch, shapes.heads, shapes.q_len, shapes.kv_len
+        )
     bm = mods.get("block_mask")
     if bm is not None:
         check_block_mask(bm, shapes.q_len, shapes.kv_len, shapes.batch, shapes.heads)
@@ -194,8 +206,9 @@ def _check_arrays(spec: Method, opts: dict[str, Any], shapes: Shapes) -> None:
 def prepare(query, key, value, method, causal, kv_lengths, scale, options, mods=None):
     """Validate one call: ``(spec, shapes, kv_lengths, scale, options, mod kwargs)``.
 
-    The mod kwargs are what the method receives: ``mask_mod``/``block_mask``
-    and ``score_mod`` for methods that support them, nothing for the others.
+    The mod kwargs are what the method receives: ``mask_mod``/``block_mask``,
+    ``score_mod``, ``bias``, ``dropout`` and ``return_lse`` for methods that
+    support them (see :data:`efficient_attn.FEATURES`), nothing for the others.
     """
     spec = get_method(method)
     if not isinstance(causal, (bool, np.bool_)):
@@ -210,10 +223,9 @@ def prepare(query, key, value, method, causal, kv_lengths, scale, options, mods=
     if scale is None:
         scale = spec.default_scale(shapes.head_dim)
     kwargs = {}
-    if "mask_mod" in spec.supports:
-        kwargs.update(mask_mod=mods.get("mask_mod"), block_mask=mods.get("block_mask"))
-    if "score_mod" in spec.supports:
-        kwargs["score_mod"] = mods.get("score_mod")
+    for arg, feature in _FEATURE_ARGS.items():
+        if feature in spec.supports:
+            kwargs[arg] = mods.get(arg, False if arg == "return_lse" else None)
     return spec, shapes, kv_lengths, scale, opts, kwargs
 
 
@@ -229,8 +241,13 @@ def attention(
     mask_mod: Any = None,
     score_mod: Any = None,
     block_mask: BlockMask | None = None,
+    bias: jax.Array | None = None,
+    dropout_rate: float = 0.0,
+    dropout_rng: jax.Array | None = None,
+    dropout_broadcast: bool = False,
+    return_lse: bool = False,
     **options: Any,
-) -> jax.Array:
+) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Attention of ``query`` over ``key``/``value`` with any registered method.
 
     Args:
@@ -250,24 +267,47 @@ def attention(
       block_mask: a :func:`efficient_attn.block_mask` of ``mask_mod`` built
         once and reused (else one is built for the call); its tiles are the
         method's tiles.
+      bias: float, broadcastable to ``[B, N, Tq, Tk]``: added to the scaled
+        logits before ``score_mod`` (methods with feature ``"bias"``);
+        differentiable.
+      dropout_rate, dropout_rng: inverted dropout on the weights
+        (:class:`efficient_attn.masking.Dropout`: the same mask for every
+        method supporting ``"dropout"``, regenerated tile by tile);
+        ``dropout_broadcast``: one mask for all batch rows and heads.
+      return_lse: also return the log-sum-exp of the visible logits
+        ``[B, Tq, N]`` (``-inf`` for rows that see no key), differentiable
+        (methods with feature ``"lse"``).
       **options: method options (see ``efficient-attn methods``), including
         the arrays a method requires (:func:`efficient_attn.init_arrays`).
 
     Returns:
-      ``[B, Tq, N, Hv]`` in ``query.dtype``. Rows that see no key are zero.
+      ``[B, Tq, N, Hv]`` in ``query.dtype`` (and ``lse`` with ``return_lse``).
+      Rows that see no key are zero.
     """
     query, key, value = jnp.asarray(query), jnp.asarray(key), jnp.asarray(value)
-    mods = {"mask_mod": mask_mod, "score_mod": score_mod, "block_mask": block_mask}
+    if not isinstance(return_lse, (bool, np.bool_)):
+        raise ValueError(f"return_lse must be a bool; got {return_lse!r}")
+    mods = {
+        "mask_mod": mask_mod,
+        "score_mod": score_mod,
+        "block_mask": block_mask,
+        "bias": bias,
+        "dropout": masking.dropout(dropout_rate, dropout_rng, broadcast=dropout_broadcast),
+        "return_lse": bool(return_lse),
+    }
     spec, shapes, kv_lengths, scale, opts, kw = prepare(
         query, key, value, method, causal, kv_lengths, scale, options, mods
     )
-    out = spec.fn(
+    res = spec.fn(
         query, key, value, causal=bool(causal), kv_lengths=kv_lengths, scale=scale, **kw, **opts
     )
+    out, lse = res if return_lse else (res, None)
     expected = (shapes.batch, shapes.q_len, shapes.heads, shapes.value_dim)
     if out.shape != expected:
         raise RuntimeError(f"method {method!r} returned shape {out.shape}, expected {expected}")
-    return out.astype(query.dtype)
+    if lse is not None and lse.shape != expected[:3]:
+        raise RuntimeError(f"method {method!r} returned lse {lse.shape}, expected {expected[:3]}")
+    return (out.astype(query.dtype), lse) if return_lse else out.astype(query.dtype)
 
 
 def attention_weights(
@@ -294,6 +334,7 @@ def attention_weights(
     spec, _, kv_lengths, scale, opts, kw = prepare(
         query, key, None, method, causal, kv_lengths, scale, options, mods
     )
+    kw = {k: v for k, v in kw.items() if k in mods}
     weights_fn = spec.weights
     if weights_fn is None:  # exact methods apply dense softmax weights
         weights_fn = get_method("dense").weights

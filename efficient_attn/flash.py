@@ -126,6 +126,9 @@ class _Static:
     score_fn: Any  # hoisted score_mod(s, b, h, q, kv, *consts) or None
     q_limit: int  # positions >= q_limit / k_limit are padding
     k_limit: int
+    bias_qk: tuple[bool, bool] = (False, False)  # the bias varies along (queries, keys)
+    dropout_rate: float = 0.0
+    dropout_broadcast: bool = False
 
 
 def _head_index(b: int, kh: int, g: int):
@@ -143,6 +146,7 @@ class _Tile:
         qp = jax.lax.dynamic_slice_in_dim(q_pos, i * st.bq, st.bq)
         kp = jax.lax.dynamic_slice_in_dim(k_pos, j * st.bk, st.bk)
         self.b, self.h = idx
+        self.i, self.j = i, j
         self.qi = jnp.minimum(qp, st.q_limit - 1).reshape(1, 1, 1, -1, 1)
         self.ki = jnp.minimum(kp, st.k_limit - 1).reshape(1, 1, 1, 1, -1)
         self.q_ok, self.k_ok = qp < st.q_limit, kp < st.k_limit
@@ -168,6 +172,40 @@ class _Tile:
     def modded(self, s, consts):
         return self.st.score_fn(s, self.b, self.h, self.qi, self.ki, *consts)
 
+    def _bias_window(self, bias):
+        st = self.st
+        bq, bk = st.bias_qk
+        zero = jnp.zeros((), jnp.int32)
+        start = (zero, zero, self.i * st.bq if bq else zero, self.j * st.bk if bk else zero)
+        start = tuple(jnp.asarray(x, jnp.int32) for x in start)
+        size = (*bias.shape[:2], st.bq if bq else 1, st.bk if bk else 1)
+        return start, size
+
+    def bias(self, bias):
+        """This tile's window of the padded bias ``[B|1, N|1, Tq|1, Tk|1]`` (heads as K, G)."""
+        start, size = self._bias_window(bias)
+        t = jax.lax.dynamic_slice(bias, start, size)
+        kh, g = self.h.shape[1:3]
+        heads = (kh, g) if size[1] > 1 else (1, 1)
+        return t.reshape(size[0], *heads, *size[2:])
+
+    def add_bias_grad(self, dbias, ds):
+        """``dbias`` plus this tile's ``ds [B, K, G, bq, bk]``, summed over broadcast dims."""
+        start, size = self._bias_window(dbias)
+        g = ds.reshape(ds.shape[0], -1, *ds.shape[3:])  # [B, N, bq, bk]
+        g = jnp.sum(g, axis=tuple(a for a in range(4) if size[a] == 1 and g.shape[a] > 1),
+                    keepdims=True)  # fmt: skip
+        old = jax.lax.dynamic_slice(dbias, start, size)
+        return jax.lax.dynamic_update_slice(dbias, old + g.astype(dbias.dtype), start)
+
+    def dropped(self, p, seed):
+        """``p`` after the counter-based dropout of this tile (identity without dropout)."""
+        st = self.st
+        if not st.dropout_rate:
+            return p
+        drop = masking.Dropout(st.dropout_rate, seed, st.dropout_broadcast)
+        return drop.apply(p, self.b, self.h, self.qi, self.ki)
+
 
 def _live(lst, count, k_first, max_len):
     """Entries of ``lst`` (ascending key tiles) before the first tile past ``max_len``."""
@@ -177,7 +215,7 @@ def _live(lst, count, k_first, max_len):
 
 
 def _forward(st: _Static, q, k, v, scale, params, score_consts, kv_len, q_pos, k_pos, lists,
-             mask_consts):  # fmt: skip
+             mask_consts, bias, seed):  # fmt: skip
     """Online softmax over the listed tiles: ``(out [B, Tq, N, Hv], lse [B, Tq, N])``."""
     acc = masking.stat_dtype(q.dtype)
     b, _, n, _ = q.shape
@@ -199,6 +237,8 @@ def _forward(st: _Static, q, k, v, scale, params, score_consts, kv_len, q_pos, k
                 j = lst[t]
                 tile = _Tile(st, idx, q_pos, k_pos, i, j, kv_len, mask_consts, score_consts)
                 s = st.score.logits(params, q_i, tile.values(kb[j]), acc) * scale
+                if bias is not None:
+                    s = s + tile.bias(bias).astype(acc)
                 if st.score_fn is not None:
                     s = tile.modded(s, score_consts)
                 mask = tile.mask(partial)
@@ -209,7 +249,7 @@ def _forward(st: _Static, q, k, v, scale, params, score_consts, kv_len, q_pos, k
                 p = jnp.exp(s - m_safe[..., None])
                 alpha = jnp.exp(m - m_safe)
                 pv = jnp.einsum(
-                    "bkgqs,bksd->bkgqd", p.astype(v.dtype), tile.values(vb[j]),
+                    "bkgqs,bksd->bkgqd", tile.dropped(p, seed).astype(v.dtype), tile.values(vb[j]),
                     preferred_element_type=acc,
                 )  # fmt: skip
                 return o * alpha[..., None] + pv, m_new, l * alpha + p.sum(-1)
@@ -244,7 +284,8 @@ def _floating(x) -> bool:
 
 def _backward(st: _Static, res, cotangents):
     """FlashAttention-2 backward from the saved ``out``/``lse``, with the cotangent of ``lse``."""
-    q, k, v, scale, params, score_consts, kv_len, q_pos, k_pos, lists, mask_consts, out, lse = res
+    (q, k, v, scale, params, score_consts, kv_len, q_pos, k_pos, lists, mask_consts, bias, seed,
+     out, lse) = res  # fmt: skip
     dout, dlse = cotangents
     acc = masking.stat_dtype(q.dtype)
     b, _, n, _ = q.shape
@@ -268,13 +309,15 @@ def _backward(st: _Static, res, cotangents):
 
         def run(partial, lst):
             def body(t, carry):
-                dk, dv, dq, dparams, dconsts, dscale = carry
+                dk, dv, dq, dparams, dconsts, dscale, dbias = carry
                 i = lst[t]
                 q_i, do_i = qb[i], dob[i]
                 tile = _Tile(st, idx, q_pos, k_pos, i, j, kv_len, mask_consts, score_consts)
                 k_jj = tile.values(k_j)  # padding keys may hold NaN: they never reach dq
                 raw = st.score.logits(params, q_i, k_jj, acc)
                 s = raw * scale
+                if bias is not None:
+                    s = s + tile.bias(bias).astype(acc)
                 if st.score_fn is not None:
 
                     def modded(s, *floats):
@@ -290,42 +333,47 @@ def _backward(st: _Static, res, cotangents):
                 if mask is not None:
                     p = jnp.where(mask, p, 0.0)
                 dv = dv + jnp.einsum(
-                    "bkgqs,bkgqd->bksd", p.astype(v.dtype), do_i, preferred_element_type=acc
-                )
+                    "bkgqs,bkgqd->bksd", tile.dropped(p, seed).astype(v.dtype), do_i,
+                    preferred_element_type=acc,
+                )  # fmt: skip
                 dp = jnp.einsum("bkgqd,bksd->bkgqs", do_i, vv, preferred_element_type=acc)
-                ds = p * (dp - delta[i][..., None])
+                ds = p * (tile.dropped(dp, seed) - delta[i][..., None])
                 if mask is not None:
                     ds = jnp.where(mask, ds, 0.0)
                 if st.score_fn is not None:
                     ds, *dc = mod_vjp(ds)
                     dconsts = tuple(a + g.astype(a.dtype) for a, g in zip(dconsts, dc, strict=True))
+                if bias is not None:
+                    dbias = tile.add_bias_grad(dbias, ds)
                 dq_i, dk_j, dparams_ij = st.score.vjp(params, q_i, k_jj, ds, acc)
                 if not st.score.linear_in_q:
                     dscale = dscale + jnp.sum(ds * raw)
                 dparams = jax.tree.map(jnp.add, dparams, dparams_ij)
-                return dk + dk_j, dv, dq.at[i].add(dq_i), dparams, dconsts, dscale
+                return dk + dk_j, dv, dq.at[i].add(dq_i), dparams, dconsts, dscale, dbias
 
             return body
 
-        dq, dparams, dconsts, dscale = carry
-        inner = (jnp.zeros(k_j.shape, acc), jnp.zeros(v_j.shape, acc), dq, dparams, dconsts, dscale)
+        dq, dparams, dconsts, dscale, dbias = carry
+        inner = (jnp.zeros(k_j.shape, acc), jnp.zeros(v_j.shape, acc), dq, dparams, dconsts, dscale,
+                 dbias)  # fmt: skip
         skip = None if max_len is None else k_first[j] >= max_len
         for partial, num, lst in ((True, p_num, p_idx), (False, f_num, f_idx)):
             count = num if skip is None else jnp.where(skip, 0, num)
             inner = jax.lax.fori_loop(0, count, run(partial, lst), inner)
-        dk, dv, dq, dparams, dconsts, dscale = inner
-        return (dq, dparams, dconsts, dscale), (dk, dv)
+        dk, dv, dq, dparams, dconsts, dscale, dbias = inner
+        return (dq, dparams, dconsts, dscale, dbias), (dk, dv)
 
     dparams0 = jax.tree.map(lambda x: jnp.zeros(x.shape, acc), params)
     dconsts0 = tuple(jnp.zeros(jnp.shape(score_consts[c]), acc) for c in diff)
-    init = (jnp.zeros(qb.shape, acc), dparams0, dconsts0, jnp.zeros((), acc))
+    dbias0 = None if bias is None else jnp.zeros(bias.shape, acc)
+    init = (jnp.zeros(qb.shape, acc), dparams0, dconsts0, jnp.zeros((), acc), dbias0)
     xs = (
         jnp.arange(kb.shape[0]),
         kb,
         vb,
         *(jnp.asarray(x) for x in (part_num, part_idx, full_num, full_idx)),
     )
-    (dq_raw, dparams, dconsts, dscale), (dk_raw, dv) = jax.lax.scan(kv_tile, init, xs)
+    (dq_raw, dparams, dconsts, dscale, dbias), (dk_raw, dv) = jax.lax.scan(kv_tile, init, xs)
     if st.score.linear_in_q:  # sum(dS * score) = sum(dQ_raw * Q) for a score linear in q
         dscale = jnp.sum(dq_raw * qb.astype(acc))
     dq = _q_unblocks(dq_raw * scale, q.shape[1]).astype(q.dtype)
@@ -337,20 +385,23 @@ def _backward(st: _Static, res, cotangents):
         d_score_consts[c] = g.astype(jnp.result_type(score_consts[c]))
     dscale = dscale.astype(scale.dtype).reshape(scale.shape)
     nones = jax.tree.map(lambda _: None, (kv_len, q_pos, k_pos, lists, mask_consts))
-    return (dq, dk, dv, dscale, dparams, tuple(d_score_consts), *nones)
+    dbias = None if bias is None else dbias.astype(bias.dtype)
+    return (dq, dk, dv, dscale, dparams, tuple(d_score_consts), *nones, dbias, None)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _tiled(st, q, k, v, scale, params, score_consts, kv_len, q_pos, k_pos, lists, mask_consts):
+def _tiled(st, q, k, v, scale, params, score_consts, kv_len, q_pos, k_pos, lists, mask_consts,
+           bias, seed):  # fmt: skip
     return _forward(st, q, k, v, scale, params, score_consts, kv_len, q_pos, k_pos, lists,
-                    mask_consts)  # fmt: skip
+                    mask_consts, bias, seed)  # fmt: skip
 
 
-def _tiled_fwd(st, q, k, v, scale, params, score_consts, kv_len, q_pos, k_pos, lists, mask_consts):
-    out, lse = _forward(st, q, k, v, scale, params, score_consts, kv_len, q_pos, k_pos, lists,
-                        mask_consts)  # fmt: skip
-    res = (q, k, v, scale, params, score_consts, kv_len, q_pos, k_pos, lists, mask_consts, out, lse)
-    return (out, lse), res
+def _tiled_fwd(st, q, k, v, scale, params, score_consts, kv_len, q_pos, k_pos, lists, mask_consts,
+               bias, seed):  # fmt: skip
+    args = (q, k, v, scale, params, score_consts, kv_len, q_pos, k_pos, lists, mask_consts, bias,
+            seed)  # fmt: skip
+    out, lse = _forward(st, *args)
+    return (out, lse), (*args, out, lse)
 
 
 _tiled.defvjp(_tiled_fwd, _backward)
@@ -362,9 +413,12 @@ def _pad_pos(pos, block: int, fill: int):
                    constant_values=fill)  # fmt: skip
 
 
-def _prepare(q, k, scale, block_mask, score_mod, score, q_pos, k_pos, q_limit, k_limit):
-    """Static config, positions, hoisted mods and tile lists of one engine call."""
+def _prepare(q, k, scale, block_mask, score_mod, score, q_pos, k_pos, q_limit, k_limit,
+             bias=None, dropout=None):  # fmt: skip
+    """Static config, positions, hoisted mods, tile lists, padded bias and seed of one call."""
     b, tq, n, _ = q.shape
+    if bias is not None and (q_pos is not None or k_pos is not None):
+        raise ValueError("a dense bias needs the default positions (arange of the inputs)")
     tk, kh = k.shape[1], k.shape[2]
     bq, bk = block_mask.block_q, block_mask.block_k
     acc = masking.stat_dtype(q.dtype)
@@ -392,9 +446,22 @@ def _prepare(q, k, scale, block_mask, score_mod, score, q_pos, k_pos, q_limit, k
                 f"it returned {hs.out.shape} {hs.out.dtype}"
             )
         score_fn, score_consts = hs.fn, hs.consts
-    st = _Static(bq, bk, score, mask_fn, score_fn, int(q_limit), int(k_limit))
+    bias_qk = (False, False)
+    if bias is not None:
+        bias = masking.check_bias(bias, b, n, tq, tk)
+        bias_qk = (bias.shape[2] > 1, bias.shape[3] > 1)
+        pad = [(0, 0), (0, 0)]
+        pad += [(0, q_pos.shape[0] - tq) if bias_qk[0] else (0, 0)]
+        pad += [(0, k_pos.shape[0] - tk) if bias_qk[1] else (0, 0)]
+        bias = jnp.pad(bias, pad)
+    rate, shared, seed = 0.0, False, None
+    if dropout is not None:
+        rate, shared, seed = dropout.rate, dropout.broadcast, dropout.seed
+    st = _Static(bq, bk, score, mask_fn, score_fn, int(q_limit), int(k_limit), bias_qk, rate,
+                 shared)  # fmt: skip
     lists = tuple(jnp.asarray(x, jnp.int32) for x in _bm.union_lists(block_mask))
-    return st, jnp.asarray(scale, acc), tuple(score_consts), q_pos, k_pos, lists, tuple(mask_consts)
+    return (st, jnp.asarray(scale, acc), tuple(score_consts), q_pos, k_pos, lists,
+            tuple(mask_consts), bias, seed)  # fmt: skip
 
 
 def tiled_attention(
@@ -412,6 +479,8 @@ def tiled_attention(
     k_pos: Any = None,
     q_limit: int | None = None,
     k_limit: int | None = None,
+    bias: jax.Array | None = None,
+    dropout: masking.Dropout | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Differentiable tiled attention over ``block_mask``: ``(out [B,Tq,N,Hv], lse [B,Tq,N])``.
 
@@ -421,22 +490,26 @@ def tiled_attention(
     ``[B]`` or None; ``score_mod(score, b, h, q_idx, kv_idx)``; ``score`` and
     its ``params``. ``q_pos``/``k_pos``: int positions of the rows (default
     ``arange``; ascending), the indices the mods see; positions at or past
-    ``q_limit``/``k_limit`` are padding. Differentiable in q, k, v, scale,
-    params, the arrays ``score_mod`` closes over, and through ``lse``.
+    ``q_limit``/``k_limit`` are padding. ``bias``: broadcastable to ``[B, N,
+    Tq, Tk]``, added to the scaled logits before ``score_mod`` (default
+    positions only). ``dropout``: a :class:`~efficient_attn.masking.Dropout`
+    of the weights (the normaliser and ``lse`` are those without dropout).
+    Differentiable in q, k, v, scale, params, bias, the arrays ``score_mod``
+    closes over, and through ``lse``.
     """
-    st, scale, sc, q_pos, k_pos, lists, mc = _prepare(
-        q, k, scale, block_mask, score_mod, score, q_pos, k_pos, q_limit, k_limit
+    st, scale, sc, q_pos, k_pos, lists, mc, bias, seed = _prepare(
+        q, k, scale, block_mask, score_mod, score, q_pos, k_pos, q_limit, k_limit, bias, dropout
     )
-    return _tiled(st, q, k, v, scale, params, sc, kv_len, q_pos, k_pos, lists, mc)
+    return _tiled(st, q, k, v, scale, params, sc, kv_len, q_pos, k_pos, lists, mc, bias, seed)
 
 
 def tiled_forward(q, k, v, *, scale, block_mask, kv_len=None, score_mod=None, q_pos=None,
                   k_pos=None, q_limit=None, k_limit=None):  # fmt: skip
     """The forward of :func:`tiled_attention` (dot score), not differentiable: (out, lse)."""
-    st, scale, sc, q_pos, k_pos, lists, mc = _prepare(
+    st, scale, sc, q_pos, k_pos, lists, mc, _, _ = _prepare(
         q, k, scale, block_mask, score_mod, DOT, q_pos, k_pos, q_limit, k_limit
     )
-    return _forward(st, q, k, v, scale, None, sc, kv_len, q_pos, k_pos, lists, mc)
+    return _forward(st, q, k, v, scale, None, sc, kv_len, q_pos, k_pos, lists, mc, None, None)
 
 
 def tiled_backward(q, k, v, out, lse, dout, *, scale, block_mask, kv_len=None, score_mod=None,
@@ -447,10 +520,10 @@ def tiled_backward(q, k, v, out, lse, dout, *, scale, block_mask, kv_len=None, s
     cotangents of the arrays ``score_mod`` closes over, beside those arrays
     (the hoisted tracers, for the caller to match with its own inputs).
     """
-    st, scale_a, sc, q_pos, k_pos, lists, mc = _prepare(
+    st, scale_a, sc, q_pos, k_pos, lists, mc, _, _ = _prepare(
         q, k, scale, block_mask, score_mod, DOT, q_pos, k_pos, q_limit, k_limit
     )
-    res = (q, k, v, scale_a, None, sc, kv_len, q_pos, k_pos, lists, mc, out, lse)
+    res = (q, k, v, scale_a, None, sc, kv_len, q_pos, k_pos, lists, mc, None, None, out, lse)
     grads = _backward(st, res, (dout, jnp.zeros(lse.shape, lse.dtype)))
     dq, dk, dv, dscale, _, dsc = grads[:6]
     return dq, dk, dv, dscale, dsc, sc
@@ -470,6 +543,12 @@ def merge_partials(
     w1 = jnp.where(lse1 == -jnp.inf, 0.0, jnp.exp(lse1 - lse))[..., None]
     w2 = jnp.where(lse2 == -jnp.inf, 0.0, jnp.exp(lse2 - lse))[..., None]
     return w1 * out1.astype(acc) + w2 * out2.astype(acc), lse
+
+
+def result(out_lse: tuple[jax.Array, jax.Array], return_lse: bool, dtype: Any):
+    """A method's return value from the engine's ``(out, lse)``: ``out`` in ``dtype``, or both."""
+    out, lse = out_lse
+    return (out.astype(dtype), lse) if return_lse else out.astype(dtype)
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -537,6 +616,8 @@ def attend(
     pattern: Any = None,
     score: Score = DOT,
     params: Any = None,
+    bias: jax.Array | None = None,
+    dropout: masking.Dropout | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """What every tiled method runs: its arguments to a block mask, then the engine.
 
@@ -555,5 +636,5 @@ def attend(
     kv_len = None if kv_lengths is None else jnp.asarray(kv_lengths, jnp.int32)
     return tiled_attention(
         q, k, v, scale=scale, block_mask=bm, kv_len=kv_len, score_mod=score_mod, score=score,
-        params=params,
+        params=params, bias=bias, dropout=dropout,
     )  # fmt: skip

@@ -10,6 +10,9 @@ Conventions (see ``efficient_attn.api``):
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -156,3 +159,96 @@ def pad_axis(x: jax.Array, axis: int, multiple: int) -> jax.Array:
     widths = [(0, 0)] * x.ndim
     widths[axis] = (0, extra)
     return jnp.pad(x, widths)
+
+
+def _fmix32(x: jax.Array) -> jax.Array:
+    """MurmurHash3's 32-bit finaliser: a bijection of uint32 with full avalanche."""
+    x = x ^ (x >> 16)
+    x = x * jnp.uint32(0x85EBCA6B)
+    x = x ^ (x >> 13)
+    x = x * jnp.uint32(0xC2B2AE35)
+    return x ^ (x >> 16)
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass, data_fields=["seed"], meta_fields=["rate", "broadcast"]
+)
+@dataclasses.dataclass(frozen=True)
+class Dropout:
+    """Inverted dropout on attention weights (Srivastava et al. 2014), counter-based.
+
+    Whether weight ``(b, h, q, kv)`` is kept is a hash of ``seed`` and those
+    four indices (:func:`dropout_keep`), so the mask is the same for every
+    method and tile size, and a backward regenerates the forward's mask tile
+    by tile (nothing ``[N, Tq, Tk]`` is stored). ``seed``: uint32 ``[2]``;
+    ``broadcast``: one mask shared by all batch rows and heads (Flax's
+    ``broadcast_dropout``).
+    """
+
+    rate: float
+    seed: jax.Array
+    broadcast: bool = False
+
+    def keep(self, b, h, q_idx, kv_idx) -> jax.Array:
+        """Bool, broadcast of the int index arrays: which weights survive."""
+        if self.broadcast:
+            b, h = jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32)
+        return dropout_keep(self.seed, b, h, q_idx, kv_idx, self.rate)
+
+    def apply(self, p: jax.Array, b, h, q_idx, kv_idx) -> jax.Array:
+        """``p`` with dropped weights zeroed and the kept ones scaled by ``1 / (1 - rate)``."""
+        keep = self.keep(b, h, q_idx, kv_idx)
+        return jnp.where(keep, p * (1.0 / (1.0 - self.rate)), jnp.zeros((), p.dtype))
+
+
+def dropout(rate: float, rng: jax.Array, *, broadcast: bool = False) -> Dropout | None:
+    """A :class:`Dropout` of ``rate`` in [0, 1) drawn from the PRNG key ``rng`` (None for 0)."""
+    if isinstance(rate, bool) or not isinstance(rate, int | float) or not 0.0 <= rate < 1.0:
+        raise ValueError(f"dropout_rate={rate!r} must be a float in [0, 1)")
+    if rate == 0.0:
+        return None
+    if rng is None:
+        raise ValueError("dropout_rate > 0 needs dropout_rng (a jax.random key)")
+    try:
+        seed = jax.random.bits(rng, (2,), jnp.uint32)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"dropout_rng must be a jax.random key; got {rng!r} ({e})") from e
+    return Dropout(float(rate), seed, bool(broadcast))
+
+
+def dropout_keep(seed: jax.Array, b, h, q_idx, kv_idx, rate: float) -> jax.Array:
+    """Counter-based keep mask: hash of ``(seed, b, h, q_idx, kv_idx)`` >= ``rate * 2^32``.
+
+    The index arrays broadcast; the per-row part of the hash is computed on
+    the broadcast of ``b, h, q_idx`` only, so a ``[.., bq, bk]`` tile costs
+    two finaliser rounds per element.
+    """
+    u = lambda x: jnp.asarray(x).astype(jnp.uint32)  # noqa: E731
+    seed = jnp.asarray(seed, jnp.uint32)
+    x = _fmix32(seed[0] + u(b) * jnp.uint32(0x9E3779B9))
+    x = _fmix32(x ^ (u(h) * jnp.uint32(0x85EBCA77) + seed[1]))
+    x = _fmix32(x ^ (u(q_idx) * jnp.uint32(0xC2B2AE3D)))
+    x = _fmix32(_fmix32(x ^ (u(kv_idx) * jnp.uint32(0x27D4EB2F))))
+    threshold = min(round(rate * 2.0**32), 2**32 - 1)
+    return x >= jnp.uint32(threshold)
+
+
+def check_bias(bias, batch: int, heads: int, tq: int, tk: int, dtype=None) -> jax.Array:
+    """``bias`` as a floating ``[B|1, N|1, Tq|1, Tk|1]`` array (lower ranks are right-aligned).
+
+    A bias broadcastable to ``[B, N, Tq, Tk]`` (``jax.nn.dot_product_attention``'s
+    rule) is reshaped to rank 4; anything else raises ``ValueError``.
+    """
+    bias = jnp.asarray(bias)
+    full = (batch, heads, tq, tk)
+    if not jnp.issubdtype(bias.dtype, jnp.floating):
+        raise ValueError(f"bias must be a floating-point array; got dtype {bias.dtype}")
+    if bias.ndim > 4:
+        raise ValueError(f"bias must have rank <= 4 (broadcastable to [B, N, T, S]={full}); "
+                         f"got shape {bias.shape}")  # fmt: skip
+    shape = (1,) * (4 - bias.ndim) + tuple(bias.shape)
+    if any(s not in (1, f) for s, f in zip(shape, full, strict=True)):
+        raise ValueError(
+            f"bias of shape {tuple(bias.shape)} does not broadcast to [B, N, T, S]={full}"
+        )
+    return bias.reshape(shape)

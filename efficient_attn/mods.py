@@ -362,6 +362,42 @@ def prefix_lm(prefix: int | Any) -> Mask:
     return PrefixLMPerExample(arr.astype(jnp.int32))
 
 
+@_pytree("mask")
+@dataclasses.dataclass(frozen=True)
+class BoolMask(Mask):
+    """A boolean array ``[B|1, N|1, Tq|1, Tk|1]`` as a mask mod (size-1 dims broadcast)."""
+
+    mask: Any
+
+    def __call__(self, b, h, q_idx, kv_idx):
+        idx = (b, h, q_idx, kv_idx)
+        zero = q_idx * 0 + kv_idx * 0  # keeps the index arrays' kind (NumPy or jax) and shape
+        return self.mask[
+            tuple(i if n > 1 else zero for i, n in zip(idx, self.mask.shape, strict=True))
+        ]
+
+
+def bool_mask(mask: Any, batch: int, heads: int, q_len: int, kv_len: int) -> BoolMask:
+    """:class:`BoolMask` of a boolean ``mask`` broadcastable to ``[B, N, Tq, Tk]``.
+
+    Lower ranks are right-aligned (``[Tq, Tk]`` is one mask for every row and
+    head), as in ``jax.nn.dot_product_attention``.
+    """
+    m = jnp.asarray(mask)
+    full = (batch, heads, q_len, kv_len)
+    if m.dtype != jnp.bool_:
+        raise ValueError(
+            f"mask must be a boolean array (True: the pair is visible); got dtype {m.dtype} "
+            "(Flax's float masks: use efficient_attn.nn.attention_fn, which converts them)"
+        )
+    shape = (1,) * (4 - m.ndim) + tuple(m.shape) if m.ndim <= 4 else None
+    if shape is None or any(s not in (1, f) for s, f in zip(shape, full, strict=True)):
+        raise ValueError(
+            f"mask of shape {tuple(m.shape)} does not broadcast to [B, N, T, S]={full}"
+        )
+    return BoolMask(m.reshape(shape))
+
+
 @_pytree("q_segment_ids", "kv_segment_ids")
 @dataclasses.dataclass(frozen=True)
 class Documents(Mask):

@@ -35,14 +35,25 @@ FEATURES: tuple[str, ...] = (
     "grad",  # differentiable with respect to q, k, v
     "mask_mod",  # mask_mod= and block_mask= (FlexAttention's programming model)
     "score_mod",  # score_mod=
+    "bias",  # bias= broadcastable to [B, N, Tq, Tk], added to the scaled logits
+    "dropout",  # dropout= (a masking.Dropout: counter-based, the same mask for every method)
+    "lse",  # return_lse=True returns (out, lse [B, Tq, N])
 )
 
 #: What ``register_method`` assumes when ``supports=`` is not given: everything but the mods.
 BASIC_FEATURES: tuple[str, ...] = FEATURES[:5]
+#: The basic features and FlexAttention's mods.
+MOD_FEATURES: tuple[str, ...] = FEATURES[:7]
 
 _STANDARD_KWARGS = ("causal", "kv_lengths", "scale")
-#: Keyword arguments a method receives for each mod feature it supports.
-_MOD_KWARGS = {"mask_mod": ("mask_mod", "block_mask"), "score_mod": ("score_mod",)}
+#: Keyword arguments a method receives for each feature it supports beyond the basic ones.
+_FEATURE_KWARGS = {
+    "mask_mod": ("mask_mod", "block_mask"),
+    "score_mod": ("score_mod",),
+    "bias": ("bias",),
+    "dropout": ("dropout",),
+    "lse": ("return_lse",),
+}
 
 #: Dimension name of :attr:`ArrayOption.shape` bound to the query/key head_dim.
 HEAD_DIM = "H"
@@ -77,6 +88,18 @@ class Recurrent:
 
     init_state: Callable[..., Any]
     step: Callable[..., Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class Native:
+    """A method that *is* a library's attention: the drop-in calls it with the library's arguments.
+
+    ``fn`` has ``jax.nn.dot_product_attention``'s signature; ``args`` are the
+    drop-in arguments it honours (see :data:`efficient_attn.dropin.ARGS`).
+    """
+
+    fn: Callable[..., Any]
+    args: frozenset[str]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,6 +173,9 @@ class Method:
       causal_only: the method is a causal recurrence over its keys: it
         requires ``causal=True`` (the API raises ``ValueError`` otherwise).
       recurrent: its token-by-token form for decoding, or None.
+      native: for wrappers of a library's attention (``xla``, ``cudnn``),
+        what :func:`efficient_attn.dot_product_attention` calls instead of
+        translating its arguments into mods (:class:`Native`), or None.
     """
 
     name: str
@@ -168,6 +194,7 @@ class Method:
     ring: Callable[..., Any] | None = None
     causal_only: bool = False
     recurrent: Recurrent | None = None
+    native: Native | None = None
 
     def resolve_options(self, given: Mapping[str, Any]) -> dict[str, Any]:
         """Defaults overridden by ``given``; unknown names raise ``ValueError``.
@@ -218,11 +245,11 @@ def _options_from_signature(
     name: str, fn: Callable[..., Any], arrays: Mapping[str, ArrayOption], supports: frozenset
 ) -> dict[str, Any]:
     params = inspect.signature(fn).parameters
-    mods = [kw for f, kws in _MOD_KWARGS.items() if f in supports for kw in kws]
+    mods = [kw for f, kws in _FEATURE_KWARGS.items() if f in supports for kw in kws]
     missing = [p for p in (*_STANDARD_KWARGS, *mods, *arrays) if p not in params]
     if missing:
         raise TypeError(f"method {name!r}: fn must accept keyword arguments {missing}")
-    reserved = (*_STANDARD_KWARGS, *(kw for kws in _MOD_KWARGS.values() for kw in kws), *arrays)
+    reserved = (*_STANDARD_KWARGS, *(kw for kws in _FEATURE_KWARGS.values() for kw in kws), *arrays)
     options = {}
     for p in params.values():
         if p.kind is not inspect.Parameter.KEYWORD_ONLY or p.name in reserved:
@@ -248,6 +275,7 @@ def register_method(
     ring: Callable[..., Any] | None = None,
     causal_only: bool = False,
     recurrent: Recurrent | None = None,
+    native: Native | None = None,
     replace: bool = False,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorator registering ``fn(q, k, v, *, causal, kv_lengths, scale, **options)``.
@@ -263,8 +291,10 @@ def register_method(
       exact: whether the method equals softmax attention.
       supports: features from :data:`FEATURES` the method implements (default
         :data:`BASIC_FEATURES`; a method supporting ``"mask_mod"`` accepts
-        ``mask_mod=`` and ``block_mask=``, one supporting ``"score_mod"``
-        accepts ``score_mod=``; the API passes them only to such methods).
+        ``mask_mod=`` and ``block_mask=``, ``"score_mod"`` ``score_mod=``,
+        ``"bias"`` ``bias=``, ``"dropout"`` ``dropout=`` and ``"lse"``
+        ``return_lse=`` (then returning ``(out, lse)``); the API passes
+        them only to such methods).
       weights: explicit-weights function; required for approximate methods.
       pattern: sparsity-pattern function for sparse methods.
       available: platform check returning None or the reason it cannot run.
@@ -275,6 +305,7 @@ def register_method(
       ring: factory of the method's ring-attention kernels (exact methods).
       causal_only: the method is a causal recurrence (needs ``causal=True``).
       recurrent: its token-by-token form for decoding (:class:`Recurrent`).
+      native: the library call the drop-in makes for a wrapper (:class:`Native`).
       replace: allow re-registering an existing name.
     """
     unknown = sorted(set(supports) - set(FEATURES))
@@ -314,6 +345,7 @@ def register_method(
             ring=ring,
             causal_only=causal_only,
             recurrent=recurrent,
+            native=native,
         )
         return fn
 

@@ -89,6 +89,7 @@ def reverse_run(tmp_path_factory):
     return config, out
 
 
+@pytest.mark.slow  # end-to-end (minutes of CPU in the default suite); -m slow runs it
 def test_plot_attention_of_a_decoder_only_run(mqar_run):
     from efficient_attn.cli import main
 
@@ -109,6 +110,7 @@ def test_plot_attention_of_a_decoder_only_run(mqar_run):
     assert maps[0].weights.shape == (config.num_heads, 12, 12)
 
 
+@pytest.mark.slow  # end-to-end (minutes of CPU in the default suite); -m slow runs it
 def test_plot_attention_of_an_encoder_decoder_run(reverse_run):
     _, out = reverse_run
     written = plot_run(out)  # every layer and head
@@ -120,6 +122,7 @@ def test_plot_attention_of_an_encoder_decoder_run(reverse_run):
     assert all(p.with_suffix(".pdf").stat().st_size > 1000 for p in written)
 
 
+@pytest.mark.slow  # end-to-end (minutes of CPU in the default suite); -m slow runs it
 def test_plot_attention_errors(mqar_run, tmp_path, capsys):
     from efficient_attn.cli import main
 

@@ -45,7 +45,14 @@ def in_process(monkeypatch):
     )
 
 
-@pytest.mark.parametrize("preset", ["lra_efficiency", "listops", "zoology_mqar"])
+@pytest.mark.parametrize(
+    "preset",
+    [
+        pytest.param("lra_efficiency", marks=pytest.mark.slow),
+        pytest.param("listops", marks=pytest.mark.slow),
+        "zoology_mqar",
+    ],
+)
 def test_preset_end_to_end_at_a_tiny_size(preset, tmp_path, in_process):
     name, data = studies.find_preset(preset)
     data = {**data, **TINY[preset]}

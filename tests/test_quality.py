@@ -35,6 +35,7 @@ def test_expand_names_every_run():
     assert runs[1].config.options == {"block_q": 8} and runs[0].config.options == {}
 
 
+@pytest.mark.slow  # end-to-end (minutes of CPU in the default suite); -m slow runs it
 def test_grid_runs_resumes_and_reports(tmp_path):
     grid = [{"task": "mqar", "seq_len": 16, "num_pairs": [2]}]
     preset = {**TINY, "methods": ["dense"], "grid": grid}

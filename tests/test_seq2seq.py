@@ -125,6 +125,7 @@ def reverse_run(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow  # end-to-end (minutes of CPU in the default suite); -m slow runs it
 def test_train_cli_reverse_writes_alignment_and_greedy_accuracy(reverse_run):
     final = json.loads((reverse_run / "final.json").read_text())
     assert final["step"] == 150 and final["accuracy_metric"] == "eval_greedy_accuracy"
@@ -136,6 +137,7 @@ def test_train_cli_reverse_writes_alignment_and_greedy_accuracy(reverse_run):
         assert (reverse_run / f"alignment.{ext}").stat().st_size > 1000
 
 
+@pytest.mark.slow  # end-to-end (minutes of CPU in the default suite); -m slow runs it
 def test_training_lowers_the_loss_and_greedy_decoding_learns_to_reverse(reverse_run):
     rows = [json.loads(x) for x in (reverse_run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "eval_greedy_accuracy" in r] == [50, 100, 150]

@@ -15,6 +15,7 @@ def _rows(out) -> list[dict]:
     return runner.read_rows(out / "results.jsonl")
 
 
+@pytest.mark.slow  # end-to-end (minutes of CPU in the default suite); -m slow runs it
 def test_decode_cache_sizes_resume_and_report(tmp_path, capsys):
     out = tmp_path / "decode"
     args = ["sweep", "decode", "--seq-lens", "64,128", "--heads", "4", "--head-dim", "16"]
@@ -97,6 +98,7 @@ def test_attention_statistics_follow_the_scale():
     assert inv["grad_norm"] < sqrt_rule["grad_norm"]
 
 
+@pytest.mark.slow  # end-to-end (minutes of CPU in the default suite); -m slow runs it
 def test_scale_ablation_random_and_trained_rows(tmp_path, capsys):
     preset = tmp_path / "tiny.toml"
     preset.write_text(

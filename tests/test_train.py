@@ -68,7 +68,7 @@ def test_attention_layer_matches_manual_projection(kv_heads):
     assert w.shape == (2, 4, 10, 10)
 
 
-@pytest.mark.parametrize("method", method_params(fast=("dense", "bigbird")))
+@pytest.mark.parametrize("method", method_params(fast=("dense",)))
 def test_model_with_every_method_trains(method):
     """Shapes, and one optimizer step on a batch lowers that batch's loss."""
     config = TrainConfig(
@@ -97,6 +97,7 @@ def _tiny(**kw) -> TrainConfig:
     return TrainConfig(**{**base, **kw})
 
 
+@pytest.mark.slow  # end-to-end (minutes of CPU in the default suite); -m slow runs it
 def test_killed_run_resumes_to_the_same_result(tmp_path):
     config = _tiny()
     straight = train(config, tmp_path / "a", progress=False)

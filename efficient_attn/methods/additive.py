@@ -29,7 +29,7 @@ import numpy as np
 
 from efficient_attn import flash, masking
 from efficient_attn.reference import softmax_attention_from_logits
-from efficient_attn.registry import FEATURES, ArrayOption, positive_int, register_method
+from efficient_attn.registry import MOD_FEATURES, ArrayOption, positive_int, register_method
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,7 +129,7 @@ def additive_reference(
     sizes={"A": 64},
     default_scale=lambda head_dim: 1.0,
     reference=additive_reference,
-    supports=FEATURES,
+    supports=MOD_FEATURES,
 )
 def additive(
     q: jax.Array,

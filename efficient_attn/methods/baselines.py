@@ -6,11 +6,13 @@ flash attention (GPU only). Both are exact.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
 from efficient_attn import masking
-from efficient_attn.registry import register_method
+from efficient_attn.registry import Native, register_method
 
 
 def _jax_attention(q, k, v, *, causal, kv_lengths, scale, implementation):
@@ -42,7 +44,20 @@ def _jax_attention(q, k, v, *, causal, kv_lengths, scale, implementation):
     return jnp.where(rows[:, :, None, None], out[..., :hv], 0).astype(q.dtype)
 
 
-@register_method("xla", exact=True)
+#: The drop-in arguments ``jax.nn.dot_product_attention`` honours itself (segment ids
+#: become its boolean mask); soft-cap, sinks and dropout it has not.
+_JAX_NN_ARGS = frozenset({
+    "bias", "mask", "is_causal", "query_seq_lengths", "key_value_seq_lengths",
+    "local_window_size", "return_residual", "segment_ids",
+})  # fmt: skip
+
+
+def _native(implementation: str) -> Native:
+    fn = functools.partial(jax.nn.dot_product_attention, implementation=implementation)
+    return Native(fn, _JAX_NN_ARGS)
+
+
+@register_method("xla", exact=True, native=_native("xla"))
 def xla(q, k, v, *, causal: bool, kv_lengths: jax.Array | None, scale: float) -> jax.Array:
     """``jax.nn.dot_product_attention(implementation="xla")``: JAX's unfused baseline.
 
@@ -60,7 +75,7 @@ def _cudnn_available() -> str | None:
     return None
 
 
-@register_method("cudnn", exact=True, available=_cudnn_available)
+@register_method("cudnn", exact=True, available=_cudnn_available, native=_native("cudnn"))
 def cudnn(q, k, v, *, causal: bool, kv_lengths: jax.Array | None, scale: float) -> jax.Array:
     """``jax.nn.dot_product_attention(implementation="cudnn")``: cuDNN flash attention (GPU).
 

@@ -29,19 +29,26 @@ def blockwise(
     mask_mod: Any = None,
     score_mod: Any = None,
     block_mask: Any = None,
+    bias: jax.Array | None = None,
+    dropout: Any = None,
+    return_lse: bool = False,
     block_q: int = 512,
     block_k: int = 256,
-) -> jax.Array:
+) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Memory-efficient exact attention (Rabe & Staats 2021; FlashAttention-2 online softmax).
 
     q: [B, Tq, N, H], k: [B, Tk, K, H], v: [B, Tk, K, Hv] -> [B, Tq, N, Hv].
     Any lengths (tiles are padded and masked internally); tiles of
     ``block_q`` queries and ``block_k`` keys (clipped to the sequence length),
     or those of ``block_mask``. Empty tiles (above the causal diagonal, outside
-    a ``mask_mod``, past every ``kv_lengths``) are skipped.
+    a ``mask_mod``, past every ``kv_lengths``) are skipped. ``bias``
+    (broadcastable to ``[B, N, Tq, Tk]``) is read one tile at a time, and
+    ``dropout`` regenerates its mask per tile in the backward.
     """
     block_q, block_k = positive_int("block_q", block_q), positive_int("block_k", block_k)
-    return flash.attend(
+    out_lse = flash.attend(
         q, k, v, causal=causal, kv_lengths=kv_lengths, scale=scale, block_q=block_q,
         block_k=block_k, mask_mod=mask_mod, score_mod=score_mod, block_mask=block_mask,
-    )[0]  # fmt: skip
+        bias=bias, dropout=dropout,
+    )  # fmt: skip
+    return flash.result(out_lse, return_lse, q.dtype)

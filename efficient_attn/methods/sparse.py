@@ -37,6 +37,9 @@ from efficient_attn import blockmask, flash, mods
 from efficient_attn.methods.dense import dense_weights
 from efficient_attn.registry import FEATURES, register_method
 
+#: Everything but a dense bias (a bias over all pairs would make a sparse method quadratic).
+SPARSE_FEATURES = tuple(f for f in FEATURES if f != "bias")
+
 #: Tile size (queries and keys) of the local and strided block masks.
 TILE = 128
 
@@ -113,7 +116,11 @@ def _weights(method: str):
 
 def _register(name: str):
     return register_method(
-        name, exact=False, weights=_weights(name), pattern=_pattern(name), supports=FEATURES
+        name,
+        exact=False,
+        weights=_weights(name),
+        pattern=_pattern(name),
+        supports=SPARSE_FEATURES,
     )
 
 
@@ -129,13 +136,15 @@ def _user(mask_mod):
     return [] if mask_mod is None else [mask_mod]
 
 
-def _run(q, k, v, kv_lengths, scale, mask, tile, mask_mod, score_mod, block_mask, method):
+def _run(q, k, v, kv_lengths, scale, mask, tile, method, mask_mod, score_mod, block_mask,
+         dropout, return_lse):  # fmt: skip
     _no_block_mask(method, block_mask)
     mask = mods.and_masks(mask, *_user(mask_mod))
-    return flash.attend(
+    out_lse = flash.attend(
         q, k, v, causal=False, kv_lengths=kv_lengths, scale=scale, block_q=tile, block_k=tile,
-        mask_mod=mask, score_mod=score_mod,
-    )[0]  # fmt: skip
+        mask_mod=mask, score_mod=score_mod, dropout=dropout,
+    )  # fmt: skip
+    return flash.result(out_lse, return_lse, q.dtype)
 
 
 @_register("local")
@@ -150,8 +159,10 @@ def local(
     mask_mod: Any = None,
     score_mod: Any = None,
     block_mask: Any = None,
+    dropout: Any = None,
+    return_lse: bool = False,
     window: int = 256,
-) -> jax.Array:
+) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Sliding-window attention (Longformer, Mistral), on ~window/tile key tiles per tile.
 
     q: [B, Tq, N, H], k: [B, Tk, K, H], v: [B, Tk, K, Hv] -> [B, Tq, N, Hv].
@@ -160,7 +171,8 @@ def local(
     ``window`` keys, Mistral's convention). Cost O(Tq * window).
     """
     mask = local_mask(q.shape[1], k.shape[1], causal=causal, window=window)
-    return _run(q, k, v, kv_lengths, scale, mask, TILE, mask_mod, score_mod, block_mask, "local")
+    return _run(q, k, v, kv_lengths, scale, mask, TILE, "local", mask_mod, score_mod, block_mask,
+                dropout, return_lse)  # fmt: skip
 
 
 @_register("strided")
@@ -175,9 +187,11 @@ def strided(
     mask_mod: Any = None,
     score_mod: Any = None,
     block_mask: Any = None,
+    dropout: Any = None,
+    return_lse: bool = False,
     window: int = 256,
     stride: int = 256,
-) -> jax.Array:
+) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Sparse Transformer attention (Child et al. 2019): a window plus every stride-th key.
 
     q: [B, Tq, N, H], k: [B, Tk, K, H], v: [B, Tk, K, Hv] -> [B, Tq, N, Hv].
@@ -193,7 +207,7 @@ def strided(
     )
     window_mod = window_mask(tq, tk, causal=causal, window=window)
     kv_len = None if kv_lengths is None else jnp.asarray(kv_lengths, jnp.int32)
-    common = {"kv_len": kv_len, "scale": scale, "score_mod": score_mod}
+    common = {"kv_len": kv_len, "scale": scale, "score_mod": score_mod, "dropout": dropout}
     bq, bk = min(TILE, tq), min(TILE, tk)
     near = flash.plan_block_mask(
         tq, tk, batch=q.shape[0], heads=q.shape[2], causal=False,
@@ -202,7 +216,7 @@ def strided(
     out, lse = flash.tiled_attention(q, k, v, block_mask=near, **common)
     summary = np.arange(stride - 1, tk, stride, dtype=np.int32)
     if summary.size == 0:
-        return out
+        return flash.result((out, lse), return_lse, q.dtype)
     far_mod = mods.and_masks(mask, mods.invert_mask(window_mod))
     bs = min(TILE, summary.size)
     far = blockmask.build(
@@ -212,7 +226,7 @@ def strided(
     out2, lse2 = flash.tiled_attention(
         q, k[:, summary], v[:, summary], block_mask=far, k_pos=summary, k_limit=tk, **common
     )
-    return flash.merge_partials(out, lse, out2, lse2)[0].astype(q.dtype)
+    return flash.result(flash.merge_partials(out, lse, out2, lse2), return_lse, q.dtype)
 
 
 @_register("bigbird")
@@ -227,11 +241,13 @@ def bigbird(
     mask_mod: Any = None,
     score_mod: Any = None,
     block_mask: Any = None,
+    dropout: Any = None,
+    return_lse: bool = False,
     block: int = 64,
     num_global_blocks: int = 2,
     num_random_blocks: int = 3,
     seed: int = 0,
-) -> jax.Array:
+) -> jax.Array | tuple[jax.Array, jax.Array]:
     """BigBird block-sparse attention (Zaheer et al. 2020): sliding, global and random blocks.
 
     q: [B, Tq, N, H], k: [B, Tk, K, H], v: [B, Tk, K, Hv] -> [B, Tq, N, Hv].
@@ -244,4 +260,5 @@ def bigbird(
         q.shape[1], k.shape[1], causal=causal, block=block, num_global_blocks=num_global_blocks,
         num_random_blocks=num_random_blocks, seed=seed,
     )  # fmt: skip
-    return _run(q, k, v, kv_lengths, scale, mask, block, mask_mod, score_mod, block_mask, "bigbird")
+    return _run(q, k, v, kv_lengths, scale, mask, block, "bigbird", mask_mod, score_mod,
+                block_mask, dropout, return_lse)  # fmt: skip
