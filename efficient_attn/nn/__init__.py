@@ -1,6 +1,7 @@
 """Flax layers and small models that run any registered attention method."""
 
 from efficient_attn.nn.attention import MultiHeadAttention
+from efficient_attn.nn.dropin import attention_fn
 from efficient_attn.nn.model import Classifier, DecoderLM, ModelConfig
 from efficient_attn.nn.seq2seq import EncoderDecoder, greedy_decode
 
@@ -10,5 +11,6 @@ __all__ = [
     "EncoderDecoder",
     "ModelConfig",
     "MultiHeadAttention",
+    "attention_fn",
     "greedy_decode",
 ]
