@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -32,6 +34,7 @@ def _close(a, b, tol=1e-5):
         ("dense", {}),
         ("additive", {"sizes": {"A": 6}}),  # learned required arrays
         ("gla", {"causal": True}),  # per-token arrays through a low-rank projection
+        ("retnet", {"causal": True, "options": {"gamma": np.array([0.9, 0.6])}}),  # fixed array
     ],
 )
 def test_layer_equals_linen_layer_with_the_same_params(method, kw):
@@ -91,8 +94,7 @@ def test_classifier_equals_linen_classifier():
 
 
 def test_packed_documents_equal_separate_documents():
-    c = ennx.ModelConfig(**{**vars(LM), "method": "blockwise"})
-    c = ennx.ModelConfig(**{**vars(c), "options": {"block_q": 4, "block_k": 4}})
+    c = dataclasses.replace(LM, method="blockwise", options={"block_q": 4, "block_k": 4})
     model = ennx.DecoderLM(c, rngs=nnx.Rngs(0))
     a = jax.random.randint(jax.random.PRNGKey(1), (1, 5), 0, 11)
     b = jax.random.randint(jax.random.PRNGKey(2), (1, 7), 0, 11)
@@ -109,7 +111,7 @@ def test_packed_documents_equal_separate_documents():
 
 
 def test_training_with_optax_and_nnx_optimizer_reduces_loss():
-    model = ennx.DecoderLM(ennx.ModelConfig(**{**vars(LM), "num_layers": 1}), rngs=nnx.Rngs(0))
+    model = ennx.DecoderLM(dataclasses.replace(LM, num_layers=1), rngs=nnx.Rngs(0))
     optimizer = nnx.Optimizer(model, optax.adam(3e-2), wrt=nnx.Param)
     tokens = jnp.tile(jnp.arange(12) % 5, (4, 1))  # [4, 12]: next token is (t + 1) % 5
     segment_ids = jnp.array([[0] * 6 + [1] * 6] * 4)  # two packed documents per row

@@ -7,11 +7,12 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 import efficient_attn as ea
 from efficient_attn.nn.attention import layer_arrays
-from efficient_attn.registry import methods_supporting
+from efficient_attn.registry import methods_supporting, positive_int
 
 
 def segment_mask(method: str, segment_ids: jax.Array | None, seq_len: int) -> Any:
@@ -47,7 +48,8 @@ class MultiHeadAttention(nnx.Module):
       num_kv_heads: K key/value heads (None: K = N; 1: multi-query; 1 < K < N: grouped-query).
       context_features: width of ``context`` for cross-attention (default: D).
       method: attention method name.
-      options: the method's options (``efficient-attn methods`` lists them).
+      options: the method's options (``efficient-attn methods`` lists them); array
+        values (e.g. ``retnet``'s ``gamma``) are kept as fixed, untrained state.
       causal: bottom-right causal masking.
       out_features: output width (default: D).
       scale: logit scale (default: the method's).
@@ -76,62 +78,60 @@ class MultiHeadAttention(nnx.Module):
         dtype: Any = jnp.float32,
         rngs: nnx.Rngs,
     ):
-        kv_heads = num_kv_heads or num_heads
+        positive_int("in_features", in_features)
+        positive_int("num_heads", num_heads)
+        positive_int("head_dim", head_dim)
+        kv_heads = positive_int("num_kv_heads", num_kv_heads or num_heads)
         if num_heads % kv_heads:
             raise ValueError(f"{num_heads=} must be a multiple of {num_kv_heads=}")
         self.method, self.causal, self.scale, self.dtype = method, causal, scale, dtype
-        self.options = dict(options or {})
-        ea.get_method(method).resolve_options(self.options)  # unknown names fail here
+        options = dict(options or {})
+        ea.get_method(method).resolve_options(options)  # unknown names fail here
+        is_array = lambda v: isinstance(v, jax.Array | np.ndarray)  # noqa: E731
+        self.options = {k: v for k, v in options.items() if not is_array(v)}
+        self.fixed = nnx.data({k: jnp.asarray(v) for k, v in options.items() if is_array(v)})
         kv_in = context_features or in_features
-
-        def dense(features, heads, name):
-            layer = nnx.LinearGeneral(features, (heads, head_dim), dtype=dtype, rngs=rngs)
-            setattr(self, name, layer)
-
-        dense(in_features, num_heads, "query")  # [B, Tq, N, H]
-        dense(kv_in, kv_heads, "key")  # [B, Tk, K, H]
-        dense(kv_in, kv_heads, "value")  # [B, Tk, K, H]
+        heads = {
+            "query": (in_features, num_heads),
+            "key": (kv_in, kv_heads),
+            "value": (kv_in, kv_heads),
+        }
+        for name, (features, n) in heads.items():  # query [B, Tq, N, H], key/value [B, Tk, K, H]
+            self._add(name, nnx.LinearGeneral(features, (n, head_dim), dtype=dtype, rngs=rngs))
+        out_features = out_features or in_features
         self.out = nnx.LinearGeneral(
-            (num_heads, head_dim),
-            out_features or in_features,
-            axis=(-2, -1),
-            dtype=dtype,
-            rngs=rngs,
+            (num_heads, head_dim), out_features, axis=(-2, -1), dtype=dtype, rngs=rngs
         )
         learned = layer_arrays(method, head_dim, kv_heads, sizes)
         self._params = tuple(learned.params)
         for name, (shape, init) in learned.params.items():
-            self._claim(name)
-            setattr(self, name, nnx.Param(init(rngs.params(), shape, jnp.float32)))
-        self._tokens = tuple(
-            (n, p.activation, p.rank is not None) for n, (_, p) in learned.tokens.items()
-        )
+            self._add(name, nnx.Param(init(rngs.params(), shape, jnp.float32)))
+        self._tokens = tuple((n, p.activation, p.rank) for n, (_, p) in learned.tokens.items())
         for name, (tail, project) in learned.tokens.items():
-            z = kv_in
+            width = kv_in
             if project.rank is not None:
-                self._claim(f"{name}_down")
-                setattr(
-                    self, f"{name}_down", nnx.Linear(z, project.rank, use_bias=False, rngs=rngs)
+                self._add(
+                    f"{name}_down", nnx.Linear(width, project.rank, use_bias=False, rngs=rngs)
                 )
-                z = project.rank
-            self._claim(f"{name}_proj")
-            setattr(self, f"{name}_proj", nnx.LinearGeneral(z, tail, rngs=rngs))
+                width = project.rank
+            self._add(f"{name}_proj", nnx.LinearGeneral(width, tail, rngs=rngs))
 
-    def _claim(self, name: str) -> None:
+    def _add(self, name: str, value: Any) -> None:
         if hasattr(self, name):
             raise ValueError(
                 f"array option {name!r} of {self.method!r} clashes with a layer attribute"
             )
+        setattr(self, name, value)
 
     def _method_options(self, context: jax.Array) -> dict[str, Any]:
         """Options plus learned arrays; per-token ones from ``context [B, Tk, D]`` (float32)."""
         arrays = {name: getattr(self, name)[...].astype(self.dtype) for name in self._params}
-        for name, activation, low_rank in self._tokens:
+        for name, activation, rank in self._tokens:
             z = context.astype(jnp.float32)
-            if low_rank:
+            if rank is not None:
                 z = getattr(self, f"{name}_down")(z)
             arrays[name] = activation(getattr(self, f"{name}_proj")(z))  # [B, Tk, *tail]
-        return {**self.options, **arrays}
+        return {**self.options, **self.fixed, **arrays}
 
     def _inputs(self, x, context, kv_lengths, segment_ids) -> tuple:
         if segment_ids is not None and context is not None:

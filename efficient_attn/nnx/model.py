@@ -88,7 +88,7 @@ class DecoderLM(nnx.Module):
     """Token + learned position embeddings, pre-norm causal blocks, tied output logits."""
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
-        c = self.config = config
+        c = config
         self.embed = nnx.Embed(c.vocab_size, c.d_model, rngs=rngs)
         self.positions = nnx.Param(_positions_init(rngs.params(), (c.max_len, c.d_model)))
         self.token_shift = TokenShift(c.d_model, rngs=rngs) if c.token_shift else None
@@ -114,8 +114,8 @@ class Classifier(nnx.Module):
     """
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
-        c = self.config = check_classifier(config)
-        d = c.d_model
+        c, d = check_classifier(config), config.d_model
+        self.pooling = c.pooling
         self.embed = nnx.Embed(c.vocab_size, d, rngs=rngs)
         self.positions = nnx.Param(_positions_init(rngs.params(), (c.max_len, d)))
         if c.pooling == "cls":
@@ -129,15 +129,14 @@ class Classifier(nnx.Module):
         self, tokens: jax.Array, lengths: jax.Array, *, segment_ids: jax.Array | None = None
     ) -> jax.Array:
         """tokens: int [B, T]; lengths: int [B] (non-padding tokens) -> logits [B, classes]."""
-        c = self.config
-        if segment_ids is not None and c.pooling == "cls":
+        if segment_ids is not None and self.pooling == "cls":
             raise ValueError("segment_ids need pooling='mean' (a class token sees one segment)")
         x = add_positions(self.embed(tokens), self.positions[...], segment_ids)  # [B, T, D]
         lengths = lengths.astype(jnp.int32)
-        if c.pooling == "cls":
-            cls = jnp.broadcast_to(self.cls[...], (x.shape[0], 1, c.d_model))
+        if self.pooling == "cls":
+            cls = jnp.broadcast_to(self.cls[...], (x.shape[0], 1, x.shape[2]))
             x, lengths = jnp.concatenate([cls, x], axis=1), lengths + 1
         for block in self.blocks:
             x = block(x, lengths, segment_ids)
-        h = nnx.gelu(self.head_hidden(pool(self.ln_final(x), lengths, c.pooling)))
+        h = nnx.gelu(self.head_hidden(pool(self.ln_final(x), lengths, self.pooling)))
         return self.head(h)  # [B, classes]
