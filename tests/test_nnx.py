@@ -15,7 +15,10 @@ from efficient_attn import nn as linen
 from efficient_attn import nnx as ennx
 
 D, HEADS, HEAD_DIM = 16, 4, 4
-LM = ennx.ModelConfig(vocab_size=11, max_len=16, d_model=D, num_layers=2, num_heads=2)
+T = 8  # one length (and width, heads) everywhere: eager ops compile once per shape
+LM = ennx.ModelConfig(
+    vocab_size=11, max_len=16, d_model=D, num_layers=2, num_heads=HEADS, num_kv_heads=2
+)
 
 
 @nnx.jit
@@ -38,7 +41,7 @@ def _close(a, b, tol=1e-5):
     ],
 )
 def test_layer_equals_linen_layer_with_the_same_params(method, kw):
-    x = jax.random.normal(jax.random.PRNGKey(0), (2, 7, D))
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, T, D))
     lin = linen.MultiHeadAttention(HEADS, HEAD_DIM, num_kv_heads=2, method=method, **kw)
     params = lin.init(jax.random.PRNGKey(1), x)
     layer = ennx.MultiHeadAttention(
@@ -47,15 +50,15 @@ def test_layer_equals_linen_layer_with_the_same_params(method, kw):
     assert abs(float(layer(x).sum() - lin.apply(params, x).sum())) > 1e-3  # fresh params differ
     ennx.load_linen(layer, params)
     out = layer(x)
-    assert out.shape == (2, 7, D)
+    assert out.shape == (2, T, D)
     _close(out, lin.apply(params, x))
     _close(layer.weights(x), lin.apply(params, x, method=linen.MultiHeadAttention.weights))
 
 
 def test_cross_attention_and_kv_lengths_equal_linen():
-    x = jax.random.normal(jax.random.PRNGKey(0), (2, 5, D))
-    ctx = jax.random.normal(jax.random.PRNGKey(1), (2, 9, 12))
-    lengths = jnp.array([9, 4])
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, T, D))
+    ctx = jax.random.normal(jax.random.PRNGKey(1), (2, 11, 12))  # [B, Tk, D']
+    lengths = jnp.array([11, 4])
     lin = linen.MultiHeadAttention(HEADS, HEAD_DIM, out_features=8)
     params = lin.init(jax.random.PRNGKey(2), x, ctx)
     layer = ennx.MultiHeadAttention(
@@ -63,34 +66,45 @@ def test_cross_attention_and_kv_lengths_equal_linen():
     )
     ennx.load_linen(layer, params)
     out = layer(x, ctx, kv_lengths=lengths)
-    assert out.shape == (2, 5, 8)
+    assert out.shape == (2, T, 8)
     _close(out, lin.apply(params, x, ctx, kv_lengths=lengths))
 
 
 def test_decoder_lm_equals_linen_decoder_lm_with_the_same_params():
-    tokens = jax.random.randint(jax.random.PRNGKey(0), (2, 12), 0, LM.vocab_size)
+    tokens = jax.random.randint(jax.random.PRNGKey(0), (2, T), 0, LM.vocab_size)
     lin = linen.DecoderLM(LM)
     params = lin.init(jax.random.PRNGKey(1), tokens)
     model = ennx.load_linen(ennx.DecoderLM(LM, rngs=nnx.Rngs(0)), params)
     logits = model(tokens)
-    assert logits.shape == (2, 12, LM.vocab_size)
+    assert logits.shape == (2, T, LM.vocab_size)
     _close(logits, lin.apply(params, tokens))
     one_doc = jnp.zeros_like(tokens)  # a single segment changes nothing
     _close(model(tokens, segment_ids=one_doc), logits)
 
 
 def test_classifier_equals_linen_classifier():
-    c = ennx.ModelConfig(
-        vocab_size=11, max_len=16, d_model=D, num_layers=1, num_classes=3, pooling="cls"
-    )
-    tokens = jax.random.randint(jax.random.PRNGKey(0), (2, 9), 0, 11)
-    lengths = jnp.array([9, 5])
+    c = dataclasses.replace(LM, num_layers=1, num_classes=3, pooling="cls")
+    tokens = jax.random.randint(jax.random.PRNGKey(0), (2, T - 1), 0, 11)  # + a class token
+    lengths = jnp.array([T - 1, 4])
     lin = linen.Classifier(c)
     params = lin.init(jax.random.PRNGKey(1), tokens, lengths)
     model = ennx.load_linen(ennx.Classifier(c, rngs=nnx.Rngs(0)), params)
     logits = model(tokens, lengths)
     assert logits.shape == (2, 3)
     _close(logits, lin.apply(params, tokens, lengths))
+
+
+def test_encoder_decoder_and_greedy_decoding_equal_linen():
+    c = dataclasses.replace(LM, num_layers=1)
+    sources = jax.random.randint(jax.random.PRNGKey(0), (2, T), 1, 11)
+    inputs = jax.random.randint(jax.random.PRNGKey(1), (2, T), 0, 11)
+    lin = linen.EncoderDecoder(c)
+    params = lin.init(jax.random.PRNGKey(2), sources, inputs)
+    model = ennx.load_linen(ennx.EncoderDecoder(c, rngs=nnx.Rngs(0)), params)
+    _close(model(sources, inputs), lin.apply(params, sources, inputs))
+    decoded = ennx.greedy_decode(model, sources, length=T, bos=0)
+    assert decoded.shape == (2, T)
+    np.testing.assert_array_equal(decoded, linen.greedy_decode(lin, params, sources, T, 0))
 
 
 def test_packed_documents_equal_separate_documents():

@@ -9,6 +9,7 @@ Vaswani et al. (2017). :func:`greedy_decode` generates autoregressively.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -106,11 +107,21 @@ def greedy_decode(
     ``functools.partial(greedy_decode, model, length=T, bos=BOS)``.
     """
     memory = model.apply(params, sources, method=EncoderDecoder.encode)
-    batch = sources.shape[0]
-    tokens = jnp.full((batch, length + 1), bos, jnp.int32)  # [B, T + 1]: BOS, y_0 .. y_{T-1}
+    decode = lambda memory, tokens: model.apply(  # noqa: E731
+        params, memory, tokens, method=EncoderDecoder.decode
+    )
+    return greedy_loop(decode, memory, length, bos)
+
+
+def greedy_loop(
+    decode: Callable[[jax.Array, jax.Array], jax.Array], memory: jax.Array, length: int, bos: int
+) -> jax.Array:
+    """The loop of :func:`greedy_decode` for any ``decode(memory [B, S, D], tokens [B, T])
+    -> logits [B, T, V]`` (linen or NNX) -> ``int [B, length]``."""
+    tokens = jnp.full((memory.shape[0], length + 1), bos, jnp.int32)  # [B, T + 1]: BOS, y_0 ..
 
     def step(t, tokens):
-        logits = model.apply(params, memory, tokens[:, :length], method=EncoderDecoder.decode)
+        logits = decode(memory, tokens[:, :length])
         next_token = jnp.argmax(jax.lax.dynamic_index_in_dim(logits, t, 1, keepdims=False), -1)
         return jax.lax.dynamic_update_index_in_dim(tokens, next_token.astype(jnp.int32), t + 1, 1)
 

@@ -61,16 +61,32 @@ class TokenShift(nnx.Module):
         return x + self.shift(prev)
 
 
-class Block(nnx.Module):
-    """Pre-norm Transformer block: x + attn(LN(x)); x + MLP(LN(x))."""
+def attention_layer(c: ModelConfig, *, causal: bool, rngs: nnx.Rngs) -> MultiHeadAttention:
+    """The config's attention (method, options, scale, heads) over width ``c.d_model``."""
+    return MultiHeadAttention(c.d_model, **attention_kwargs(c), causal=causal, rngs=rngs)
 
-    def __init__(self, config: ModelConfig, *, causal: bool = True, rngs: nnx.Rngs):
-        c, d = config, config.d_model
-        self.attention = MultiHeadAttention(d, **attention_kwargs(c), causal=causal, rngs=rngs)
-        self.ln_attention = nnx.LayerNorm(d, rngs=rngs)
+
+class ResidualBlock(nnx.Module):
+    """Base of the pre-norm blocks: ``x + MLP(LN(x))`` (ln_mlp, mlp_in, mlp_out)."""
+
+    def __init__(self, c: ModelConfig, *, rngs: nnx.Rngs):
+        d = c.d_model
         self.ln_mlp = nnx.LayerNorm(d, rngs=rngs)
         self.mlp_in = nnx.Linear(d, c.mlp_ratio * d, rngs=rngs)
         self.mlp_out = nnx.Linear(c.mlp_ratio * d, d, rngs=rngs)
+
+    def residual_mlp(self, x: jax.Array) -> jax.Array:
+        """x: [B, T, D] -> x + MLP(LN(x))."""
+        return x + self.mlp_out(nnx.gelu(self.mlp_in(self.ln_mlp(x))))
+
+
+class Block(ResidualBlock):
+    """Pre-norm Transformer block: x + attn(LN(x)); x + MLP(LN(x))."""
+
+    def __init__(self, config: ModelConfig, *, causal: bool = True, rngs: nnx.Rngs):
+        super().__init__(config, rngs=rngs)
+        self.attention = attention_layer(config, causal=causal, rngs=rngs)
+        self.ln_attention = nnx.LayerNorm(config.d_model, rngs=rngs)
 
     def __call__(
         self,
@@ -81,7 +97,7 @@ class Block(nnx.Module):
         """x: [B, T, D]; kv_lengths: int [B]; segment_ids: int [B, T] -> [B, T, D]."""
         h = self.ln_attention(x)
         x = x + self.attention(h, kv_lengths=kv_lengths, segment_ids=segment_ids)
-        return x + self.mlp_out(nnx.gelu(self.mlp_in(self.ln_mlp(x))))
+        return self.residual_mlp(x)
 
 
 class DecoderLM(nnx.Module):
