@@ -48,6 +48,30 @@ class DecoderBlock(nn.Module):
         return residual_mlp(c, x)
 
 
+def encode(m: Any, sources: jax.Array) -> jax.Array:
+    """The encoder pass of an encoder-decoder, linen or NNX (they share attribute names).
+
+    sources: int [B, S] -> memory [B, S, D].
+    """
+    x = m.embed(sources) + m.source_positions[None, : sources.shape[1]]
+    for block in m.encoder:
+        x = block(x)
+    return m.ln_encoder(x)
+
+
+def decode(m: Any, memory: jax.Array, inputs: jax.Array) -> jax.Array:
+    """The decoder pass of an encoder-decoder, linen or NNX.
+
+    memory: [B, S, D]; inputs: int [B, T] -> logits [B, T, vocab].
+    """
+    x = m.embed(inputs) + m.target_positions[None, : inputs.shape[1]]
+    if m.token_shift is not None:
+        x = m.token_shift(x)
+    for block in m.decoder:
+        x = block(x, memory)
+    return m.embed.attend(m.ln_final(x))
+
+
 class EncoderDecoder(nn.Module):
     """Encoder and decoder stacks of ``config.num_layers`` blocks each; tied embeddings.
 
@@ -75,19 +99,11 @@ class EncoderDecoder(nn.Module):
 
     def encode(self, sources: jax.Array) -> jax.Array:
         """sources: int [B, S] -> memory [B, S, D] (layer-normalised encoder output)."""
-        x = self.embed(sources) + self.source_positions[None, : sources.shape[1]]
-        for block in self.encoder:
-            x = block(x)
-        return self.ln_encoder(x)
+        return encode(self, sources)
 
     def decode(self, memory: jax.Array, inputs: jax.Array) -> jax.Array:
         """memory: [B, S, D]; inputs: int [B, T] decoder tokens -> logits [B, T, vocab]."""
-        x = self.embed(inputs) + self.target_positions[None, : inputs.shape[1]]
-        if self.token_shift is not None:
-            x = self.token_shift(x)
-        for block in self.decoder:
-            x = block(x, memory)
-        return self.embed.attend(self.ln_final(x))
+        return decode(self, memory, inputs)
 
     def __call__(self, sources: jax.Array, inputs: jax.Array) -> jax.Array:
         """sources: int [B, S]; inputs: int [B, T] (BOS + shifted targets) -> [B, T, vocab]."""

@@ -5,8 +5,8 @@ from __future__ import annotations
 import jax
 from flax import nnx
 
+from efficient_attn.nn import seq2seq
 from efficient_attn.nn.model import ModelConfig
-from efficient_attn.nn.seq2seq import greedy_loop
 from efficient_attn.nnx.model import ResidualBlock, TokenShift, attention_layer
 
 
@@ -60,19 +60,11 @@ class EncoderDecoder(nnx.Module):
 
     def encode(self, sources: jax.Array) -> jax.Array:
         """sources: int [B, S] -> memory [B, S, D] (layer-normalised encoder output)."""
-        x = self.embed(sources) + self.source_positions[...][None, : sources.shape[1]]
-        for block in self.encoder:
-            x = block(x)
-        return self.ln_encoder(x)
+        return seq2seq.encode(self, sources)
 
     def decode(self, memory: jax.Array, inputs: jax.Array) -> jax.Array:
         """memory: [B, S, D]; inputs: int [B, T] decoder tokens -> logits [B, T, vocab]."""
-        x = self.embed(inputs) + self.target_positions[...][None, : inputs.shape[1]]
-        if self.token_shift is not None:
-            x = self.token_shift(x)
-        for block in self.decoder:
-            x = block(x, memory)
-        return self.embed.attend(self.ln_final(x))
+        return seq2seq.decode(self, memory, inputs)
 
     def __call__(self, sources: jax.Array, inputs: jax.Array) -> jax.Array:
         """sources: int [B, S]; inputs: int [B, T] (BOS + shifted targets) -> [B, T, vocab]."""
@@ -84,4 +76,4 @@ def greedy_decode(model: EncoderDecoder, sources: jax.Array, length: int, bos: i
 
     Jit ``nnx.jit(greedy_decode, static_argnames=("length", "bos"))``.
     """
-    return greedy_loop(model.decode, model.encode(sources), length, bos)
+    return seq2seq.greedy_loop(model.decode, model.encode(sources), length, bos)
