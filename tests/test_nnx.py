@@ -151,6 +151,11 @@ def test_segment_ids_with_a_method_that_cannot_mask_name_those_that_can():
     with pytest.raises(ValueError, match=r"'linear_elu' does not.*dense.*blockwise"):
         layer(x, segment_ids=ids)
     dense = ennx.MultiHeadAttention(D, HEADS, HEAD_DIM, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.PRNGKey(0), (1, 6, D))
+    w = np.asarray(dense.weights(x, segment_ids=ids))  # [1, N, 6, 6]: block-diagonal
+    same = np.equal.outer(ids[0], ids[0])
+    assert (w[..., ~same] == 0).all() and (w[..., same] > 0).all()
+    _close(w.sum(-1), np.ones((1, HEADS, 6)))
     with pytest.raises(ValueError, match=r"segment_ids must be int \[batch, 6\]"):
         dense(x, segment_ids=ids[:, :4])
     with pytest.raises(ValueError, match="context=None"):
@@ -164,7 +169,12 @@ def test_bad_configs_and_params_are_clear_errors():
         ennx.MultiHeadAttention(D, 4, 4, options={"nope": 1}, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="pooling='max'; valid: mean, cls"):
         ennx.Classifier(ennx.ModelConfig(num_classes=2, pooling="max"), rngs=nnx.Rngs(0))
+    cls = ennx.Classifier(dataclasses.replace(LM, num_classes=2, pooling="cls"), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="segment_ids need pooling='mean'"):
+        cls(jnp.zeros((1, T), jnp.int32), jnp.array([T]), segment_ids=jnp.zeros((1, T), jnp.int32))
     lm = ennx.DecoderLM(LM, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"segment_ids must be int \[batch, seq\]"):
+        lm(jnp.zeros((1, T), jnp.int32), segment_ids=jnp.zeros((1, T + 1), jnp.int32))
     with pytest.raises(ValueError, match="exceeds max_len=16"):
         lm(jnp.zeros((1, 17), jnp.int32))
     params = nnx.state(lm, nnx.Param).to_pure_dict()
