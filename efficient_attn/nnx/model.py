@@ -2,7 +2,8 @@
 
 Same :class:`~efficient_attn.nn.ModelConfig`, same parameter names (the linen
 ``block_<i>`` are ``blocks[i]`` here). ``segment_ids [B, T]`` pack several
-documents into one row: every attention layer masks across documents
+documents into one row, each a contiguous run of one id (padding can be a
+document of its own): every attention layer masks across documents
 (``mask_mod`` methods only), learned positions restart at each document, and
 the token shift does not carry a token across a document boundary. With no
 segment ids the models equal their linen twins given the same parameters.
