@@ -108,7 +108,9 @@ def test_encoder_decoder_and_greedy_decoding_equal_linen():
 
 
 def test_packed_documents_equal_separate_documents():
-    c = dataclasses.replace(LM, method="blockwise", options={"block_q": 4, "block_k": 4})
+    c = dataclasses.replace(
+        LM, num_layers=1, method="blockwise", options={"block_q": 4, "block_k": 4}
+    )
     model = ennx.DecoderLM(c, rngs=nnx.Rngs(0))
     a = jax.random.randint(jax.random.PRNGKey(1), (1, 5), 0, 11)
     b = jax.random.randint(jax.random.PRNGKey(2), (1, 7), 0, 11)
