@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import dataclasses
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -10,6 +11,41 @@ import jax
 import jax.numpy as jnp
 
 import efficient_attn as ea
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerArrays:
+    """The arrays a layer learns for a method's array options (linen and nnx layers alike).
+
+    Attributes:
+      params: name -> ``(shape, init)`` of each required array that is a parameter
+        (optional ones, e.g. ``retnet``'s fixed decays, keep the method's defaults).
+      tokens: name -> ``(tail, projection)`` of each per-token array ``[B, Tk, *tail]``,
+        computed from the keys' input ``[B, Tk, D]`` by ``projection``
+        (:class:`efficient_attn.TokenProjection`: ``activation(x @ W1 @ W2 + b)``).
+    """
+
+    params: Mapping[str, tuple[tuple[int, ...], Callable[..., Any]]]
+    tokens: Mapping[str, tuple[tuple[int, ...], ea.TokenProjection]]
+
+
+def layer_arrays(
+    method: str, head_dim: int, kv_heads: int, sizes: Mapping[str, int] | None = None
+) -> LayerArrays:
+    """What a layer with ``kv_heads`` K/V heads of ``head_dim`` learns for ``method``'s arrays."""
+    spec = ea.get_method(method)
+    sizes = {**dict(sizes or {}), "K": kv_heads}
+    shapes = spec.array_shapes(head_dim, per_token=False, **sizes)
+    params = {
+        n: (shape, spec.arrays[n].init) for n, shape in shapes.items() if spec.arrays[n].required
+    }
+    dims = {**spec.sizes, **sizes, "H": head_dim}
+    tokens = {
+        n: (tuple(dims[d] for d in a.shape[2:]), a.project)
+        for n, a in spec.arrays.items()
+        if a.per_token
+    }
+    return LayerArrays(params, tokens)
 
 
 class MultiHeadAttention(nn.Module):
@@ -47,25 +83,18 @@ class MultiHeadAttention(nn.Module):
     def _method_options(self, context: jax.Array) -> dict[str, Any]:
         """The method's options plus its array options: parameters, and per-token
         arrays computed from ``context [B, Tk, D]`` by their :class:`ea.TokenProjection`."""
-        spec = ea.get_method(self.method)
         kv_heads = self.num_kv_heads or self.num_heads
-        sizes = {**dict(self.sizes or {}), "K": kv_heads}
-        shapes = spec.array_shapes(self.head_dim, per_token=False, **sizes)
-        arrays = {  # optional arrays (retnet's fixed decays) keep the method's defaults
-            name: self.param(name, spec.arrays[name].init, shape, jnp.float32).astype(self.dtype)
-            for name, shape in shapes.items()
-            if spec.arrays[name].required
+        learned = layer_arrays(self.method, self.head_dim, kv_heads, self.sizes)
+        arrays = {
+            name: self.param(name, init, shape, jnp.float32).astype(self.dtype)
+            for name, (shape, init) in learned.params.items()
         }
-        dims = {**spec.sizes, **sizes, "H": self.head_dim}
-        for name, array in spec.arrays.items():
-            if array.per_token:
-                tail = tuple(dims[d] for d in array.shape[2:])
-                z = context
-                if array.project.rank is not None:
-                    down = nn.Dense(array.project.rank, use_bias=False, name=f"{name}_down")
-                    z = down(z.astype(jnp.float32))
-                z = nn.DenseGeneral(tail, name=f"{name}_proj")(z.astype(jnp.float32))
-                arrays[name] = array.project.activation(z)  # float32 [B, Tk, *tail]
+        for name, (tail, project) in learned.tokens.items():
+            z = context.astype(jnp.float32)
+            if project.rank is not None:
+                z = nn.Dense(project.rank, use_bias=False, name=f"{name}_down")(z)
+            z = nn.DenseGeneral(tail, name=f"{name}_proj")(z)
+            arrays[name] = project.activation(z)  # float32 [B, Tk, *tail]
         return {**dict(self.options or {}), **arrays}
 
     def _project(self, x: jax.Array, context: jax.Array):

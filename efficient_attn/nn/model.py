@@ -46,18 +46,21 @@ class TokenShift(nn.Module):
         return x + nn.Dense(x.shape[-1], use_bias=False, name="shift")(prev)
 
 
+def attention_kwargs(c: ModelConfig) -> dict[str, Any]:
+    """The config's attention settings (heads, method, options, scale), for either layer."""
+    return {
+        "num_heads": c.num_heads,
+        "head_dim": c.d_model // c.num_heads,
+        "num_kv_heads": c.num_kv_heads,
+        "method": c.method,
+        "options": c.options,
+        "scale": c.scale,
+    }
+
+
 def attention_layer(c: ModelConfig, *, causal: bool, name: str) -> MultiHeadAttention:
     """The config's attention (method, options, scale, heads) as a layer named ``name``."""
-    return MultiHeadAttention(
-        num_heads=c.num_heads,
-        head_dim=c.d_model // c.num_heads,
-        num_kv_heads=c.num_kv_heads,
-        method=c.method,
-        options=c.options,
-        scale=c.scale,
-        causal=causal,
-        name=name,
-    )
+    return MultiHeadAttention(**attention_kwargs(c), causal=causal, name=name)
 
 
 def residual_mlp(c: ModelConfig, x: jax.Array) -> jax.Array:
@@ -107,6 +110,23 @@ class DecoderLM(nn.Module):
 POOLINGS: tuple[str, ...] = ("mean", "cls")
 
 
+def check_classifier(c: ModelConfig) -> ModelConfig:
+    """``c`` if it configures a :class:`Classifier` (a known pooling, num_classes >= 1)."""
+    if c.pooling not in POOLINGS:
+        raise ValueError(f"pooling={c.pooling!r}; valid: {', '.join(POOLINGS)}")
+    if not c.num_classes:
+        raise ValueError(f"Classifier needs num_classes >= 1, got {c.num_classes}")
+    return c
+
+
+def pool(x: jax.Array, lengths: jax.Array, pooling: str) -> jax.Array:
+    """x: [B, T, D] -> [B, D]: the first token (``"cls"``) or the mean of the first ``lengths``."""
+    if pooling == "cls":
+        return x[:, 0]
+    valid = (jnp.arange(x.shape[1])[None, :] < lengths[:, None]).astype(x.dtype)  # [B, T]
+    return (x * valid[..., None]).sum(1) / jnp.maximum(valid.sum(1), 1.0)[:, None]
+
+
 class Classifier(nn.Module):
     """Bidirectional encoder + pooled classification head, as LRA's (Tay et al. 2020).
 
@@ -122,11 +142,7 @@ class Classifier(nn.Module):
     @nn.compact
     def __call__(self, tokens: jax.Array, lengths: jax.Array) -> jax.Array:
         """tokens: int [B, T]; lengths: int [B] (non-padding tokens) -> logits [B, classes]."""
-        c = self.config
-        if c.pooling not in POOLINGS:
-            raise ValueError(f"pooling={c.pooling!r}; valid: {', '.join(POOLINGS)}")
-        if not c.num_classes:
-            raise ValueError(f"Classifier needs num_classes >= 1, got {c.num_classes}")
+        c = check_classifier(self.config)
         x = nn.Embed(c.vocab_size, c.d_model, name="embed")(tokens)  # [B, T, D]
         positions = self.param("positions", nn.initializers.normal(0.02), (c.max_len, c.d_model))
         x = x + positions[None, : tokens.shape[1]]
@@ -137,11 +153,6 @@ class Classifier(nn.Module):
             lengths = lengths + 1
         for i in range(c.num_layers):
             x = Block(c, causal=False, name=f"block_{i}")(x, lengths)
-        x = nn.LayerNorm(name="ln_final")(x)  # [B, T', D]
-        if c.pooling == "cls":
-            pooled = x[:, 0]
-        else:
-            valid = (jnp.arange(x.shape[1])[None, :] < lengths[:, None]).astype(x.dtype)
-            pooled = (x * valid[..., None]).sum(1) / jnp.maximum(valid.sum(1), 1.0)[:, None]
+        pooled = pool(nn.LayerNorm(name="ln_final")(x), lengths, c.pooling)
         h = nn.gelu(nn.Dense(c.d_model, name="head_hidden")(pooled))
         return nn.Dense(c.num_classes, name="head")(h)  # [B, classes]

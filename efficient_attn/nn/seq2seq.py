@@ -9,6 +9,7 @@ Vaswani et al. (2017). :func:`greedy_decode` generates autoregressively.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -47,6 +48,30 @@ class DecoderBlock(nn.Module):
         return residual_mlp(c, x)
 
 
+def encode(m: Any, sources: jax.Array) -> jax.Array:
+    """The encoder pass of an encoder-decoder, linen or NNX (they share attribute names).
+
+    sources: int [B, S] -> memory [B, S, D].
+    """
+    x = m.embed(sources) + m.source_positions[None, : sources.shape[1]]
+    for block in m.encoder:
+        x = block(x)
+    return m.ln_encoder(x)
+
+
+def decode(m: Any, memory: jax.Array, inputs: jax.Array) -> jax.Array:
+    """The decoder pass of an encoder-decoder, linen or NNX.
+
+    memory: [B, S, D]; inputs: int [B, T] -> logits [B, T, vocab].
+    """
+    x = m.embed(inputs) + m.target_positions[None, : inputs.shape[1]]
+    if m.token_shift is not None:
+        x = m.token_shift(x)
+    for block in m.decoder:
+        x = block(x, memory)
+    return m.embed.attend(m.ln_final(x))
+
+
 class EncoderDecoder(nn.Module):
     """Encoder and decoder stacks of ``config.num_layers`` blocks each; tied embeddings.
 
@@ -74,19 +99,11 @@ class EncoderDecoder(nn.Module):
 
     def encode(self, sources: jax.Array) -> jax.Array:
         """sources: int [B, S] -> memory [B, S, D] (layer-normalised encoder output)."""
-        x = self.embed(sources) + self.source_positions[None, : sources.shape[1]]
-        for block in self.encoder:
-            x = block(x)
-        return self.ln_encoder(x)
+        return encode(self, sources)
 
     def decode(self, memory: jax.Array, inputs: jax.Array) -> jax.Array:
         """memory: [B, S, D]; inputs: int [B, T] decoder tokens -> logits [B, T, vocab]."""
-        x = self.embed(inputs) + self.target_positions[None, : inputs.shape[1]]
-        if self.token_shift is not None:
-            x = self.token_shift(x)
-        for block in self.decoder:
-            x = block(x, memory)
-        return self.embed.attend(self.ln_final(x))
+        return decode(self, memory, inputs)
 
     def __call__(self, sources: jax.Array, inputs: jax.Array) -> jax.Array:
         """sources: int [B, S]; inputs: int [B, T] (BOS + shifted targets) -> [B, T, vocab]."""
@@ -106,11 +123,21 @@ def greedy_decode(
     ``functools.partial(greedy_decode, model, length=T, bos=BOS)``.
     """
     memory = model.apply(params, sources, method=EncoderDecoder.encode)
-    batch = sources.shape[0]
-    tokens = jnp.full((batch, length + 1), bos, jnp.int32)  # [B, T + 1]: BOS, y_0 .. y_{T-1}
+    decode = lambda memory, tokens: model.apply(  # noqa: E731
+        params, memory, tokens, method=EncoderDecoder.decode
+    )
+    return greedy_loop(decode, memory, length, bos)
+
+
+def greedy_loop(
+    decode: Callable[[jax.Array, jax.Array], jax.Array], memory: jax.Array, length: int, bos: int
+) -> jax.Array:
+    """The loop of :func:`greedy_decode` for any ``decode(memory [B, S, D], tokens [B, T])
+    -> logits [B, T, V]`` (linen or NNX) -> ``int [B, length]``."""
+    tokens = jnp.full((memory.shape[0], length + 1), bos, jnp.int32)  # [B, T + 1]: BOS, y_0 ..
 
     def step(t, tokens):
-        logits = model.apply(params, memory, tokens[:, :length], method=EncoderDecoder.decode)
+        logits = decode(memory, tokens[:, :length])
         next_token = jnp.argmax(jax.lax.dynamic_index_in_dim(logits, t, 1, keepdims=False), -1)
         return jax.lax.dynamic_update_index_in_dim(tokens, next_token.astype(jnp.int32), t + 1, 1)
 
