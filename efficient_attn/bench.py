@@ -131,6 +131,29 @@ def time_compiled(exe: Any, args: Sequence[Any], repeats: int = 5, warmup: int =
     return times
 
 
+def interleaved_ratios(pairs: Sequence[Any], repeats: int) -> dict[str, tuple[float, float, float]]:
+    """``name -> (median ratio a/b, median t_a, median t_b)`` of ``(name, (exe_a, args_a), (exe_b,
+    args_b))`` pairs, timed in interleaved rounds (one call of each side per round, after a
+    warm-up round), so load from other processes affects both sides of a ratio alike."""
+    for _, a, b in pairs:  # warm-up round
+        jax.block_until_ready(a[0](*a[1]))
+        jax.block_until_ready(b[0](*b[1]))
+    ratios: dict[str, list[float]] = {name: [] for name, _, _ in pairs}
+    times: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name, _, _ in pairs}
+    for _ in range(repeats):
+        for name, a, b in pairs:
+            ta = min(time_compiled(a[0], a[1], repeats=1, warmup=0))
+            tb = min(time_compiled(b[0], b[1], repeats=1, warmup=0))
+            ratios[name].append(ta / tb)
+            times[name][0].append(ta)
+            times[name][1].append(tb)
+    return {
+        name: (statistics.median(r), statistics.median(times[name][0]),
+               statistics.median(times[name][1]))
+        for name, r in ratios.items()
+    }  # fmt: skip
+
+
 def measure(f: Callable, args: Sequence[Any], repeats: int = 5, warmup: int = 1) -> Timing:
     """Compile ``f`` for ``args``, then time it; see :class:`Timing`."""
     exe, compile_s = compiled(f, *args)

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 import efficient_attn as ea
-from efficient_attn import bench
+from efficient_attn import bench, dropin
 
 #: name -> (help, run(args) -> exit code). Other modules add their
 #: subcommands with :func:`subcommand`.
@@ -66,8 +66,19 @@ def _methods_table() -> str:
 
 @subcommand("methods", help="list registered methods with their properties")
 def run_methods(args: argparse.Namespace) -> int:
-    print(_methods_table())
+    print(dropin.support_table() if args.dropin else _methods_table())
     return 0
+
+
+def _methods_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--dropin",
+        action="store_true",
+        help="which method honours which argument of ea.dot_product_attention",
+    )
+
+
+run_methods.add_arguments = _methods_arguments
 
 
 def compare_table(

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import os
 import pathlib
-import statistics
 import time
 
 import jax
@@ -42,27 +41,6 @@ def inputs(t: int):
 
 def compile_fn(f, *args):
     return bench.compiled(f, *args)[0]
-
-
-def rounds(pairs, repeats):
-    """Median per-round ratio for each ``(name, (exe_a, args_a), (exe_b, args_b))``."""
-    for _, a, b in pairs:  # warm-up round
-        jax.block_until_ready(a[0](*a[1]))
-        jax.block_until_ready(b[0](*b[1]))
-    ratios = {name: [] for name, _, _ in pairs}
-    times = {name: ([], []) for name, _, _ in pairs}
-    for _ in range(repeats):
-        for name, a, b in pairs:
-            ta = min(bench.time_compiled(a[0], a[1], repeats=1, warmup=0))
-            tb = min(bench.time_compiled(b[0], b[1], repeats=1, warmup=0))
-            ratios[name].append(ta / tb)
-            times[name][0].append(ta)
-            times[name][1].append(tb)
-    return {
-        name: (statistics.median(r), statistics.median(times[name][0]),
-               statistics.median(times[name][1]))
-        for name, r in ratios.items()
-    }  # fmt: skip
 
 
 def segment_ids(t: int, docs: int) -> np.ndarray:
@@ -160,7 +138,7 @@ def main() -> None:
     ql, kl, vl = inputs(args.long_len)
     win32 = (compile_fn(windowed(args.long_len), ql, kl, vl), (ql, kl, vl))
     pairs.append(("window 256 mask_mod: t(32k) / t(8k)", win32, win8))
-    results = rounds(pairs, args.repeats)
+    results = bench.interleaved_ratios(pairs, args.repeats)
 
     lines = [
         "# mask_mod / score_mod on the tile engine (`python scripts/bench_flex.py`)",

@@ -7,6 +7,8 @@ edits. Features a method does not declare in ``supports`` must raise
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -365,3 +367,56 @@ def test_mods_equal_their_weights_and_refuse_nothing_silently(method):
     if ea.get_method(method).exact:
         dense = call("dense", q, k, v, causal=causal, **kw)
         assert rel_err(out, dense) < F32_TOL
+
+
+DROPIN_FEATURES = ("bias", "dropout", "lse")
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_bias_dropout_and_lse_equal_dense_or_are_refused(method):
+    """Methods declaring ``bias``/``dropout``/``lse`` equal dense softmax under the same
+    bias, the same counter-based dropout mask and their own pattern; the rest refuse them."""
+    from efficient_attn import masking, mods
+
+    q, k, v = make_qkv(2, 24, 24, 4, 2, 8, seed=12)
+    causal = supports(method, "causal")
+    spec = ea.get_method(method)
+    refused = {
+        "bias": {"bias": np.zeros((24, 24), np.float32)},
+        "dropout": {"dropout_rate": 0.2, "dropout_rng": jax.random.PRNGKey(0)},
+        "lse": {"return_lse": True},
+    }
+    if not set(DROPIN_FEATURES) & spec.supports:
+        for kw in refused.values():
+            with pytest.raises(ValueError, match="does not accept"):
+                attend(method, q, k, v, causal=causal, **kw)
+        return
+    for feature, kw in refused.items():
+        if feature not in spec.supports:
+            with pytest.raises(ValueError, match="does not accept"):
+                attend(method, q, k, v, causal=causal, **kw)
+    pattern = None
+    if spec.pattern is not None:
+        pattern = mods.bool_mask(ea.sparsity_pattern(method, 24, 24, causal=causal), 2, 4, 24, 24)
+    ref = functools.partial(ea.attention, method="dense", causal=causal, mask_mod=pattern)
+    kw, ref_kw = {}, {}
+    if "bias" in spec.supports:
+        bias = np.random.default_rng(2).standard_normal((2, 1, 24, 24)).astype(np.float32)
+        kw["bias"] = ref_kw["bias"] = bias
+    if "dropout" in spec.supports:
+        kw.update(dropout_rate=0.25, dropout_rng=jax.random.PRNGKey(3))
+        ref_kw.update(kw)
+    lse = "lse" in spec.supports
+    out = attend(method, q, k, v, causal=causal, return_lse=lse, **kw)
+    expected = ref(q, k, v, return_lse=lse, **ref_kw)
+    out, expected = (out, expected) if lse else ((out,), (expected,))
+    for a, b in zip(out, expected, strict=True):
+        assert rel_err(a, b) < F32_TOL
+    if "dropout" in spec.supports and "bias" not in spec.supports:
+        # The mask is the documented hash of (b, h, q, kv), applied to the method's weights.
+        w = ea.attention_weights(q, k, method=method, causal=causal)  # [B, N, Tq, Tk]
+        idx = np.ix_(range(2), range(4), range(24), range(24))
+        w = masking.dropout(0.25, jax.random.PRNGKey(3)).apply(w, *idx)
+        np.testing.assert_allclose(
+            out[0], np.einsum("bnqk,bknd->bqnd", w, np.repeat(v, 2, axis=2)), atol=2e-5
+        )

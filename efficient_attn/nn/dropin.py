@@ -20,7 +20,7 @@ from efficient_attn.registry import get_method
 
 
 def attention_fn(method: str = "blockwise", **options: Any) -> Callable[..., jax.Array]:
-    """A Flax ``attention_fn`` running ``method`` (with ``options``) via :func:`ea.dot_product_attention`.
+    """A Flax ``attention_fn`` running ``method`` (``options``) via ``ea.dot_product_attention``.
 
     The returned function takes Flax's arguments: query ``[..., T, N, H]``,
     key/value ``[..., S, K, H]`` (any number of batch dims), ``bias``,
