@@ -195,8 +195,11 @@ class _Tile:
         g = ds.reshape(ds.shape[0], -1, *ds.shape[3:])  # [B, N, bq, bk]
         g = jnp.sum(g, axis=tuple(a for a in range(4) if size[a] == 1 and g.shape[a] > 1),
                     keepdims=True)  # fmt: skip
-        old = jax.lax.dynamic_slice(dbias, start, size)
-        return jax.lax.dynamic_update_slice(dbias, old + g.astype(dbias.dtype), start)
+        g = g.astype(dbias.dtype)
+        if not all(self.st.bias_qk):  # the window is shared by several tiles: accumulate
+            g = g + jax.lax.dynamic_slice(dbias, start, size)
+        # else each (query tile, key tile) window is visited once: a plain write
+        return jax.lax.dynamic_update_slice(dbias, g, start)
 
     def dropped(self, p, seed):
         """``p`` after the counter-based dropout of this tile (identity without dropout)."""

@@ -10,7 +10,9 @@ sides alike; figures are medians over rounds of the per-round ratio.
    documents as segment ids, ``sinks``, dropout (rate 0.1), and a dense bias
    ``[1, N, T, S]`` (and the compiled temporary memory of each, to show what
    the bias costs beyond its read).
-2. 8 packed documents (segment ids) at 16k against causal ``blockwise``.
+2. 8 packed documents (segment ids) at 16k against causal ``blockwise``: the
+   block mask built in every call from the ids, and built once and passed in
+   (``block_mask=``, as a model shares it across its layers).
 
     python scripts/bench_dropin.py [--repeats 5] [--out FILE.md]
 """
@@ -37,7 +39,7 @@ def segment_ids(t: int, docs: int) -> jax.Array:
 
 def variant(t: int, **kw):
     """(forward, forward+backward) of the drop-in with ``kw`` (arrays among them are inputs)."""
-    arrays = {k: v for k, v in kw.items() if isinstance(v, jax.Array)}
+    arrays = {k: v for k, v in kw.items() if isinstance(v, jax.Array | ea.BlockMask)}
     static = {k: v for k, v in kw.items() if k not in arrays}
 
     def fwd(q, k, v, arrays):
@@ -93,6 +95,28 @@ def main() -> None:
         pairs.append((
             f"8 documents / causal, {mode}, {td // 1024}k",
             (bench.compiled(docs[i], qd, kd, vd, docs[2])[0], (qd, kd, vd, docs[2])),
+            (bench.compiled(plain[i], qd, kd, vd, {})[0], (qd, kd, vd, {})),
+        ))  # fmt: skip
+    # The same documents with the block mask built once per step and passed in (a model
+    # shares it across layers): what the attention itself costs.
+    seg = segment_ids(td, 8)
+    block = jax.jit(
+        lambda seg: ea.block_mask(
+            ea.mods.document_mask(seg) & ea.mods.causal_mask(),
+            td,
+            td,
+            batch=B,
+            block_q=512,
+            block_k=256,
+        )
+    )(seg)
+    for mode in ("forward", "forward+backward"):
+        once = variant(td, block_mask=block)
+        plain = variant(td)
+        i = 0 if mode == "forward" else 1
+        pairs.append((
+            f"8 documents, block_mask= built once / causal, {mode}, {td // 1024}k",
+            (bench.compiled(once[i], qd, kd, vd, once[2])[0], (qd, kd, vd, once[2])),
             (bench.compiled(plain[i], qd, kd, vd, {})[0], (qd, kd, vd, {})),
         ))  # fmt: skip
     results = bench.interleaved_ratios(pairs, args.repeats)
