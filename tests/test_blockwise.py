@@ -21,7 +21,14 @@ def _grads(method, q, k, v, dout, **kw):
 
 @pytest.mark.parametrize(
     "tq,tk,bq,bk",
-    [(29, 29, 7, 5), (29, 29, 8, 8), (16, 40, 5, 9), (40, 11, 6, 4), (1, 33, 4, 8), (33, 1, 8, 4)],
+    [
+        (29, 29, 7, 5),
+        pytest.param(29, 29, 8, 8, marks=pytest.mark.slow),
+        (16, 40, 5, 9),
+        pytest.param(40, 11, 6, 4, marks=pytest.mark.slow),
+        (1, 33, 4, 8),
+        (33, 1, 8, 4),
+    ],
     ids=lambda x: str(x),
 )
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])

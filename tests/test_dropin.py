@@ -95,9 +95,17 @@ CASES = {
 }
 
 
+#: Cases the others cover (the last one has every argument at once): run with -m slow.
+_SLOW_CASES = {"bias-BNTS", "mask-broadcast"}
+
+
 @pytest.mark.parametrize(
     ("method", "case"),
-    [("blockwise", c) for c in CASES] + [("dense", "bias-1NTS"), ("dense", "everything-gqa-cross")],
+    [
+        pytest.param("blockwise", c, marks=[pytest.mark.slow] if c in _SLOW_CASES else [])
+        for c in CASES
+    ]
+    + [("dense", "bias-1NTS"), ("dense", "everything-gqa-cross")],
 )
 def test_values_and_gradients_equal_jax_nn(method, case):
     c = dict(CASES[case])

@@ -84,7 +84,15 @@ def _attend(q, k, v, method="blockwise", **kw):
     return ea.attention(q, k, v, method=method, block_q=16, block_k=16, **kw)
 
 
-@pytest.mark.parametrize("name,mask_mod,score_mod", MODS, ids=[m[0] for m in MODS])
+#: Mods whose machinery another case already covers: run with -m slow.
+_SLOW_MODS = {"causal-offset", "chunked-causal", "prefix-lm", "dilated", "lambda-score"}
+
+
+@pytest.mark.parametrize(
+    "name,mask_mod,score_mod",
+    [pytest.param(*m, marks=[pytest.mark.slow] if m[0] in _SLOW_MODS else []) for m in MODS],
+    ids=[m[0] for m in MODS],
+)
 def test_library_mods_match_float64_reference(name, mask_mod, score_mod):
     q, k, v = make_qkv(2, T, T, 4, 2, 8, seed=1)
     lengths = np.array([T, 50])
