@@ -167,8 +167,13 @@ class _TileCtx:
 
 def _key_rows(ref, j, bk: int, kv_ok_rows):
     """Key tile ``j`` of a ``[Tk_pad, H]`` ref, rows past ``kv_len`` zeroed (they may hold NaN)."""
-    x = ref[pl.ds(pl.multiple_of(j * bk, bk), bk), :]
+    x = ref[pl.ds(_aligned(j * bk, bk), bk), :]
     return x if kv_ok_rows is None else jnp.where(kv_ok_rows, x, jnp.zeros_like(x))
+
+
+def _aligned(start, n: int):
+    """``start`` (a multiple of ``n``), with that fact given to the compiler when traced."""
+    return start if isinstance(start, int) else pl.multiple_of(start, n)
 
 
 def _rows_ok(kv_len, j, bk: int):
@@ -263,7 +268,7 @@ def _tile_grads(spec: Spec, tile: _TileCtx, partial, q, k, v, do, lse, delta):
 
 def _group_rows(ref, g, start, n: int, heads_first: bool):
     """Rows ``[start, start + n)`` of query head ``g`` of a grouped ref."""
-    start = pl.multiple_of(start, n)
+    start = _aligned(start, n)
     return ref[g, pl.ds(start, n), :] if heads_first else ref[pl.ds(start, n), g, :]
 
 
@@ -291,13 +296,13 @@ def dkdv_kernel(spec: Spec, ids, p_cnt, p_idx, f_cnt, f_idx, *refs):
     def run(partial, cnt, idx):
         def body(t, carry):
             dk, dv = carry
-            i = idx[j, t // spec.groups]
-            g = t % spec.groups
+            i = idx[j, jax.lax.div(t, spec.groups)]  # t >= 0: lax, not jnp's floor rules
+            g = jax.lax.rem(t, spec.groups)
             tile = _TileCtx(spec, b, kh * spec.groups + g, i, j, kv_len, mask_refs, score_refs)
             q = _group_rows(q_ref, g, i * bq, bq, hf)
             do = _group_rows(do_ref, g, i * bq, bq, hf)
-            lse = lse_ref[g, pl.ds(pl.multiple_of(i * bq, bq), bq), :]
-            delta = delta_ref[g, pl.ds(pl.multiple_of(i * bq, bq), bq), :]
+            lse = lse_ref[g, pl.ds(_aligned(i * bq, bq), bq), :]
+            delta = delta_ref[g, pl.ds(_aligned(i * bq, bq), bq), :]
             p, ds = _tile_grads(spec, tile, partial, q, k, v, do, lse, delta)
             dv = dv + _dot(p.astype(do.dtype), do, spec, trans_a=True)
             dk = dk + _dot(ds.astype(q.dtype), q, spec, trans_a=True)

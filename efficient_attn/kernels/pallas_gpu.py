@@ -59,8 +59,8 @@ def forward(spec: common.Spec, cfg: TileConfig, interpret: bool, scalars, q, k, 
     g, bq = spec.groups, spec.bq
     in_specs = [
         pl.BlockSpec((None, bq, None, h), lambda i, b, n: (b, i, n, 0)),
-        pl.BlockSpec((None, tk, None, h), lambda i, b, n: (b, 0, n // g, 0)),
-        pl.BlockSpec((None, tk, None, hv), lambda i, b, n: (b, 0, n // g, 0)),
+        pl.BlockSpec((None, tk, None, h), lambda i, b, n: (b, 0, jax.lax.div(n, g), 0)),
+        pl.BlockSpec((None, tk, None, hv), lambda i, b, n: (b, 0, jax.lax.div(n, g), 0)),
         *(_whole(x) for x in leaves),
     ]
     out_specs = [
@@ -107,8 +107,8 @@ def dq(spec, cfg, interpret, scalars, q, k, v, do, lse, delta, leaves):
     g, bq = spec.groups, spec.bq
     in_specs = [
         pl.BlockSpec((None, bq, None, h), lambda i, b, n: (b, i, n, 0)),
-        pl.BlockSpec((None, tk, None, h), lambda i, b, n: (b, 0, n // g, 0)),
-        pl.BlockSpec((None, tk, None, hv), lambda i, b, n: (b, 0, n // g, 0)),
+        pl.BlockSpec((None, tk, None, h), lambda i, b, n: (b, 0, jax.lax.div(n, g), 0)),
+        pl.BlockSpec((None, tk, None, hv), lambda i, b, n: (b, 0, jax.lax.div(n, g), 0)),
         pl.BlockSpec((None, bq, None, hv), lambda i, b, n: (b, i, n, 0)),
         pl.BlockSpec((None, None, bq, 1), lambda i, b, n: (b, n, i, 0)),
         pl.BlockSpec((None, None, bq, 1), lambda i, b, n: (b, n, i, 0)),

@@ -61,8 +61,8 @@ def forward(spec: common.Spec, cfg: TileConfig, interpret: bool, scalars, q, k, 
     g, bq = spec.groups, spec.bq
     in_specs = [
         pl.BlockSpec((None, None, bq, h), lambda b, n, i, *_: (b, n, i, 0)),
-        pl.BlockSpec((None, None, tk, h), lambda b, n, i, *_: (b, n // g, 0, 0)),
-        pl.BlockSpec((None, None, tk, hv), lambda b, n, i, *_: (b, n // g, 0, 0)),
+        pl.BlockSpec((None, None, tk, h), lambda b, n, i, *_: (b, jax.lax.div(n, g), 0, 0)),
+        pl.BlockSpec((None, None, tk, hv), lambda b, n, i, *_: (b, jax.lax.div(n, g), 0, 0)),
     ]
     out_specs = [
         pl.BlockSpec((None, None, bq, hv), lambda b, n, i, *_: (b, n, i, 0)),
@@ -107,8 +107,8 @@ def dq(spec, cfg, interpret, scalars, q, k, v, do, lse, delta, leaves):
     g, bq = spec.groups, spec.bq
     in_specs = [
         pl.BlockSpec((None, None, bq, h), lambda b, n, i, *_: (b, n, i, 0)),
-        pl.BlockSpec((None, None, tk, h), lambda b, n, i, *_: (b, n // g, 0, 0)),
-        pl.BlockSpec((None, None, tk, hv), lambda b, n, i, *_: (b, n // g, 0, 0)),
+        pl.BlockSpec((None, None, tk, h), lambda b, n, i, *_: (b, jax.lax.div(n, g), 0, 0)),
+        pl.BlockSpec((None, None, tk, hv), lambda b, n, i, *_: (b, jax.lax.div(n, g), 0, 0)),
         pl.BlockSpec((None, None, bq, hv), lambda b, n, i, *_: (b, n, i, 0)),
         pl.BlockSpec((None, None, bq, 1), lambda b, n, i, *_: (b, n, i, 0)),
         pl.BlockSpec((None, None, bq, 1), lambda b, n, i, *_: (b, n, i, 0)),
