@@ -31,6 +31,8 @@ def blockwise(
     block_mask: Any = None,
     block_q: int = 512,
     block_k: int = 256,
+    implementation: str = "auto",
+    interpret: bool = False,
 ) -> jax.Array:
     """Memory-efficient exact attention (Rabe & Staats 2021; FlashAttention-2 online softmax).
 
@@ -39,9 +41,16 @@ def blockwise(
     ``block_q`` queries and ``block_k`` keys (clipped to the sequence length),
     or those of ``block_mask``. Empty tiles (above the causal diagonal, outside
     a ``mask_mod``, past every ``kv_lengths``) are skipped.
+
+    ``implementation``: ``"auto"`` (fused Pallas kernels on GPU and TPU, this
+    XLA engine elsewhere), ``"xla"`` or ``"pallas"``; ``interpret=True`` runs
+    the kernels on a CPU (see :mod:`efficient_attn.kernels`). The kernels use
+    their own tiles (:class:`efficient_attn.kernels.TileConfig`), not
+    ``block_q``/``block_k``.
     """
     block_q, block_k = positive_int("block_q", block_q), positive_int("block_k", block_k)
     return flash.attend(
         q, k, v, causal=causal, kv_lengths=kv_lengths, scale=scale, block_q=block_q,
         block_k=block_k, mask_mod=mask_mod, score_mod=score_mod, block_mask=block_mask,
+        implementation=implementation, interpret=interpret,
     )[0]  # fmt: skip
