@@ -62,6 +62,9 @@ def attend(q, k, v, *, implementation: str, interpret: bool, config: TileConfig 
     """:func:`efficient_attn.flash.attend` (its keywords ``kw``) with ``implementation``."""
     from efficient_attn import flash
 
+    if config is not None and not isinstance(config, TileConfig):
+        raise ValueError(f"kernel_config must be an ea.kernels.TileConfig or None; got {config!r}")
+
     def xla(q, k, v):
         return flash.attend(q, k, v, **kw)
 

@@ -33,6 +33,7 @@ def blockwise(
     block_k: int = 256,
     implementation: str = "auto",
     interpret: bool = False,
+    kernel_config: Any = None,
 ) -> jax.Array:
     """Memory-efficient exact attention (Rabe & Staats 2021; FlashAttention-2 online softmax).
 
@@ -45,12 +46,12 @@ def blockwise(
     ``implementation``: ``"auto"`` (fused Pallas kernels on GPU and TPU, this
     XLA engine elsewhere), ``"xla"`` or ``"pallas"``; ``interpret=True`` runs
     the kernels on a CPU (see :mod:`efficient_attn.kernels`). The kernels use
-    their own tiles (:class:`efficient_attn.kernels.TileConfig`), not
-    ``block_q``/``block_k``.
+    their own tiles, ``kernel_config`` (a :class:`efficient_attn.kernels.TileConfig`;
+    None: the backend's default), not ``block_q``/``block_k``.
     """
     block_q, block_k = positive_int("block_q", block_q), positive_int("block_k", block_k)
     return flash.attend(
         q, k, v, causal=causal, kv_lengths=kv_lengths, scale=scale, block_q=block_q,
         block_k=block_k, mask_mod=mask_mod, score_mod=score_mod, block_mask=block_mask,
-        implementation=implementation, interpret=interpret,
+        implementation=implementation, interpret=interpret, kernel_config=kernel_config,
     )[0]  # fmt: skip

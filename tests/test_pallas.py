@@ -1,0 +1,212 @@
+"""The fused Pallas kernels: interpret mode against float64, lowering for CUDA and TPU on a CPU.
+
+Interpret mode runs the kernels' own code on the CPU (tiny sizes: 16-row tiles,
+lengths under 40 that are not tile multiples). Lowering with
+``lowering_platforms=("cuda",)`` / ``("tpu",)`` runs Pallas' Triton and Mosaic
+lowerings, which reject what only the hardware would otherwise reveal
+(non-power-of-two shapes, unsupported ops).
+"""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import efficient_attn as ea
+from efficient_attn import flash, mods
+from efficient_attn.kernels import TileConfig, default_config, dispatch, fused_attention
+from tests.conftest import make_qkv, rel_err
+from tests.test_flex import reference64, segments
+
+F32_TOL = 2e-5
+TILES = TileConfig(block_q=16, block_k=16)
+
+
+def _pallas(q, k, v, **kw):
+    return ea.attention(q, k, v, method="blockwise", implementation="pallas", interpret=True,
+                        kernel_config=TILES, **kw)  # fmt: skip
+
+
+def _grads(fn, q, k, v, dout):
+    out, vjp = jax.vjp(fn, q, k, v)
+    return (out, *vjp(dout))
+
+
+CASES = [  # (id, Tq, Tk, N, K, kwargs)
+    ("gqa-causal-window-softcap-kvlen", 37, 29, 4, 2, {
+        "causal": True, "kv_lengths": np.array([29, 11]),
+        "mask_mod": mods.sliding_window(9, 0, offset=29 - 37), "score_mod": mods.soft_cap(2.0),
+    }),
+    ("documents-cross", 33, 40, 2, 1, {
+        "mask_mod": mods.document_mask(segments(2, 33, 3), segments(2, 40, 3, seed=1)),
+    }),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_kernels_match_float64_reference(case):
+    _, tq, tk, n, kh, kw = case
+    q, k, v = make_qkv(2, tq, tk, n, kh, 16, seed=2)
+    kw = {**kw, "scale": 0.3}
+    dout = np.random.default_rng(4).standard_normal(q.shape).astype(np.float32)
+    got = jax.jit(lambda *x: _grads(lambda *a: _pallas(*a, **kw), *x, dout))(q, k, v)
+    with jax.enable_x64(True):
+        x64 = [jnp.asarray(x, jnp.float64) for x in (q, k, v)]
+        ref = _grads(lambda *a: reference64(*a, **kw), *x64, jnp.asarray(dout, jnp.float64))
+        ref = [np.asarray(r) for r in ref]
+    for what, g, r in zip(("out", "dq", "dk", "dv"), got, ref, strict=True):
+        assert rel_err(g, r) < F32_TOL, (what, rel_err(g, r))
+
+
+def test_lse_and_its_gradient_match_the_xla_engine():
+    """The engine's custom_vjp carries the lse cotangent: the kernels' delta subtracts it."""
+    q, k, v = make_qkv(1, 21, 35, 2, 2, 8, seed=3)
+    bm = flash.plan_block_mask(21, 35, batch=1, heads=2, causal=True, block_q=16, block_k=16)
+    kv = jnp.array([30])
+
+    def loss(attn):
+        def f(q, k, v):
+            out, lse = attn(q, k, v, scale=0.5, block_mask=bm, kv_len=kv)
+            return jnp.sum(out**2) + jnp.sum(jnp.sin(lse))
+
+        return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))
+
+    ref = loss(flash.tiled_attention)(q, k, v)
+    got = loss(lambda *a, **kw: fused_attention(*a, **kw, interpret=True))(q, k, v)
+    for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(ref), strict=True):
+        assert rel_err(g, r) < F32_TOL
+
+
+def test_tpu_kernels_in_interpret_mode():
+    """The Mosaic kernels (scalar-prefetch lists, heads-first layout) on the CPU: two key tiles."""
+    q, k, v = make_qkv(2, 19, 150, 2, 1, 32, seed=5)
+    kw = {"causal": True, "kv_lengths": np.array([150, 90]), "scale": 0.2}
+    bm = flash.plan_block_mask(19, 150, batch=2, heads=2, causal=True, block_q=8, block_k=128)
+    dout = np.random.default_rng(6).standard_normal(q.shape).astype(np.float32)
+
+    def attn(q, k, v):
+        return fused_attention(q, k, v, scale=0.2, block_mask=bm, kv_len=kw["kv_lengths"],
+                               backend="tpu", interpret=True)[0]  # fmt: skip
+
+    got = jax.jit(lambda *x: _grads(attn, *x, dout))(q, k, v)
+    with jax.enable_x64(True):
+        x64 = [jnp.asarray(x, jnp.float64) for x in (q, k, v)]
+        ref = _grads(lambda *a: reference64(*a, **kw), *x64, jnp.asarray(dout, jnp.float64))
+    for g, r in zip(got, ref, strict=True):
+        assert rel_err(g, np.asarray(r)) < F32_TOL
+
+
+def test_score_mod_with_float_arrays_gets_gradients():
+    """ALiBi's slopes: forward in the kernel, backward (and d slopes) by the XLA engine."""
+    q, k, v = make_qkv(1, 20, 20, 4, 2, 8, seed=7)
+    slopes = jnp.asarray(mods.alibi_slopes(4))
+
+    def f(attn, slopes, q):
+        return jnp.sum(attn(q, k, v, causal=True, score_mod=mods.alibi(slopes)) ** 2)
+
+    got = jax.jit(jax.grad(lambda s, q: f(_pallas, s, q), argnums=(0, 1)))(slopes, q)
+    ref = jax.grad(lambda s, q: f(lambda *a, **kw: ea.attention(*a, method="dense", **kw), s, q),
+                   argnums=(0, 1))(slopes, q)  # fmt: skip
+    for g, r in zip(got, ref, strict=True):
+        assert rel_err(g, r) < 1e-4
+
+
+def test_bf16_within_twice_dense_bf16_error():
+    q, k, v = make_qkv(2, 37, 37, 4, 2, 32, seed=8)
+    kw = {"causal": True, "mask_mod": mods.sliding_window(20)}
+    with jax.enable_x64(True):
+        ref = np.asarray(reference64(*(jnp.asarray(x, jnp.float64) for x in (q, k, v)),
+                                     scale=32**-0.5, **kw))  # fmt: skip
+    qb, kb, vb = (jnp.asarray(x, jnp.bfloat16) for x in (q, k, v))
+    dense = ea.attention(qb, kb, vb, method="dense", **kw)
+    got = jax.jit(lambda *x: _pallas(*x, **kw))(qb, kb, vb)
+    assert got.dtype == jnp.bfloat16
+    assert rel_err(got, ref) < 2 * rel_err(dense, ref)
+
+
+def test_selection_errors_and_fallbacks():
+    q, k, v = make_qkv(1, 8, 8, 2, 2, 8)
+    with pytest.raises(ValueError, match=r"needs a GPU or TPU.*interpret=True"):
+        ea.attention(q, k, v, method="blockwise", implementation="pallas")
+    with pytest.raises(ValueError, match="valid implementations: 'auto', 'xla', 'pallas'"):
+        ea.attention(q, k, v, method="blockwise", implementation="triton")
+    with pytest.raises(ValueError, match="interpret=True runs the Pallas kernels"):
+        ea.attention(q, k, v, method="blockwise", implementation="xla", interpret=True)
+    with pytest.raises(ValueError, match="kernel_config must be"):
+        ea.attention(q, k, v, method="blockwise", kernel_config=(16, 16))
+    table = jnp.ones((8, 8), bool)
+    closure = lambda b, h, qi, ki: table[qi, ki]  # noqa: E731 (captures a non-leaf array)
+    with pytest.raises(ValueError, match="cannot run this call: mask_mod closes over"):
+        _pallas(q, k, v, mask_mod=closure)
+    with pytest.raises(ValueError, match="block_q=48 must be a positive power of two"):
+        TileConfig(block_q=48)
+    assert default_config("tpu", "TPU v6 lite").block_k == 1024
+    assert default_config("gpu", "NVIDIA H200") == default_config("gpu")
+
+
+def _lower(fn, args, platform: str) -> str:
+    return jax.jit(fn).trace(*args).lower(lowering_platforms=(platform,)).as_text()
+
+
+def _kernels(text: str) -> set[str]:
+    return set(re.findall(r"ea_flash_(forward|dkdv|dq)", text))
+
+
+T_LOWER = 4096
+LOWER_MASKS = {
+    "causal": lambda seg: None,
+    "window": lambda seg: mods.sliding_window(1023),
+    "documents": lambda seg: mods.document_mask(seg),
+}
+
+
+def _lowered(platform, dtype, head_dim, mask):
+    q = jax.ShapeDtypeStruct((1, T_LOWER, 4, head_dim), dtype)
+    k = jax.ShapeDtypeStruct((1, T_LOWER, 2, head_dim), dtype)
+    seg = jax.ShapeDtypeStruct((1, T_LOWER), jnp.int32)
+
+    def attn(q, k, v, seg):
+        return ea.attention(q, k, v, method="blockwise", causal=True,
+                            mask_mod=LOWER_MASKS[mask](seg))  # fmt: skip
+
+    def loss(q, k, v, seg):
+        return jnp.sum(attn(q, k, v, seg).astype(jnp.float32))
+
+    fwd = _lower(attn, (q, k, k, seg), platform)
+    bwd = _lower(jax.grad(loss, argnums=(0, 1, 2)), (q, k, k, seg), platform)
+    return fwd, bwd
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_default_implementation_lowers_triton_kernels_for_cuda(dtype, head_dim):
+    for mask in LOWER_MASKS:
+        fwd, bwd = _lowered("cuda", dtype, head_dim, mask)
+        assert "__gpu$xla.gpu.triton" in fwd and _kernels(fwd) == {"forward"}, mask
+        assert "__gpu$xla.gpu.triton" in bwd, mask
+        assert _kernels(bwd) == {"forward", "dkdv", "dq"}, mask
+
+
+def test_default_implementation_lowers_mosaic_kernels_for_tpu():
+    for mask in ("causal", "window"):
+        fwd, bwd = _lowered("tpu", jnp.bfloat16, 128, mask)
+        assert "tpu_custom_call" in fwd and _kernels(fwd) == {"forward"}, mask
+        assert _kernels(bwd) == {"forward", "dkdv", "dq"}, mask
+    before = len(dispatch.fallbacks())
+    fwd, _ = _lowered("tpu", jnp.bfloat16, 128, "documents")  # not in the Mosaic kernel yet
+    assert "tpu_custom_call" not in fwd
+    assert "mask_mod holding arrays on TPU" in dispatch.fallbacks()[before]
+
+
+def test_cpu_default_is_the_xla_engine_and_other_scores_fall_back():
+    q = jax.ShapeDtypeStruct((1, 256, 2, 64), jnp.bfloat16)
+    cpu = _lower(lambda q: ea.attention(q, q, q, method="blockwise", causal=True), (q,), "cpu")
+    assert "triton" not in cpu and "tpu_custom_call" not in cpu
+    arrays = ea.init_arrays("additive", jax.random.key(0), 64, dtype=jnp.bfloat16)
+    cuda = _lower(lambda q: ea.attention(q, q, q, method="additive", causal=True, **arrays),
+                  (q,), "cuda")  # fmt: skip
+    assert "triton" not in cuda
