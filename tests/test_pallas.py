@@ -210,3 +210,65 @@ def test_cpu_default_is_the_xla_engine_and_other_scores_fall_back():
     cuda = _lower(lambda q: ea.attention(q, q, q, method="additive", causal=True, **arrays),
                   (q,), "cuda")  # fmt: skip
     assert "triton" not in cuda
+
+
+def test_pallas_mha_baseline_pads_lengths_and_lowers_for_cuda():
+    """JAX's own op needs block multiples (JAX #27224): the wrapper pads and hides the padding."""
+    from efficient_attn.methods import baselines
+
+    q, k, v = make_qkv(1, 40, 40, 2, 2, 24, value_dim=16)
+    got = jax.jit(lambda *x: baselines.pallas_mha(
+        *x, causal=True, kv_lengths=None, scale=0.3, block_q=16, block_k=16, interpret=True,
+    ))(q, k, v)  # fmt: skip
+    assert rel_err(got, ea.attention(q, k, v, method="dense", causal=True, scale=0.3)) < F32_TOL
+    x = jax.ShapeDtypeStruct((1, 4000, 4, 128), jnp.bfloat16)
+
+    def loss(q):
+        out = baselines.pallas_mha(q, q, q, causal=True, kv_lengths=None, scale=0.1)
+        return jnp.sum(out.astype(jnp.float32))
+
+    text = _lower(jax.grad(loss), (x,), "cuda")
+    assert {"mha_forward", "mha_backward"} <= set(re.findall(r'name = "(mha_\w+)"', text))
+    for method, why in (("pallas_mha", "NVIDIA GPUs only"), ("tokamax", "not installed|GPUs")):
+        with pytest.raises(ValueError, match=f"not available here: .*({why})"):
+            ea.attention(q, k, v, method=method)
+
+
+ON_DEVICE = jax.default_backend() in ("gpu", "tpu")
+
+
+@pytest.mark.skipif(not ON_DEVICE, reason="compiled kernels need a GPU or TPU (device_check.sh)")
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["fp32", "bf16"])
+def test_compiled_kernels_on_the_accelerator(dtype):
+    """The compiled kernels (not interpreted) at awkward sizes, forward and backward."""
+    tq, tk = 1000, 1500
+    q, k, v = make_qkv(2, tq, tk, 8, 2, 96, seed=9)
+    window = mods.sliding_window(300, 0, offset=tk - tq)
+    variants = {
+        "causal-window-softcap": {"causal": True, "mask_mod": window,
+                                  "score_mod": mods.soft_cap(20.0)},
+        "documents": {"mask_mod": mods.document_mask(segments(2, tq, 5), segments(2, tk, 5, 1))},
+    }  # fmt: skip
+    if jax.default_backend() == "tpu":  # not yet in the Mosaic kernel
+        del variants["documents"]
+    dout = np.random.default_rng(1).standard_normal(q.shape).astype(np.float32)
+    for name, kw in variants.items():
+        kw = {**kw, "kv_lengths": np.array([tk, 999]), "scale": 96**-0.5}
+
+        def fused(*x, kw=kw):
+            return ea.attention(*x, method="blockwise", implementation="pallas", **kw)
+
+        def dense(*x, kw=kw):
+            return ea.attention(*x, method="dense", **kw)
+
+        xs = [jnp.asarray(x, dtype) for x in (q, k, v)]
+        got = jax.jit(lambda *x, f=fused: _grads(f, *x, jnp.asarray(dout, dtype)))(*xs)
+        base = jax.jit(lambda *x, f=dense: _grads(f, *x, jnp.asarray(dout, dtype)))(*xs)
+        with jax.enable_x64(True):
+            x64 = [jnp.asarray(x, jnp.float64) for x in xs]
+            ref = _grads(lambda *a, kw=kw: reference64(*a, **kw), *x64,
+                         jnp.asarray(dout, jnp.float64))  # fmt: skip
+        for what, g, d, r in zip(("out", "dq", "dk", "dv"), got, base, ref, strict=True):
+            r = np.asarray(r)
+            bound = 1e-4 if dtype == jnp.float32 else 2 * rel_err(d, r) + 1e-3
+            assert rel_err(g, r) < bound, (name, what, rel_err(g, r), rel_err(d, r))

@@ -182,6 +182,13 @@ def _rows_ok(kv_len, j, bk: int):
     return (j * bk + jax.lax.broadcasted_iota(jnp.int32, (bk, 1), 0)) < kv_len
 
 
+def _kv_len(spec: Spec, b, refs):
+    """``(kv_len[b] or None, the remaining refs)``."""
+    if not spec.has_kv_len:
+        return None, refs
+    return refs[0][b], refs[1:]
+
+
 def _split_refs(spec: Spec, refs):
     nm = 0 if spec.mask is None else len(spec.mask.leaves)
     ns = 0 if spec.score is None else len(spec.score.leaves)
@@ -199,11 +206,7 @@ def forward_kernel(spec: Spec, ids, p_cnt, p_idx, f_cnt, f_idx, *refs):
     arrays; outputs o ``[bq, Hv]``, lse ``[bq, 1]``.
     """
     i, b, h = ids()
-    if spec.has_kv_len:
-        kv_len_ref, *refs = refs
-        kv_len = kv_len_ref[b]
-    else:
-        kv_len = None
+    kv_len, refs = _kv_len(spec, b, refs)
     q_ref, k_ref, v_ref, *refs = refs
     mask_refs, score_refs, (o_ref, lse_ref) = _split_refs(spec, refs)
     q = q_ref[...]
@@ -281,11 +284,7 @@ def dkdv_kernel(spec: Spec, ids, p_cnt, p_idx, f_cnt, f_idx, *refs):
     outputs dk, dv ``[bk, H]``.
     """
     j, b, kh = ids()
-    if spec.has_kv_len:
-        kv_len_ref, *refs = refs
-        kv_len = kv_len_ref[b]
-    else:
-        kv_len = None
+    kv_len, refs = _kv_len(spec, b, refs)
     k_ref, v_ref, q_ref, do_ref, lse_ref, delta_ref, *refs = refs
     mask_refs, score_refs, (dk_ref, dv_ref) = _split_refs(spec, refs)
     rows = _rows_ok(kv_len, j, spec.bk)
@@ -324,11 +323,7 @@ def dq_kernel(spec: Spec, ids, p_cnt, p_idx, f_cnt, f_idx, *refs):
     ``[bq, 1]`` before the mods' arrays; output dq ``[bq, H]``.
     """
     i, b, h = ids()
-    if spec.has_kv_len:
-        kv_len_ref, *refs = refs
-        kv_len = kv_len_ref[b]
-    else:
-        kv_len = None
+    kv_len, refs = _kv_len(spec, b, refs)
     q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs = refs
     mask_refs, score_refs, (dq_ref,) = _split_refs(spec, refs)
     q, do, lse, delta = q_ref[...], do_ref[...], lse_ref[...], delta_ref[...]

@@ -151,6 +151,12 @@ def _sizes(p: _Plan, q, v):
     )
 
 
+def _inputs(p: _Plan, q, k, v):
+    """q, k, v in the backend's padded layout."""
+    tq_pad, tk_pad, h_pad, hv_pad = _sizes(p, q, v)
+    return _layout(p, q, tq_pad, h_pad), _layout(p, k, tk_pad, h_pad), _layout(p, v, tk_pad, hv_pad)
+
+
 def _counts(num, idx, tile: int, kv_len, batch: int):
     """Live entries of each list per example ``[B, R]``: tiles past ``kv_len[b]`` dropped."""
     num, idx = jnp.asarray(num, jnp.int32), jnp.asarray(idx, jnp.int32)
@@ -187,13 +193,9 @@ def _scalars(p: _Plan, bm, kv_len, batch: int, backward: bool):
 
 def _forward(p: _Plan, q, k, v, bm_arrays, score_arrays, kv_len):
     bm = p.bm.rebuild(bm_arrays)
-    b = q.shape[0]
-    tq_pad, tk_pad, h_pad, hv_pad = _sizes(p, q, v)
-    qx = _layout(p, q, tq_pad, h_pad)
-    kx = _layout(p, k, tk_pad, h_pad)
-    vx = _layout(p, v, tk_pad, hv_pad)
+    qx, kx, vx = _inputs(p, q, k, v)
     leaves = _mod_leaves(p, bm, score_arrays)
-    scalars = _scalars(p, bm, kv_len, b, backward=False)
+    scalars = _scalars(p, bm, kv_len, q.shape[0], backward=False)
     o, lse = BACKENDS[p.backend].forward(p.spec, p.cfg, p.interpret, scalars, qx, kx, vx, leaves)
     out = _unlayout(p, o, p.tq, p.hv)
     lse = jnp.swapaxes(lse[:, :, : p.tq, 0], 1, 2)
@@ -240,10 +242,8 @@ def _fused_bwd(p, res, cotangents):
     dout, dlse = cotangents
     bm = p.bm.rebuild(bm_arrays)
     b = q.shape[0]
-    tq_pad, tk_pad, h_pad, hv_pad = _sizes(p, q, v)
-    qx = _layout(p, q, tq_pad, h_pad)
-    kx = _layout(p, k, tk_pad, h_pad)
-    vx = _layout(p, v, tk_pad, hv_pad)
+    tq_pad, _, _, hv_pad = _sizes(p, q, v)
+    qx, kx, vx = _inputs(p, q, k, v)
     dout = jnp.asarray(dout).astype(q.dtype)
     dox = _layout(p, dout, tq_pad, hv_pad)
     # d lse / d s = p: the lse cotangent enters as ds = p * (dp - (delta - dlse)).

@@ -49,20 +49,24 @@ def _call(kernel, spec, cfg, interpret, name, grid, scalars, in_specs, args, out
     )(*scalars, *args)
 
 
+def _query_tile_specs(spec, q, k, v):
+    """A program's query tile ``[bq, H]`` and its K/V head's key rows ``[Tk_pad, H|Hv]``."""
+    h, tk, hv, g = q.shape[-1], k.shape[1], v.shape[-1], spec.groups
+    return [
+        pl.BlockSpec((None, spec.bq, None, h), lambda i, b, n: (b, i, n, 0)),
+        pl.BlockSpec((None, tk, None, h), lambda i, b, n: (b, 0, jax.lax.div(n, g), 0)),
+        pl.BlockSpec((None, tk, None, hv), lambda i, b, n: (b, 0, jax.lax.div(n, g), 0)),
+    ]
+
+
 def forward(spec: common.Spec, cfg: TileConfig, interpret: bool, scalars, q, k, v, leaves):
     """q ``[B, Tq_pad, N, H]``, k/v ``[B, Tk_pad, K, H|Hv]`` -> (o ``[B, Tq_pad, N, Hv]``, lse).
 
     lse: ``[B, N, Tq_pad, 1]`` float32.
     """
     b, tq, n, h = q.shape
-    tk, hv = k.shape[1], v.shape[-1]
-    g, bq = spec.groups, spec.bq
-    in_specs = [
-        pl.BlockSpec((None, bq, None, h), lambda i, b, n: (b, i, n, 0)),
-        pl.BlockSpec((None, tk, None, h), lambda i, b, n: (b, 0, jax.lax.div(n, g), 0)),
-        pl.BlockSpec((None, tk, None, hv), lambda i, b, n: (b, 0, jax.lax.div(n, g), 0)),
-        *(_whole(x) for x in leaves),
-    ]
+    hv, bq = v.shape[-1], spec.bq
+    in_specs = [*_query_tile_specs(spec, q, k, v), *(_whole(x) for x in leaves)]
     out_specs = [
         pl.BlockSpec((None, bq, None, hv), lambda i, b, n: (b, i, n, 0)),
         pl.BlockSpec((None, None, bq, 1), lambda i, b, n: (b, n, i, 0)),
@@ -103,12 +107,9 @@ def dkdv(spec, cfg, interpret, scalars, q, k, v, do, lse, delta, leaves):
 def dq(spec, cfg, interpret, scalars, q, k, v, do, lse, delta, leaves):
     """dQ ``[B, Tq_pad, N, H]`` over the forward lists (one program per query tile)."""
     b, tq, n, h = q.shape
-    tk, hv = k.shape[1], v.shape[-1]
-    g, bq = spec.groups, spec.bq
+    hv, bq = v.shape[-1], spec.bq
     in_specs = [
-        pl.BlockSpec((None, bq, None, h), lambda i, b, n: (b, i, n, 0)),
-        pl.BlockSpec((None, tk, None, h), lambda i, b, n: (b, 0, jax.lax.div(n, g), 0)),
-        pl.BlockSpec((None, tk, None, hv), lambda i, b, n: (b, 0, jax.lax.div(n, g), 0)),
+        *_query_tile_specs(spec, q, k, v),
         pl.BlockSpec((None, bq, None, hv), lambda i, b, n: (b, i, n, 0)),
         pl.BlockSpec((None, None, bq, 1), lambda i, b, n: (b, n, i, 0)),
         pl.BlockSpec((None, None, bq, 1), lambda i, b, n: (b, n, i, 0)),

@@ -53,17 +53,22 @@ def _call(kernel, spec, cfg, interpret, name, grid, scalars, in_specs, args, out
     )(*scalars, *args)
 
 
-def forward(spec: common.Spec, cfg: TileConfig, interpret: bool, scalars, q, k, v, leaves):
-    """q ``[B, N, Tq_pad, H]``, k/v ``[B, K, Tk_pad, H|Hv]`` -> (o, lse ``[B, N, Tq_pad, 1]``)."""
-    del leaves  # none on TPU (plan() refuses mods holding arrays)
-    b, n, tq, h = q.shape
-    tk, hv = k.shape[2], v.shape[-1]
-    g, bq = spec.groups, spec.bq
-    in_specs = [
-        pl.BlockSpec((None, None, bq, h), lambda b, n, i, *_: (b, n, i, 0)),
+def _query_tile_specs(spec, q, k, v):
+    """A program's query tile ``[bq, H]`` and its K/V head's key rows ``[Tk_pad, H|Hv]``."""
+    h, tk, hv, g = q.shape[-1], k.shape[2], v.shape[-1], spec.groups
+    return [
+        pl.BlockSpec((None, None, spec.bq, h), lambda b, n, i, *_: (b, n, i, 0)),
         pl.BlockSpec((None, None, tk, h), lambda b, n, i, *_: (b, jax.lax.div(n, g), 0, 0)),
         pl.BlockSpec((None, None, tk, hv), lambda b, n, i, *_: (b, jax.lax.div(n, g), 0, 0)),
     ]
+
+
+def forward(spec: common.Spec, cfg: TileConfig, interpret: bool, scalars, q, k, v, leaves):
+    """q ``[B, N, Tq_pad, H]``, k/v ``[B, K, Tk_pad, H|Hv]`` -> (o, lse ``[B, N, Tq_pad, 1]``)."""
+    del leaves  # none on TPU (plan() refuses mods holding arrays)
+    b, n, tq, _ = q.shape
+    hv, bq = v.shape[-1], spec.bq
+    in_specs = _query_tile_specs(spec, q, k, v)
     out_specs = [
         pl.BlockSpec((None, None, bq, hv), lambda b, n, i, *_: (b, n, i, 0)),
         pl.BlockSpec((None, None, bq, 1), lambda b, n, i, *_: (b, n, i, 0)),
@@ -103,12 +108,9 @@ def dq(spec, cfg, interpret, scalars, q, k, v, do, lse, delta, leaves):
     """dQ ``[B, N, Tq_pad, H]`` over the forward lists (one program per query tile)."""
     del leaves
     b, n, tq, h = q.shape
-    tk, hv = k.shape[2], v.shape[-1]
-    g, bq = spec.groups, spec.bq
+    hv, bq = v.shape[-1], spec.bq
     in_specs = [
-        pl.BlockSpec((None, None, bq, h), lambda b, n, i, *_: (b, n, i, 0)),
-        pl.BlockSpec((None, None, tk, h), lambda b, n, i, *_: (b, jax.lax.div(n, g), 0, 0)),
-        pl.BlockSpec((None, None, tk, hv), lambda b, n, i, *_: (b, jax.lax.div(n, g), 0, 0)),
+        *_query_tile_specs(spec, q, k, v),
         pl.BlockSpec((None, None, bq, hv), lambda b, n, i, *_: (b, n, i, 0)),
         pl.BlockSpec((None, None, bq, 1), lambda b, n, i, *_: (b, n, i, 0)),
         pl.BlockSpec((None, None, bq, 1), lambda b, n, i, *_: (b, n, i, 0)),

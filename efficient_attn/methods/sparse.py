@@ -129,13 +129,12 @@ def _user(mask_mod):
     return [] if mask_mod is None else [mask_mod]
 
 
-def _run(q, k, v, kv_lengths, scale, mask, tile, mask_mod, score_mod, block_mask, method,
-         **select):  # fmt: skip
+def _run(q, k, v, kv_lengths, scale, mask, tile, mask_mod, score_mod, block_mask, method):
     _no_block_mask(method, block_mask)
     mask = mods.and_masks(mask, *_user(mask_mod))
     return flash.attend(
         q, k, v, causal=False, kv_lengths=kv_lengths, scale=scale, block_q=tile, block_k=tile,
-        mask_mod=mask, score_mod=score_mod, **select,
+        mask_mod=mask, score_mod=score_mod,
     )[0]  # fmt: skip
 
 
@@ -152,8 +151,6 @@ def local(
     score_mod: Any = None,
     block_mask: Any = None,
     window: int = 256,
-    implementation: str = "auto",
-    interpret: bool = False,
 ) -> jax.Array:
     """Sliding-window attention (Longformer, Mistral), on ~window/tile key tiles per tile.
 
@@ -161,11 +158,9 @@ def local(
     Query ``i`` sees key ``j`` iff ``|a_i - j| < window``, with
     ``a_i = i + Tk - Tq``; causal: ``0 <= a_i - j < window`` (exactly
     ``window`` keys, Mistral's convention). Cost O(Tq * window).
-    ``implementation``/``interpret``: as for ``blockwise`` (fused kernels on GPU/TPU).
     """
     mask = local_mask(q.shape[1], k.shape[1], causal=causal, window=window)
-    return _run(q, k, v, kv_lengths, scale, mask, TILE, mask_mod, score_mod, block_mask, "local",
-                implementation=implementation, interpret=interpret)  # fmt: skip
+    return _run(q, k, v, kv_lengths, scale, mask, TILE, mask_mod, score_mod, block_mask, "local")
 
 
 @_register("strided")
