@@ -19,6 +19,7 @@ import pytest
 import efficient_attn as ea
 from efficient_attn import flash, mods
 from efficient_attn.kernels import TileConfig, default_config, dispatch, fused_attention
+from efficient_attn.methods.additive import ADDITIVE
 from tests.conftest import make_qkv, rel_err
 from tests.test_flex import reference64, segments
 
@@ -202,7 +203,7 @@ def test_default_implementation_lowers_mosaic_kernels_for_tpu():
     assert "mask_mod holding arrays on TPU" in dispatch.fallbacks()[before]
 
 
-def test_cpu_default_is_the_xla_engine_and_other_scores_fall_back():
+def test_cpu_default_is_the_xla_engine_and_other_scores_stay_there():
     q = jax.ShapeDtypeStruct((1, 256, 2, 64), jnp.bfloat16)
     cpu = _lower(lambda q: ea.attention(q, q, q, method="blockwise", causal=True), (q,), "cpu")
     assert "triton" not in cpu and "tpu_custom_call" not in cpu
@@ -210,6 +211,15 @@ def test_cpu_default_is_the_xla_engine_and_other_scores_fall_back():
     cuda = _lower(lambda q: ea.attention(q, q, q, method="additive", causal=True, **arrays),
                   (q,), "cuda")  # fmt: skip
     assert "triton" not in cuda
+    x = jnp.zeros((1, 16, 2, 8))
+    kw = {"causal": True, "kv_lengths": None, "scale": 1.0, "block_q": 16, "block_k": 16}
+    with pytest.raises(ValueError, match=r"cannot run this call: score .* kernels compute q \. k"):
+        flash.attend(x, x, x, score=ADDITIVE, params=jnp.ones(8), implementation="pallas",
+                     interpret=True, **kw)  # fmt: skip
+    before = len(dispatch.fallbacks())
+    flash.attend(x, x, x, score=ADDITIVE, params=jnp.ones(8), implementation="auto",
+                 interpret=True, **kw)  # fmt: skip
+    assert "kernels compute q . k" in dispatch.fallbacks()[before]
 
 
 def test_pallas_mha_baseline_pads_lengths_and_lowers_for_cuda():
