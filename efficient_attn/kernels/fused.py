@@ -88,8 +88,13 @@ def plan(q, k, v, *, scale, block_mask: _bm.BlockMask, kv_len, score_mod, backen
     nq, nk = block_mask.tiles.shape[2:]
     bq, over_q = _tile(block_mask.block_q, nq, bmin, "query")
     bk, over_k = _tile(block_mask.block_k, nk, kmin, "key")
-    _b, tq, n, _h = q.shape
-    tk, kh = k.shape[1], k.shape[2]
+    _b, tq, n, h = q.shape
+    tk, kh, hv = k.shape[1], k.shape[2], v.shape[-1]
+    if backend == "gpu" and max(h, hv) > 256:
+        raise Unsupported(f"head_dim {max(h, hv)} > 256 (the Triton kernels take up to 256)")
+    if backend == "tpu":
+        _check_vmem(cfg, dtype, masking.cdiv(tq, bq) * bq * (n // kh), masking.cdiv(tk, bk) * bk,
+                    h + hv)  # fmt: skip
     idx = (jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32),
            jnp.zeros((bq, bk), jnp.int32), jnp.zeros((bq, bk), jnp.int32))  # fmt: skip
     mask_mod = block_mask.mask_mod
@@ -113,6 +118,18 @@ def plan(q, k, v, *, scale, block_mask: _bm.BlockMask, kv_len, score_mod, backen
         xla_backward=score_split is not None and bool(score_split.leaves),
         tq=tq, tk=tk, hv=v.shape[-1],
     )  # fmt: skip
+
+
+def _check_vmem(cfg: TileConfig, dtype, q_rows: int, k_rows: int, width: int) -> None:
+    """The Mosaic kernels keep whole rows in VMEM (double-buffered): K/V of a head in the
+    forward and dQ, q/dO of a K/V head's query heads in dK/dV; refuse what cannot fit."""
+    limit = cfg.vmem_limit_bytes or 16 * 2**20
+    need = 2 * max(q_rows, k_rows) * width * jnp.dtype(dtype).itemsize
+    if need > limit // 2:
+        raise Unsupported(
+            f"rows of {need / 2**20:.0f} MiB (double-buffered) for a VMEM limit of "
+            f"{limit / 2**20:.0f} MiB; raise TileConfig.vmem_limit_bytes"
+        )
 
 
 # ---- layouts ---------------------------------------------------------------------------
