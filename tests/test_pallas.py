@@ -83,10 +83,13 @@ def test_lse_and_its_gradient_match_the_xla_engine():
 
 
 def test_tpu_kernels_in_interpret_mode():
-    """The Mosaic kernels (scalar-prefetch lists, heads-first layout) on the CPU: two key tiles."""
+    """The Mosaic kernels (scalar-prefetch lists, heads-first layout, segment ids read through
+    PositionView) on the CPU: two key tiles."""
     q, k, v = make_qkv(2, 19, 150, 2, 1, 32, seed=5)
-    kw = {"causal": True, "kv_lengths": np.array([150, 90]), "scale": 0.2}
-    bm = flash.plan_block_mask(19, 150, batch=2, heads=2, causal=True, block_q=8, block_k=128)
+    docs = mods.document_mask(segments(2, 19, 2), segments(2, 150, 2, seed=1))
+    kw = {"causal": True, "kv_lengths": np.array([150, 90]), "scale": 0.2, "mask_mod": docs}
+    bm = flash.plan_block_mask(19, 150, batch=2, heads=2, causal=True, mask_mod=docs,
+                               block_q=8, block_k=128)  # fmt: skip
     dout = np.random.default_rng(6).standard_normal(q.shape).astype(np.float32)
 
     def attn(q, k, v):
@@ -193,14 +196,17 @@ def test_default_implementation_lowers_triton_kernels_for_cuda(dtype, head_dim):
 
 
 def test_default_implementation_lowers_mosaic_kernels_for_tpu():
-    for mask in ("causal", "window"):
+    for mask in LOWER_MASKS:
         fwd, bwd = _lowered("tpu", jnp.bfloat16, 128, mask)
         assert "tpu_custom_call" in fwd and _kernels(fwd) == {"forward"}, mask
         assert _kernels(bwd) == {"forward", "dkdv", "dq"}, mask
+    x = jax.ShapeDtypeStruct((1, 1024, 4, 64), jnp.bfloat16)
     before = len(dispatch.fallbacks())
-    fwd, _ = _lowered("tpu", jnp.bfloat16, 128, "documents")  # not in the Mosaic kernel yet
-    assert "tpu_custom_call" not in fwd
-    assert "mask_mod holding arrays on TPU" in dispatch.fallbacks()[before]
+    alibi = mods.alibi(mods.alibi_slopes(4))  # score_mods holding arrays: not in Mosaic yet
+    text = _lower(lambda q: ea.attention(q, q, q, method="blockwise", score_mod=alibi), (x,),
+                  "tpu")  # fmt: skip
+    assert "tpu_custom_call" not in text
+    assert "score_mod holding arrays on TPU" in dispatch.fallbacks()[before]
 
 
 def test_cpu_default_is_the_xla_engine_and_other_scores_stay_there():
@@ -259,8 +265,6 @@ def test_compiled_kernels_on_the_accelerator(dtype):
                                   "score_mod": mods.soft_cap(20.0)},
         "documents": {"mask_mod": mods.document_mask(segments(2, tq, 5), segments(2, tk, 5, 1))},
     }  # fmt: skip
-    if jax.default_backend() == "tpu":  # not yet in the Mosaic kernel
-        del variants["documents"]
     dout = np.random.default_rng(1).standard_normal(q.shape).astype(np.float32)
     for name, kw in variants.items():
         kw = {**kw, "kv_lengths": np.array([tk, 999]), "scale": 96**-0.5}

@@ -114,6 +114,8 @@ class Spec:
     bound_full: bool  # kernel tiles overhang the block mask's: bound-check full tiles too
     heads_first: bool  # layout of the grouped query rows in the dK/dV kernel
     exact_f32: bool  # float32 inputs: no TF32 in Triton dots
+    views: tuple[tuple[bool, bool], ...] | None = None  # TPU: per mask array, whether its
+    # length is Tq (a column ref) and Tk (a row ref), read through PositionView
 
 
 def _dot(a, b, spec: Spec, trans_b: bool = False, trans_a: bool = False):
@@ -126,12 +128,65 @@ def _dot(a, b, spec: Spec, trans_b: bool = False, trans_a: bool = False):
     )
 
 
+class PositionView:
+    """A per-position int array ``[B, T]`` of a mask_mod, where a kernel cannot gather (Mosaic).
+
+    ``view[b, q_idx]`` and ``view[b, kv_idx]`` with the tile's own index arrays give the
+    tile's column ``[bq, 1]`` or row ``[1, bk]`` slice broadcast to the tile (segment ids,
+    per-token flags); any other indexing is :class:`Unsupported`.
+    """
+
+    def __init__(self, col, row, tile):
+        self.col, self.row, self.tile = col, row, tile  # loaders (None: length mismatch)
+
+    def __getitem__(self, key):
+        t = self.tile
+        if isinstance(key, tuple) and len(key) == 2 and key[0] is t.b:
+            load = self.col if key[1] is t.qi else self.row if key[1] is t.ki else None
+            if load is not None:
+                return jnp.broadcast_to(load(), t.shape)
+        raise Unsupported(
+            "on TPU a mask_mod's arrays must be [batch, seq], read as arr[b, q_idx] or "
+            "arr[b, kv_idx] (e.g. ea.mods.document_mask)"
+        )
+
+
+def views(tile, refs) -> list[PositionView]:
+    """The :class:`PositionView` of each (column ``[Tq_pad, 1]``, row ``[1, Tk_pad]``) ref pair."""
+    spec = tile.spec
+    i0, j0 = _aligned(tile.i * spec.bq, spec.bq), _aligned(tile.j * spec.bk, spec.bk)
+    out = []
+    for (is_col, is_row), col, row in zip(spec.views, refs[::2], refs[1::2], strict=True):
+        out.append(PositionView(
+            (lambda c=col: c[pl.ds(i0, spec.bq), :]) if is_col else None,
+            (lambda r=row: r[:, pl.ds(j0, spec.bk)]) if is_row else None, tile,
+        ))  # fmt: skip
+    return out
+
+
+def check_views(spec: Spec) -> None:
+    """Trace the mask through :class:`PositionView` stand-ins: :class:`Unsupported` if it
+    reads its arrays any other way."""
+
+    def trace():
+        zero = jnp.zeros((), jnp.int32)
+        tile = _TileCtx(spec, zero, zero, zero, zero, None, (), ())
+        stand_ins = [
+            PositionView((lambda: jnp.zeros((spec.bq, 1), jnp.int32)) if c else None,
+                         (lambda: jnp.zeros((1, spec.bk), jnp.int32)) if r else None, tile)
+            for c, r in spec.views
+        ]  # fmt: skip
+        return spec.mask.rebuild(stand_ins)(tile.b, tile.h, tile.qi, tile.ki)
+
+    jax.make_jaxpr(trace)()
+
+
 class _TileCtx:
     """Indices, masks and mods of the tile (query tile ``i``, key tile ``j``) of head ``h``."""
 
     def __init__(self, spec: Spec, b, h, i, j, kv_len, mask_refs, score_refs):
-        self.spec = spec
-        shape = (spec.bq, spec.bk)
+        self.spec, self.i, self.j = spec, i, j
+        shape = self.shape = (spec.bq, spec.bk)
         qp = i * spec.bq + jax.lax.broadcasted_iota(jnp.int32, shape, 0)
         kp = j * spec.bk + jax.lax.broadcasted_iota(jnp.int32, shape, 1)
         self.b, self.h = b, h
@@ -147,7 +202,8 @@ class _TileCtx:
         if partial or self.spec.bound_full:
             mask = self.q_ok & self.k_ok
             if self.spec.mask is not None:
-                mod = self.spec.mask.rebuild(self.mask_refs)
+                refs = self.mask_refs if self.spec.views is None else views(self, self.mask_refs)
+                mod = self.spec.mask.rebuild(refs)
                 mask = mask & jnp.broadcast_to(mod(self.b, self.h, self.qi, self.ki), mask.shape)
         if self.kv_ok is not None:
             mask = self.kv_ok if mask is None else mask & self.kv_ok
@@ -190,7 +246,7 @@ def _kv_len(spec: Spec, b, refs):
 
 
 def _split_refs(spec: Spec, refs):
-    nm = 0 if spec.mask is None else len(spec.mask.leaves)
+    nm = 0 if spec.mask is None else len(spec.mask.leaves) * (1 if spec.views is None else 2)
     ns = 0 if spec.score is None else len(spec.score.leaves)
     return refs[:nm], refs[nm : nm + ns], refs[nm + ns :]
 

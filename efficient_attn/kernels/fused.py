@@ -103,21 +103,38 @@ def plan(q, k, v, *, scale, block_mask: _bm.BlockMask, kv_len, score_mod, backen
     else:
         mask_split = common.kernel_mod("mask_mod", mask_mod, idx)
     score_split = common.kernel_mod("score_mod", score_mod, (jnp.zeros((bq, bk)), *idx))
+    views = None
     if backend == "tpu":
-        for name, s in (("mask_mod", mask_split), ("score_mod", score_split)):
-            if s is not None and s.leaves:
-                raise Unsupported(f"a {name} holding arrays on TPU (not yet in the Mosaic kernel)")
+        if score_split is not None and score_split.leaves:
+            raise Unsupported("a score_mod holding arrays on TPU (not yet in the Mosaic kernel)")
+        if mask_split is not None and mask_split.leaves:
+            views = _view_sides(mask_split, tq, tk)
     spec = common.Spec(
         bq=bq, bk=bk, groups=n // kh, q_limit=tq, k_limit=tk, scale=float(scale),
         has_kv_len=kv_len is not None, mask=mask_split, score=score_split,
         bound_full=over_q or over_k, heads_first=BACKENDS[backend].HEADS_FIRST,
-        exact_f32=dtype == jnp.float32,
+        exact_f32=dtype == jnp.float32, views=views,
     )  # fmt: skip
+    if views is not None:
+        common.check_views(spec)
     return _Plan(
         backend, cfg, interpret, spec, common.split(block_mask, numpy_static=True), score_split,
         xla_backward=score_split is not None and bool(score_split.leaves),
         tq=tq, tk=tk, hv=v.shape[-1],
     )  # fmt: skip
+
+
+def _view_sides(mask: common.Split, tq: int, tk: int) -> tuple[tuple[bool, bool], ...]:
+    """Per mask array ``[B, T]`` (Mosaic cannot gather): is T the query and/or the key length."""
+    sides = []
+    for x in mask.leaves:
+        if np.ndim(x) != 2 or not jnp.issubdtype(jnp.result_type(x), jnp.integer):
+            raise Unsupported(
+                f"on TPU a mask_mod's arrays must be int [batch, seq]; it holds "
+                f"{jnp.shape(x)} {jnp.result_type(x)}"
+            )
+        sides.append((x.shape[1] == tq, x.shape[1] == tk))
+    return tuple(sides)
 
 
 def _check_vmem(cfg: TileConfig, dtype, q_rows: int, k_rows: int, width: int) -> None:
@@ -211,7 +228,7 @@ def _scalars(p: _Plan, bm, kv_len, batch: int, backward: bool):
 def _forward(p: _Plan, q, k, v, bm_arrays, score_arrays, kv_len):
     bm = p.bm.rebuild(bm_arrays)
     qx, kx, vx = _inputs(p, q, k, v)
-    leaves = _mod_leaves(p, bm, score_arrays)
+    leaves = _mod_leaves(p, bm, score_arrays, q.shape[0])
     scalars = _scalars(p, bm, kv_len, q.shape[0], backward=False)
     o, lse = BACKENDS[p.backend].forward(p.spec, p.cfg, p.interpret, scalars, qx, kx, vx, leaves)
     out = _unlayout(p, o, p.tq, p.hv)
@@ -219,8 +236,18 @@ def _forward(p: _Plan, q, k, v, bm_arrays, score_arrays, kv_len):
     return out, lse
 
 
-def _mod_leaves(p: _Plan, bm, score_arrays):
+def _mod_leaves(p: _Plan, bm, score_arrays, batch: int):
     mask = () if p.spec.mask is None else p.spec.mask.arrays_of(bm.mask_mod)
+    if p.spec.views is not None:  # [B, T] -> column [B, Tq_pad, 1] and row [B, 1, Tk_pad]
+        tq_pad = masking.cdiv(p.tq, p.spec.bq) * p.spec.bq
+        tk_pad = masking.cdiv(p.tk, p.spec.bk) * p.spec.bk
+        pairs = []
+        for (is_col, is_row), x in zip(p.spec.views, mask, strict=True):
+            x = jnp.broadcast_to(jnp.asarray(x, jnp.int32), (batch, x.shape[1]))
+            col = _pad_to(x, 1, tq_pad) if is_col else jnp.zeros((batch, tq_pad), jnp.int32)
+            row = _pad_to(x, 1, tk_pad) if is_row else jnp.zeros((batch, tk_pad), jnp.int32)
+            pairs += [col[:, :, None], row[:, None, :]]
+        mask = tuple(pairs)
     return (*mask, *score_arrays)
 
 
@@ -267,7 +294,7 @@ def _fused_bwd(p, res, cotangents):
     delta = jnp.sum(out.astype(jnp.float32) * dout.astype(jnp.float32), -1) - dlse
     delta = _stats(delta, tq_pad, 0.0)
     lse = _stats(jnp.where(lse == -jnp.inf, jnp.inf, lse), tq_pad, jnp.inf)  # p = 0: no key
-    leaves = _mod_leaves(p, bm, score_arrays)
+    leaves = _mod_leaves(p, bm, score_arrays, b)
     mod = BACKENDS[p.backend]
     args = (qx, kx, vx, dox, lse, delta, leaves)
     dkx, dvx = mod.dkdv(p.spec, p.cfg, p.interpret, _scalars(p, bm, kv_len, b, True), *args)

@@ -6,8 +6,11 @@ counts and ``kv_len`` are scalar-prefetch inputs (SMEM); a program's K/V head
 keeps its whole key row in VMEM (``[Tk_pad, H]``: 1 MiB per operand at 4k
 tokens and head_dim 128 in bf16; raise ``vmem_limit_bytes`` in the config for
 long rows). Grids: forward and dQ ``(B, N, nq)`` (K/V stay resident while the
-query tiles of a head run), dK/dV ``(B, K, nk)``. Mods holding arrays are not
-supported here yet (they run on the XLA engine).
+query tiles of a head run), dK/dV ``(B, K, nk)``. Score mods holding arrays are not
+supported here yet (they run on the XLA engine). Mask arrays ``[B, T]``
+(segment ids) come in as a column ``[Tq_pad, 1]`` and a row ``[1, Tk_pad]`` per
+example, read through :class:`~efficient_attn.kernels.common.PositionView`
+(Mosaic has no gather).
 """
 
 from __future__ import annotations
@@ -53,6 +56,11 @@ def _call(kernel, spec, cfg, interpret, name, grid, scalars, in_specs, args, out
     )(*scalars, *args)
 
 
+def _per_example(x):
+    """A mask array's column ``[B, Tq_pad, 1]`` or row ``[B, 1, Tk_pad]``: this example's."""
+    return pl.BlockSpec((None, *x.shape[1:]), lambda b, *_: (b, 0, 0))
+
+
 def _query_tile_specs(spec, q, k, v):
     """A program's query tile ``[bq, H]`` and its K/V head's key rows ``[Tk_pad, H|Hv]``."""
     h, tk, hv, g = q.shape[-1], k.shape[2], v.shape[-1], spec.groups
@@ -65,10 +73,9 @@ def _query_tile_specs(spec, q, k, v):
 
 def forward(spec: common.Spec, cfg: TileConfig, interpret: bool, scalars, q, k, v, leaves):
     """q ``[B, N, Tq_pad, H]``, k/v ``[B, K, Tk_pad, H|Hv]`` -> (o, lse ``[B, N, Tq_pad, 1]``)."""
-    del leaves  # none on TPU (plan() refuses mods holding arrays)
     b, n, tq, _ = q.shape
     hv, bq = v.shape[-1], spec.bq
-    in_specs = _query_tile_specs(spec, q, k, v)
+    in_specs = [*_query_tile_specs(spec, q, k, v), *map(_per_example, leaves)]
     out_specs = [
         pl.BlockSpec((None, None, bq, hv), lambda b, n, i, *_: (b, n, i, 0)),
         pl.BlockSpec((None, None, bq, 1), lambda b, n, i, *_: (b, n, i, 0)),
@@ -77,13 +84,13 @@ def forward(spec: common.Spec, cfg: TileConfig, interpret: bool, scalars, q, k, 
         jax.ShapeDtypeStruct((b, n, tq, hv), q.dtype),
         jax.ShapeDtypeStruct((b, n, tq, 1), jnp.float32),
     ]
+    args = (q, k, v, *leaves)
     return _call(common.forward_kernel, spec, cfg, interpret, "ea_flash_forward",
-                 (b, n, tq // bq), scalars, in_specs, (q, k, v), out_specs, out_shape)  # fmt: skip
+                 (b, n, tq // bq), scalars, in_specs, args, out_specs, out_shape)  # fmt: skip
 
 
 def dkdv(spec, cfg, interpret, scalars, q, k, v, do, lse, delta, leaves):
     """dK, dV ``[B, K, Tk_pad, H|Hv]`` over the transposed lists (one program per key tile)."""
-    del leaves
     b, _n, tq, h = q.shape
     kh, tk, hv = k.shape[1], k.shape[2], v.shape[-1]
     g, bk = spec.groups, spec.bk
@@ -94,19 +101,20 @@ def dkdv(spec, cfg, interpret, scalars, q, k, v, do, lse, delta, leaves):
         pl.BlockSpec((None, g, tq, hv), lambda b, c, j, *_: (b, c, 0, 0)),
         pl.BlockSpec((None, g, tq, 1), lambda b, c, j, *_: (b, c, 0, 0)),
         pl.BlockSpec((None, g, tq, 1), lambda b, c, j, *_: (b, c, 0, 0)),
+        *map(_per_example, leaves),
     ]
     out_specs = [
         pl.BlockSpec((None, None, bk, h), lambda b, c, j, *_: (b, c, j, 0)),
         pl.BlockSpec((None, None, bk, hv), lambda b, c, j, *_: (b, c, j, 0)),
     ]
     out_shape = [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)]
+    args = (k, v, q, do, lse, delta, *leaves)
     return _call(common.dkdv_kernel, spec, cfg, interpret, "ea_flash_dkdv", (b, kh, tk // bk),
-                 scalars, in_specs, (k, v, q, do, lse, delta), out_specs, out_shape)  # fmt: skip
+                 scalars, in_specs, args, out_specs, out_shape)  # fmt: skip
 
 
 def dq(spec, cfg, interpret, scalars, q, k, v, do, lse, delta, leaves):
     """dQ ``[B, N, Tq_pad, H]`` over the forward lists (one program per query tile)."""
-    del leaves
     b, n, tq, h = q.shape
     hv, bq = v.shape[-1], spec.bq
     in_specs = [
@@ -114,8 +122,10 @@ def dq(spec, cfg, interpret, scalars, q, k, v, do, lse, delta, leaves):
         pl.BlockSpec((None, None, bq, hv), lambda b, n, i, *_: (b, n, i, 0)),
         pl.BlockSpec((None, None, bq, 1), lambda b, n, i, *_: (b, n, i, 0)),
         pl.BlockSpec((None, None, bq, 1), lambda b, n, i, *_: (b, n, i, 0)),
+        *map(_per_example, leaves),
     ]
     out_specs = pl.BlockSpec((None, None, bq, h), lambda b, n, i, *_: (b, n, i, 0))
     out_shape = jax.ShapeDtypeStruct(q.shape, q.dtype)
+    args = (q, k, v, do, lse, delta, *leaves)
     return _call(common.dq_kernel, spec, cfg, interpret, "ea_flash_dq", (b, n, tq // bq),
-                 scalars, in_specs, (q, k, v, do, lse, delta), out_specs, out_shape)  # fmt: skip
+                 scalars, in_specs, args, out_specs, out_shape)  # fmt: skip
