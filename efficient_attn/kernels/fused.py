@@ -103,20 +103,16 @@ def plan(q, k, v, *, scale, block_mask: _bm.BlockMask, kv_len, score_mod, backen
     else:
         mask_split = common.kernel_mod("mask_mod", mask_mod, idx)
     score_split = common.kernel_mod("score_mod", score_mod, (jnp.zeros((bq, bk)), *idx))
-    views = None
-    if backend == "tpu":
-        if score_split is not None and score_split.leaves:
-            raise Unsupported("a score_mod holding arrays on TPU (not yet in the Mosaic kernel)")
-        if mask_split is not None and mask_split.leaves:
-            views = _view_sides(mask_split, tq, tk)
+    if backend == "tpu" and score_split is not None and score_split.leaves:
+        raise Unsupported("a score_mod holding arrays on TPU (not yet in the Mosaic kernel)")
     spec = common.Spec(
         bq=bq, bk=bk, groups=n // kh, q_limit=tq, k_limit=tk, scale=float(scale),
         has_kv_len=kv_len is not None, mask=mask_split, score=score_split,
         bound_full=over_q or over_k, heads_first=BACKENDS[backend].HEADS_FIRST,
-        exact_f32=dtype == jnp.float32, views=views,
+        exact_f32=dtype == jnp.float32,
     )  # fmt: skip
-    if views is not None:
-        common.check_views(spec)
+    if mask_split is not None and mask_split.leaves:
+        spec = _with_views(spec, backend, tq, tk)
     return _Plan(
         backend, cfg, interpret, spec, common.split(block_mask, numpy_static=True), score_split,
         xla_backward=score_split is not None and bool(score_split.leaves),
@@ -124,17 +120,27 @@ def plan(q, k, v, *, scale, block_mask: _bm.BlockMask, kv_len, score_mod, backen
     )  # fmt: skip
 
 
-def _view_sides(mask: common.Split, tq: int, tk: int) -> tuple[tuple[bool, bool], ...]:
-    """Per mask array ``[B, T]`` (Mosaic cannot gather): is T the query and/or the key length."""
-    sides = []
-    for x in mask.leaves:
-        if np.ndim(x) != 2 or not jnp.issubdtype(jnp.result_type(x), jnp.integer):
-            raise Unsupported(
-                f"on TPU a mask_mod's arrays must be int [batch, seq]; it holds "
-                f"{jnp.shape(x)} {jnp.result_type(x)}"
-            )
-        sides.append((x.shape[1] == tq, x.shape[1] == tk))
-    return tuple(sides)
+def _with_views(spec: common.Spec, backend: str, tq: int, tk: int) -> common.Spec:
+    """Mask arrays ``[B, T]`` read as ``arr[b, q_idx]``/``arr[b, kv_idx]`` (segment ids) as
+    column/row slices (:class:`~efficient_attn.kernels.common.PositionView`): ``bq + bk``
+    loads per tile instead of a ``bq x bk`` gather. Required on TPU (Mosaic has no gather);
+    on GPU other arrays stay refs that the mod indexes itself."""
+    try:
+        sides = []
+        for x in spec.mask.leaves:
+            if np.ndim(x) != 2 or not jnp.issubdtype(jnp.result_type(x), jnp.integer):
+                raise Unsupported(
+                    f"on TPU a mask_mod's arrays must be int [batch, seq]; it holds "
+                    f"{jnp.shape(x)} {jnp.result_type(x)}"
+                )
+            sides.append((x.shape[1] == tq, x.shape[1] == tk))
+        viewed = dataclasses.replace(spec, views=tuple(sides))
+        common.check_views(viewed)
+        return viewed
+    except Unsupported:
+        if backend == "tpu":
+            raise
+        return spec
 
 
 def _check_vmem(cfg: TileConfig, dtype, q_rows: int, k_rows: int, width: int) -> None:

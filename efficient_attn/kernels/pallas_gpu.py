@@ -49,6 +49,14 @@ def _call(kernel, spec, cfg, interpret, name, grid, scalars, in_specs, args, out
     )(*scalars, *args)
 
 
+def _leaf_specs(spec: common.Spec, leaves):
+    """Mask arrays read through views: this example's column/row; other mod arrays: whole."""
+    n = 0 if spec.views is None else 2 * len(spec.views)
+    per_example = [pl.BlockSpec((None, *x.shape[1:]), lambda _, b, __: (b, 0, 0))
+                   for x in leaves[:n]]  # fmt: skip
+    return [*per_example, *(_whole(x) for x in leaves[n:])]
+
+
 def _query_tile_specs(spec, q, k, v):
     """A program's query tile ``[bq, H]`` and its K/V head's key rows ``[Tk_pad, H|Hv]``."""
     h, tk, hv, g = q.shape[-1], k.shape[1], v.shape[-1], spec.groups
@@ -66,7 +74,7 @@ def forward(spec: common.Spec, cfg: TileConfig, interpret: bool, scalars, q, k, 
     """
     b, tq, n, h = q.shape
     hv, bq = v.shape[-1], spec.bq
-    in_specs = [*_query_tile_specs(spec, q, k, v), *(_whole(x) for x in leaves)]
+    in_specs = [*_query_tile_specs(spec, q, k, v), *_leaf_specs(spec, leaves)]
     out_specs = [
         pl.BlockSpec((None, bq, None, hv), lambda i, b, n: (b, i, n, 0)),
         pl.BlockSpec((None, None, bq, 1), lambda i, b, n: (b, n, i, 0)),
@@ -92,7 +100,7 @@ def dkdv(spec, cfg, interpret, scalars, q, k, v, do, lse, delta, leaves):
         pl.BlockSpec((None, tq, g, hv), lambda j, b, c: (b, 0, c, 0)),
         pl.BlockSpec((None, g, tq, 1), lambda j, b, c: (b, c, 0, 0)),
         pl.BlockSpec((None, g, tq, 1), lambda j, b, c: (b, c, 0, 0)),
-        *(_whole(x) for x in leaves),
+        *_leaf_specs(spec, leaves),
     ]
     out_specs = [
         pl.BlockSpec((None, bk, None, h), lambda j, b, c: (b, j, c, 0)),
@@ -113,7 +121,7 @@ def dq(spec, cfg, interpret, scalars, q, k, v, do, lse, delta, leaves):
         pl.BlockSpec((None, bq, None, hv), lambda i, b, n: (b, i, n, 0)),
         pl.BlockSpec((None, None, bq, 1), lambda i, b, n: (b, n, i, 0)),
         pl.BlockSpec((None, None, bq, 1), lambda i, b, n: (b, n, i, 0)),
-        *(_whole(x) for x in leaves),
+        *_leaf_specs(spec, leaves),
     ]
     out_specs = pl.BlockSpec((None, bq, None, h), lambda i, b, n: (b, i, n, 0))
     out_shape = jax.ShapeDtypeStruct(q.shape, q.dtype)
