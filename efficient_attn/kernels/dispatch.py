@@ -6,9 +6,12 @@ CUDA, Mosaic on TPU, the XLA engine elsewhere, so one jitted function lowers
 correctly for any backend. A call the kernels cannot run (another
 :class:`~efficient_attn.flash.Score`, a traced scale, a mod closing over
 non-leaf arrays, ...) runs on the XLA engine instead; the reason is logged and
-kept in :func:`fallbacks`. ``"pallas"`` requires the kernel (``ValueError``
-with the reason otherwise); ``"xla"`` never uses it. ``interpret=True`` runs
-the kernels on any device (Pallas' interpreter), for tests on a CPU.
+kept in :func:`fallbacks`. A user's ``block_mask`` at tiles the kernels cannot
+run (larger than the :class:`~efficient_attn.kernels.TileConfig`'s, or not powers
+of two) is re-planned from its ``mask_mod`` at the config's tiles. ``"pallas"``
+requires the kernel (``ValueError`` with the reason otherwise); ``"xla"`` never
+uses it. ``interpret=True`` runs the kernels on any device (Pallas'
+interpreter), for tests on a CPU.
 """
 
 from __future__ import annotations
@@ -57,6 +60,14 @@ def check(implementation: Any, interpret: Any) -> str:
     return implementation
 
 
+def _fits(bm, cfg: TileConfig) -> bool:
+    """Whether the kernels can run ``bm``'s own tiles: powers of two, at most the config's."""
+    ok = [t & (t - 1) == 0 and t <= c for t, c in ((bm.block_q, cfg.block_q),
+                                                   (bm.block_k, cfg.block_k))]  # fmt: skip
+    single = [bm.tiles.shape[2] == 1, bm.tiles.shape[3] == 1]  # one tile: any size is padded
+    return all(o or s for o, s in zip(ok, single, strict=True))
+
+
 def attend(q, k, v, *, implementation: str, interpret: bool, config: TileConfig | None,
            **kw) -> tuple[jax.Array, jax.Array]:  # fmt: skip
     """:func:`efficient_attn.flash.attend` (its keywords ``kw``) with ``implementation``."""
@@ -83,6 +94,11 @@ def attend(q, k, v, *, implementation: str, interpret: bool, config: TileConfig 
                 block_mask=kw["block_mask"], block_q=min(cfg.block_q, tq),
                 block_k=min(cfg.block_k, tk), pattern=kw["pattern"],
             )  # fmt: skip
+            if not _fits(bm, cfg):  # a user's block mask at other tiles: re-plan its mask
+                bm = flash.plan_block_mask(
+                    tq, tk, batch=b, heads=n, causal=False, mask_mod=bm.mask_mod,
+                    block_q=min(cfg.block_q, tq), block_k=min(cfg.block_k, tk),
+                )  # fmt: skip
             return fused.fused_attention(
                 q, k, v, scale=kw["scale"], block_mask=bm, kv_len=kw["kv_lengths"],
                 score_mod=kw["score_mod"], backend=backend, config=cfg, interpret=interp,
@@ -99,6 +115,10 @@ def attend(q, k, v, *, implementation: str, interpret: bool, config: TileConfig 
             except Unsupported as e:
                 _FALLBACKS.append(f"{backend}: {e}")
                 _log.info("no fused %s kernel for this call, XLA engine instead: %s", backend, e)
+                return xla(q, k, v)
+            except Exception as e:  # every branch is traced on every platform: never break one
+                _FALLBACKS.append(f"{backend}: the kernel failed to trace: {type(e).__name__}: {e}")
+                _log.warning("fused %s kernel failed to trace, XLA engine instead: %r", backend, e)
                 return xla(q, k, v)
 
         return branch
