@@ -297,3 +297,11 @@ def test_compiled_kernels_on_the_accelerator(dtype):
             r = np.asarray(r)
             bound = 1e-4 if dtype == jnp.float32 else 2 * rel_err(d, r) + 1e-3
             assert rel_err(g, r) < bound, (name, what, rel_err(g, r), rel_err(d, r))
+
+
+def test_throughput_column_only_for_accelerator_rows():
+    from efficient_attn.sweep import results
+
+    row = {"flops_per_s": 3.5e14, "env": {"platform": "cpu"}}
+    assert results.tflops(row) is None
+    assert results.tflops({**row, "env": {"platform": "gpu"}}) == pytest.approx(350.0)
