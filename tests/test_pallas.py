@@ -305,3 +305,14 @@ def test_throughput_column_only_for_accelerator_rows():
     row = {"flops_per_s": 3.5e14, "env": {"platform": "cpu"}}
     assert results.tflops(row) is None
     assert results.tflops({**row, "env": {"platform": "gpu"}}) == pytest.approx(350.0)
+
+
+def test_local_runs_the_kernels():
+    """``local`` (a sliding window on the tile engine) selects the kernels like ``blockwise``."""
+    q, k, v = make_qkv(1, 40, 40, 2, 1, 16)
+    kw = {"method": "local", "window": 7, "causal": True}
+    got = jax.jit(lambda *x: ea.attention(*x, implementation="pallas", interpret=True, **kw))
+    ref = ea.attention(q, k, v, implementation="xla", **kw)
+    assert rel_err(got(q, k, v), ref) < F32_TOL
+    x = jax.ShapeDtypeStruct((1, 4096, 4, 64), jnp.bfloat16)
+    assert _kernels(_lower(lambda q: ea.attention(q, q, q, **kw), (x,), "cuda")) == {"forward"}

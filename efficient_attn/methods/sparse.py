@@ -85,8 +85,13 @@ def bigbird_mask(
 _MASKS = {"local": local_mask, "strided": strided_mask, "bigbird": bigbird_mask}
 
 
+#: Options that choose how a method runs (the fused kernels), not its pattern.
+_EXECUTION = ("implementation", "interpret")
+
+
 def method_mask(method: str, tq: int, tk: int, *, causal: bool, **options: Any) -> mods.Mask:
     """The ``mask_mod`` that defines sparse ``method`` (options as the method's)."""
+    options = {k: v for k, v in options.items() if k not in _EXECUTION}
     return _MASKS[method](tq, tk, causal=causal, **options)
 
 
@@ -129,12 +134,13 @@ def _user(mask_mod):
     return [] if mask_mod is None else [mask_mod]
 
 
-def _run(q, k, v, kv_lengths, scale, mask, tile, mask_mod, score_mod, block_mask, method):
+def _run(q, k, v, kv_lengths, scale, mask, tile, mask_mod, score_mod, block_mask, method,
+         **execution):  # fmt: skip
     _no_block_mask(method, block_mask)
     mask = mods.and_masks(mask, *_user(mask_mod))
     return flash.attend(
         q, k, v, causal=False, kv_lengths=kv_lengths, scale=scale, block_q=tile, block_k=tile,
-        mask_mod=mask, score_mod=score_mod,
+        mask_mod=mask, score_mod=score_mod, **execution,
     )[0]  # fmt: skip
 
 
@@ -151,6 +157,8 @@ def local(
     score_mod: Any = None,
     block_mask: Any = None,
     window: int = 256,
+    implementation: str = "auto",
+    interpret: bool = False,
 ) -> jax.Array:
     """Sliding-window attention (Longformer, Mistral), on ~window/tile key tiles per tile.
 
@@ -158,9 +166,11 @@ def local(
     Query ``i`` sees key ``j`` iff ``|a_i - j| < window``, with
     ``a_i = i + Tk - Tq``; causal: ``0 <= a_i - j < window`` (exactly
     ``window`` keys, Mistral's convention). Cost O(Tq * window).
+    ``implementation``/``interpret``: the fused kernels, as for ``blockwise``.
     """
     mask = local_mask(q.shape[1], k.shape[1], causal=causal, window=window)
-    return _run(q, k, v, kv_lengths, scale, mask, TILE, mask_mod, score_mod, block_mask, "local")
+    return _run(q, k, v, kv_lengths, scale, mask, TILE, mask_mod, score_mod, block_mask, "local",
+                implementation=implementation, interpret=interpret)  # fmt: skip
 
 
 @_register("strided")
