@@ -55,10 +55,6 @@ class Split:
         leaves = jax.tree.leaves(tree)
         return tuple(leaves[p] for p in self.positions)
 
-    @property
-    def has_float_arrays(self) -> bool:
-        return any(jnp.issubdtype(jnp.result_type(x), jnp.floating) for x in self.leaves)
-
 
 def split(tree: Any, numpy_static: bool = False) -> Split:
     """:class:`Split` of ``tree``: arrays are leaves to pass, the rest static.

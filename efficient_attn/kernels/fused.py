@@ -45,7 +45,7 @@ class _Plan:
     spec: common.Spec
     bm: common.Split  # the block mask, its arrays passed explicitly
     score: common.Split | None
-    xla_backward: bool  # score_mod holds float arrays: backward by the XLA engine
+    xla_backward: bool  # score_mod holds arrays: backward by the XLA engine
     tq: int
     tk: int
     hv: int
@@ -56,19 +56,19 @@ def _tile(block: int, count: int, minimum: int, what: str) -> tuple[int, bool]:
     if block >= minimum and block & (block - 1) == 0:
         return block, False
     if count == 1:  # one tile: round it up; the kernel bound-checks every tile
-        return max(minimum, int(pl_next_pow2(block))), True
+        return max(minimum, _next_pow2(block)), True
     raise Unsupported(
         f"block mask {what} tiles of {block} (the kernels need powers of two >= {minimum}; "
         f"build the block mask with the kernel config's tiles)"
     )
 
 
-def pl_next_pow2(x: int) -> int:
+def _next_pow2(x: int) -> int:
     return 1 << (int(x) - 1).bit_length()
 
 
 def _head_pad(h: int, backend: str) -> int:
-    return max(pallas_gpu.MIN_TILE, pl_next_pow2(h)) if backend == "gpu" else h
+    return max(pallas_gpu.MIN_TILE, _next_pow2(h)) if backend == "gpu" else h
 
 
 def plan(q, k, v, *, scale, block_mask: _bm.BlockMask, kv_len, score_mod, backend: str,
@@ -268,7 +268,7 @@ def _fused_fwd(p, q, k, v, bm_arrays, score_arrays, kv_len):
 
 
 def _xla_backward(p: _Plan, res, cotangents):
-    """Gradients through the XLA engine (score_mods holding float arrays)."""
+    """Gradients through the XLA engine (score_mods holding arrays), its forward recomputed."""
     from efficient_attn import flash
 
     q, k, v, bm_arrays, score_arrays, kv_len, _, _ = res
