@@ -24,7 +24,7 @@ from tests.conftest import make_qkv, rel_err
 from tests.test_flex import reference64, segments
 
 F32_TOL = 2e-5
-TILES = TileConfig(block_q=16, block_k=16)
+TILES = TileConfig(block_q=16, block_k=16, bwd_block_q=32, bwd_block_k=16)  # bwd: own lists
 
 
 def _pallas(q, k, v, **kw):

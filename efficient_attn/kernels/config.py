@@ -22,8 +22,11 @@ class TileConfig:
     """Tiles and launch parameters of the fused kernels for one backend.
 
     Attributes:
-      block_q, block_k: query and key tile sizes (the block mask is built at these
-        tiles; powers of two). The backward kernels run over the same tiles.
+      block_q, block_k: query and key tile sizes of the forward (the block mask is
+        built at these tiles; powers of two).
+      bwd_block_q, bwd_block_k: tiles of the dK/dV and dQ kernels (a second block mask;
+        None: the forward's). Smaller tiles keep the backward's five tile-sized
+        temporaries in registers.
       num_warps, num_stages: Triton launch parameters (GPU only); ``num_warps=None``
         picks 4 for head_dim <= 64, else 8.
       vmem_limit_bytes: Mosaic's scoped VMEM limit (TPU only; None: Mosaic's default).
@@ -31,6 +34,8 @@ class TileConfig:
 
     block_q: int = 128
     block_k: int = 64
+    bwd_block_q: int | None = None
+    bwd_block_k: int | None = None
     num_warps: int | None = None
     num_stages: int = 2
     vmem_limit_bytes: int | None = None
@@ -38,10 +43,18 @@ class TileConfig:
     def __post_init__(self):
         _pow2("block_q", self.block_q)
         _pow2("block_k", self.block_k)
+        for name in ("bwd_block_q", "bwd_block_k"):
+            if getattr(self, name) is not None:
+                _pow2(name, getattr(self, name))
         if self.num_warps is not None:
             _pow2("num_warps", self.num_warps)
         if not isinstance(self.num_stages, int) or self.num_stages < 1:
             raise ValueError(f"num_stages={self.num_stages!r} must be a positive int")
+
+    @property
+    def backward_tiles(self) -> tuple[int, int]:
+        """``(bq, bk)`` of the backward kernels."""
+        return self.bwd_block_q or self.block_q, self.bwd_block_k or self.block_k
 
     def warps(self, head_dim: int) -> int:
         """Triton warps for a (padded) head_dim."""
@@ -49,7 +62,7 @@ class TileConfig:
 
 
 #: NVIDIA Hopper (H100, H200) through Pallas' Triton backend.
-GPU_HOPPER = TileConfig(block_q=128, block_k=64, num_stages=2)
+GPU_HOPPER = TileConfig(block_q=128, block_k=64, bwd_block_q=64, bwd_block_k=64, num_stages=2)
 #: TPU v5e (Mosaic): 512-wide tiles as splash attention uses.
 TPU_V5E = TileConfig(block_q=512, block_k=512, vmem_limit_bytes=64 * 2**20)
 #: TPU v6e (Mosaic): wider key tiles for its larger MXU.

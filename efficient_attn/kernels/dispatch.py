@@ -60,12 +60,40 @@ def check(implementation: Any, interpret: Any) -> str:
     return implementation
 
 
-def _fits(bm, cfg: TileConfig) -> bool:
-    """Whether the kernels can run ``bm``'s own tiles: powers of two, at most the config's."""
-    ok = [t & (t - 1) == 0 and t <= c for t, c in ((bm.block_q, cfg.block_q),
-                                                   (bm.block_k, cfg.block_k))]  # fmt: skip
+def _fits(bm, tiles: tuple[int, int]) -> bool:
+    """Whether the kernels can run ``bm``'s own tiles: powers of two, at most ``tiles``."""
+    own = (bm.block_q, bm.block_k)
+    ok = [t & (t - 1) == 0 and t <= c for t, c in zip(own, tiles, strict=True)]
     single = [bm.tiles.shape[2] == 1, bm.tiles.shape[3] == 1]  # one tile: any size is padded
     return all(o or s for o, s in zip(ok, single, strict=True))
+
+
+def _block_masks(q, k, kw: dict, cfg: TileConfig):
+    """The forward's block mask at the config's tiles (or the user's, where the kernels can
+    run it) and the backward's (None: the same)."""
+    from efficient_attn import flash
+
+    b, tq, n = q.shape[:3]
+    tk = k.shape[1]
+
+    def replan(mask_mod, tiles):
+        return flash.plan_block_mask(
+            tq, tk, batch=b, heads=n, causal=False, mask_mod=mask_mod,
+            block_q=min(tiles[0], tq), block_k=min(tiles[1], tk),
+        )  # fmt: skip
+
+    tiles = (cfg.block_q, cfg.block_k)
+    bm = flash.plan_block_mask(
+        tq, tk, batch=b, heads=n, causal=kw["causal"], mask_mod=kw["mask_mod"],
+        block_mask=kw["block_mask"], block_q=min(tiles[0], tq), block_k=min(tiles[1], tk),
+        pattern=kw["pattern"],
+    )  # fmt: skip
+    if not _fits(bm, tiles):  # a user's block mask at other tiles: re-plan its mask
+        bm = replan(bm.mask_mod, tiles)
+    if cfg.backward_tiles == tiles:
+        return bm, None
+    bwd = replan(bm.mask_mod, cfg.backward_tiles)
+    return bm, None if (bwd.block_q, bwd.block_k) == (bm.block_q, bm.block_k) else bwd
 
 
 def attend(q, k, v, *, implementation: str, interpret: bool, config: TileConfig | None,
@@ -87,21 +115,11 @@ def attend(q, k, v, *, implementation: str, interpret: bool, config: TileConfig 
             if kw["score"] is not flash.DOT or kw["params"] is not None:
                 raise Unsupported(f"score {kw['score']!r} (the kernels compute q . k)")
             cfg = config or default_config(backend)
-            b, tq, n = q.shape[:3]
-            tk = k.shape[1]
-            bm = flash.plan_block_mask(
-                tq, tk, batch=b, heads=n, causal=kw["causal"], mask_mod=kw["mask_mod"],
-                block_mask=kw["block_mask"], block_q=min(cfg.block_q, tq),
-                block_k=min(cfg.block_k, tk), pattern=kw["pattern"],
-            )  # fmt: skip
-            if not _fits(bm, cfg):  # a user's block mask at other tiles: re-plan its mask
-                bm = flash.plan_block_mask(
-                    tq, tk, batch=b, heads=n, causal=False, mask_mod=bm.mask_mod,
-                    block_q=min(cfg.block_q, tq), block_k=min(cfg.block_k, tk),
-                )  # fmt: skip
+            bm, bwd = _block_masks(q, k, kw, cfg)
             return fused.fused_attention(
                 q, k, v, scale=kw["scale"], block_mask=bm, kv_len=kw["kv_lengths"],
                 score_mod=kw["score_mod"], backend=backend, config=cfg, interpret=interp,
+                backward_block_mask=bwd,
             )  # fmt: skip
 
         return run

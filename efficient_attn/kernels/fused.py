@@ -49,6 +49,7 @@ class _Plan:
     tq: int
     tk: int
     hv: int
+    bwd: _Plan | None = None  # the backward kernels' own tiles (a second block mask)
 
 
 def _tile(block: int, count: int, minimum: int, what: str) -> tuple[int, bool]:
@@ -258,20 +259,20 @@ def _mod_leaves(p: _Plan, bm, score_arrays, batch: int):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _fused(p, q, k, v, bm_arrays, score_arrays, kv_len):
+def _fused(p, q, k, v, bm_arrays, score_arrays, kv_len, bwd_arrays):
     return _forward(p, q, k, v, bm_arrays, score_arrays, kv_len)
 
 
-def _fused_fwd(p, q, k, v, bm_arrays, score_arrays, kv_len):
+def _fused_fwd(p, q, k, v, bm_arrays, score_arrays, kv_len, bwd_arrays):
     out, lse = _forward(p, q, k, v, bm_arrays, score_arrays, kv_len)
-    return (out, lse), (q, k, v, bm_arrays, score_arrays, kv_len, out, lse)
+    return (out, lse), (q, k, v, bm_arrays, score_arrays, kv_len, bwd_arrays, out, lse)
 
 
 def _xla_backward(p: _Plan, res, cotangents):
     """Gradients through the XLA engine (score_mods holding arrays), its forward recomputed."""
     from efficient_attn import flash
 
-    q, k, v, bm_arrays, score_arrays, kv_len, _, _ = res
+    q, k, v, bm_arrays, score_arrays, kv_len, _, _, _ = res
     bm = p.bm.rebuild(bm_arrays)
 
     def run(q, k, v, score_arrays):
@@ -282,14 +283,16 @@ def _xla_backward(p: _Plan, res, cotangents):
 
     _, vjp = jax.vjp(run, q, k, v, score_arrays)
     dq, dk, dv, dscore = vjp(cotangents)
-    return dq, dk, dv, None, dscore, None
+    return dq, dk, dv, None, dscore, None, None
 
 
 def _fused_bwd(p, res, cotangents):
     if p.xla_backward:
         return _xla_backward(p, res, cotangents)
-    q, k, v, bm_arrays, score_arrays, kv_len, out, lse = res
+    q, k, v, bm_arrays, score_arrays, kv_len, bwd_arrays, out, lse = res
     dout, dlse = cotangents
+    if p.bwd is not None:
+        p, bm_arrays = p.bwd, bwd_arrays
     bm = p.bm.rebuild(bm_arrays)
     b = q.shape[0]
     tq_pad, _, _, hv_pad = _sizes(p, q, v)
@@ -308,7 +311,7 @@ def _fused_bwd(p, res, cotangents):
     dq = _unlayout(p, dqx, p.tq, q.shape[-1])
     dk = _unlayout(p, dkx, p.tk, k.shape[-1])
     dv = _unlayout(p, dvx, p.tk, v.shape[-1])
-    return dq, dk, dv, None, None, None
+    return dq, dk, dv, None, None, None, None
 
 
 _fused.defvjp(_fused_fwd, _fused_bwd)
@@ -326,6 +329,7 @@ def fused_attention(
     backend: str = "gpu",
     config: TileConfig | None = None,
     interpret: bool = False,
+    backward_block_mask: _bm.BlockMask | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Fused attention over ``block_mask``: ``(out [B, Tq, N, Hv], lse [B, Tq, N])``.
 
@@ -333,13 +337,20 @@ def fused_attention(
     at power-of-two tiles (a single tile per row or column may be any size);
     kv_len: int ``[B]`` or None; ``score_mod(score, b, h, q_idx, kv_idx)``.
     ``backend``: ``"gpu"`` (Triton) or ``"tpu"`` (Mosaic); ``interpret`` runs
-    the kernels on any device. Raises :class:`Unsupported` for calls the
-    kernels cannot run (the message says why).
+    the kernels on any device. ``backward_block_mask``: the same mask at the
+    backward kernels' tiles (None: ``block_mask``'s). Raises :class:`Unsupported`
+    for calls the kernels cannot run (the message says why).
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r}; valid backends: {', '.join(BACKENDS)}")
     kv_len = None if kv_len is None else jnp.asarray(kv_len, jnp.int32)
-    p = plan(q, k, v, scale=scale, block_mask=block_mask, kv_len=kv_len, score_mod=score_mod,
-             backend=backend, cfg=config, interpret=interpret)  # fmt: skip
+    kw = {"kv_len": kv_len, "score_mod": score_mod, "backend": backend, "cfg": config,
+          "interpret": interpret}  # fmt: skip
+    p = plan(q, k, v, scale=scale, block_mask=block_mask, **kw)
+    bwd_arrays = ()
+    if backward_block_mask is not None:
+        p = dataclasses.replace(p, bwd=plan(q, k, v, scale=scale, block_mask=backward_block_mask,
+                                            **kw))  # fmt: skip
+        bwd_arrays = p.bwd.bm.leaves
     score_arrays = () if p.score is None else p.score.leaves
-    return _fused(p, q, k, v, p.bm.leaves, score_arrays, kv_len)
+    return _fused(p, q, k, v, p.bm.leaves, score_arrays, kv_len, bwd_arrays)
