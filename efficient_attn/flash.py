@@ -35,6 +35,7 @@ import numpy as np
 from efficient_attn import blockmask as _bm
 from efficient_attn import masking
 from efficient_attn import mods as _mods
+from efficient_attn.kernels import dispatch as _dispatch
 
 # Tiled layouts: queries [nq, B, K, G, bq, H]; keys/values [nk, B, K, bk, H];
 # per-row statistics [nq, B, K, G, bq].
@@ -621,6 +622,9 @@ def attend(
     params: Any = None,
     bias: jax.Array | None = None,
     dropout: masking.Dropout | None = None,
+    implementation: str = "xla",
+    interpret: bool = False,
+    kernel_config: Any = None,
 ) -> tuple[jax.Array, jax.Array]:
     """What every tiled method runs: its arguments to a block mask, then the engine.
 
@@ -628,8 +632,18 @@ def attend(
     N, Hv], lse [B, Tq, N])``. ``pattern``: the method's own ``mask_mod``
     (sparse methods), ANDed with ``causal`` and the user's ``mask_mod``.
     Tiles of ``block_q x block_k`` (clipped to the lengths) unless
-    ``block_mask`` fixes them.
+    ``block_mask`` fixes them. ``implementation`` (``"xla"``: this engine;
+    ``"auto"``, ``"pallas"``), ``interpret`` and ``kernel_config`` (a
+    :class:`efficient_attn.kernels.TileConfig`) select the fused kernels: see
+    :mod:`efficient_attn.kernels.dispatch`.
     """
+    if _dispatch.check(implementation, interpret) != "xla":
+        return _dispatch.attend(
+            q, k, v, implementation=implementation, interpret=interpret, config=kernel_config,
+            causal=causal, kv_lengths=kv_lengths, scale=scale, block_q=block_q, block_k=block_k,
+            mask_mod=mask_mod, score_mod=score_mod, block_mask=block_mask, pattern=pattern,
+            score=score, params=params, bias=bias, dropout=dropout,
+        )  # fmt: skip
     b, tq, n = q.shape[:3]
     tk = k.shape[1]
     bm = plan_block_mask(

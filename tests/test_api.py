@@ -16,7 +16,10 @@ def test_methods_lists_core_methods():
     assert isinstance(names, tuple)
     assert {"dense", "blockwise", "xla", "cudnn"} <= set(names)
     assert ea.get_method("dense").exact and ea.get_method("blockwise").exact
-    assert ea.get_method("blockwise").options == {"block_q": 512, "block_k": 256}
+    assert ea.get_method("blockwise").options == {
+        "block_q": 512, "block_k": 256, "implementation": "auto", "interpret": False,
+        "kernel_config": None,
+    }  # fmt: skip
 
 
 @pytest.mark.parametrize(

@@ -34,6 +34,9 @@ def blockwise(
     return_lse: bool = False,
     block_q: int = 512,
     block_k: int = 256,
+    implementation: str = "auto",
+    interpret: bool = False,
+    kernel_config: Any = None,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Memory-efficient exact attention (Rabe & Staats 2021; FlashAttention-2 online softmax).
 
@@ -43,12 +46,20 @@ def blockwise(
     or those of ``block_mask``. Empty tiles (above the causal diagonal, outside
     a ``mask_mod``, past every ``kv_lengths``) are skipped. ``bias``
     (broadcastable to ``[B, N, Tq, Tk]``) is read one tile at a time, and
-    ``dropout`` regenerates its mask per tile in the backward.
+    ``dropout`` regenerates its mask per tile in the backward (both on the
+    XLA engine: the fused kernels have neither yet).
+
+    ``implementation``: ``"auto"`` (fused Pallas kernels on GPU and TPU, this
+    XLA engine elsewhere), ``"xla"`` or ``"pallas"``; ``interpret=True`` runs
+    the kernels on a CPU (see :mod:`efficient_attn.kernels`). The kernels use
+    their own tiles, ``kernel_config`` (a :class:`efficient_attn.kernels.TileConfig`;
+    None: the backend's default), not ``block_q``/``block_k``.
     """
     block_q, block_k = positive_int("block_q", block_q), positive_int("block_k", block_k)
     out_lse = flash.attend(
         q, k, v, causal=causal, kv_lengths=kv_lengths, scale=scale, block_q=block_q,
         block_k=block_k, mask_mod=mask_mod, score_mod=score_mod, block_mask=block_mask,
-        bias=bias, dropout=dropout,
+        bias=bias, dropout=dropout, implementation=implementation, interpret=interpret,
+        kernel_config=kernel_config,
     )  # fmt: skip
     return flash.result(out_lse, return_lse, q.dtype)

@@ -88,8 +88,13 @@ def bigbird_mask(
 _MASKS = {"local": local_mask, "strided": strided_mask, "bigbird": bigbird_mask}
 
 
+#: Options that choose how a method runs (the fused kernels), not its pattern.
+_EXECUTION = ("implementation", "interpret")
+
+
 def method_mask(method: str, tq: int, tk: int, *, causal: bool, **options: Any) -> mods.Mask:
     """The ``mask_mod`` that defines sparse ``method`` (options as the method's)."""
+    options = {k: v for k, v in options.items() if k not in _EXECUTION}
     return _MASKS[method](tq, tk, causal=causal, **options)
 
 
@@ -137,12 +142,12 @@ def _user(mask_mod):
 
 
 def _run(q, k, v, kv_lengths, scale, mask, tile, method, mask_mod, score_mod, block_mask,
-         dropout, return_lse):  # fmt: skip
+         dropout, return_lse, **execution):  # fmt: skip
     _no_block_mask(method, block_mask)
     mask = mods.and_masks(mask, *_user(mask_mod))
     out_lse = flash.attend(
         q, k, v, causal=False, kv_lengths=kv_lengths, scale=scale, block_q=tile, block_k=tile,
-        mask_mod=mask, score_mod=score_mod, dropout=dropout,
+        mask_mod=mask, score_mod=score_mod, dropout=dropout, **execution,
     )  # fmt: skip
     return flash.result(out_lse, return_lse, q.dtype)
 
@@ -162,6 +167,8 @@ def local(
     dropout: Any = None,
     return_lse: bool = False,
     window: int = 256,
+    implementation: str = "auto",
+    interpret: bool = False,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Sliding-window attention (Longformer, Mistral), on ~window/tile key tiles per tile.
 
@@ -169,10 +176,12 @@ def local(
     Query ``i`` sees key ``j`` iff ``|a_i - j| < window``, with
     ``a_i = i + Tk - Tq``; causal: ``0 <= a_i - j < window`` (exactly
     ``window`` keys, Mistral's convention). Cost O(Tq * window).
+    ``implementation``/``interpret``: the fused kernels, as for ``blockwise``.
     """
     mask = local_mask(q.shape[1], k.shape[1], causal=causal, window=window)
     return _run(q, k, v, kv_lengths, scale, mask, TILE, "local", mask_mod, score_mod, block_mask,
-                dropout, return_lse)  # fmt: skip
+                dropout, return_lse, implementation=implementation,
+                interpret=interpret)  # fmt: skip
 
 
 @_register("strided")

@@ -41,10 +41,22 @@ class RingMods:
     k_limit: int
 
 
-def flash_ring_kernels(block_q: int = 512, block_k: int = 256):
-    """Ring kernels on the tile engine: a block mask per (query shard, key shard) pair."""
+def flash_ring_kernels(block_q: int = 512, block_k: int = 256, implementation: str = "auto",
+                       interpret: bool = False, kernel_config: Any = None):  # fmt: skip
+    """Ring kernels on the tile engine: a block mask per (query shard, key shard) pair.
+
+    They run the XLA engine (explicit positions per shard): ``implementation="auto"``
+    (``blockwise``'s option) keeps them there; ``"pallas"`` is a ``ValueError``.
+    """
     positive_int("block_q", block_q)
     positive_int("block_k", block_k)
+    if implementation == "pallas" or interpret or kernel_config is not None:
+        raise ValueError(
+            "strategy='ring' runs the XLA tile engine on each shard pair; the fused kernels "
+            "(implementation='pallas', interpret, kernel_config) are not available there"
+        )
+    if implementation not in ("auto", "xla"):
+        raise ValueError(f"implementation={implementation!r}; valid: 'auto', 'xla', 'pallas'")
 
     def setup(q, k, q_pos, k_pos, mods: RingMods, zigzag):
         # Tiles no longer than a zigzag chunk, so causal tile skipping stays effective.

@@ -24,6 +24,7 @@ from efficient_attn.sweep.results import (  # noqa: F401  (re-exported: the data
     ERROR,
     MEMORY,
     MOD_METRICS,
+    THROUGHPUT,
     TIME,
     Metric,
     Panel,
@@ -316,7 +317,7 @@ def write_report(paths: Sequence[str | Path], out_dir: str | Path | None = None)
     for data in group(rows):
         slug, title = data.panel.slug, data.panel.title
         md += ["", f"## {title}", ""]
-        for metric in (TIME, MEMORY, ERROR, *MOD_METRICS):
+        for metric in (TIME, THROUGHPUT, MEMORY, ERROR, *MOD_METRICS):
             header, body = table(data, metric)
             if not body:
                 continue

@@ -273,6 +273,20 @@ def _executed_over_useful(row: dict[str, Any]) -> float | None:
     return None if not useful or executed is None else executed / useful
 
 
+def tflops(row: dict[str, Any]) -> float | None:
+    """Useful TFLOP/s (FLOP convention of :func:`efficient_attn.bench.attention_flops`).
+
+    Accelerator rows only: the GPU/TPU presets' throughput column (CPU reports unchanged).
+    """
+    if (row.get("env") or {}).get("platform") not in ("gpu", "tpu"):
+        return None
+    f = row.get("flops_per_s")
+    return None if f is None else f / 1e12
+
+
+THROUGHPUT = Metric("tflops", "Throughput", "TFLOP/s, useful FLOPs", tflops, False,
+                    "Throughput vs sequence length", optional=True)  # fmt: skip
+
 #: Block-mask figures of points with a ``mods`` variant on a tiled method.
 MOD_METRICS = (
     Metric("density", "Block density (tiles computed)", "fraction",
