@@ -114,7 +114,8 @@ def attend(q, k, v, *, implementation: str, interpret: bool, config: TileConfig 
         def run(q, k, v):
             if kw["score"] is not flash.DOT or kw["params"] is not None:
                 raise Unsupported(f"score {kw['score']!r} (the kernels compute q . k)")
-            cfg = config or default_config(backend)
+            here = jax.default_backend() == backend  # this machine's chip: its own tiles
+            cfg = config or default_config(backend, jax.devices()[0].device_kind if here else None)
             bm, bwd = _block_masks(q, k, kw, cfg)
             return fused.fused_attention(
                 q, k, v, scale=kw["scale"], block_mask=bm, kv_len=kw["kv_lengths"],
