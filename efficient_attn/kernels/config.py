@@ -2,8 +2,8 @@
 
 Defaults follow the public kernels they are modelled on (FlashAttention-2's Triton
 tiles, Dao 2023; JAX's Pallas ops; splash attention's 512-wide TPU tiles). They have
-not been tuned on hardware here: override them with ``config=`` (see
-:func:`default_config`).
+not been tuned on hardware here: override them with the methods' ``kernel_config=``
+(see :func:`default_config`).
 """
 
 from __future__ import annotations

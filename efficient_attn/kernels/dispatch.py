@@ -117,7 +117,8 @@ def attend(q, k, v, *, implementation: str, interpret: bool, config: TileConfig 
             for name in ("bias", "dropout"):  # the drop-in's dense bias and dropout
                 if kw.get(name) is not None:
                     raise Unsupported(f"{name} (the kernels have none yet)")
-            cfg = config or default_config(backend)
+            here = jax.default_backend() == backend  # this machine's chip: its own tiles
+            cfg = config or default_config(backend, jax.devices()[0].device_kind if here else None)
             bm, bwd = _block_masks(q, k, kw, cfg)
             return fused.fused_attention(
                 q, k, v, scale=kw["scale"], block_mask=bm, kv_len=kw["kv_lengths"],
