@@ -8,6 +8,7 @@ normals (never zeros).
 from __future__ import annotations
 
 import dataclasses
+import pathlib
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -152,6 +153,15 @@ def interleaved_ratios(pairs: Sequence[Any], repeats: int) -> dict[str, tuple[fl
                statistics.median(times[name][1]))
         for name, r in ratios.items()
     }  # fmt: skip
+
+
+def write_report(lines: Sequence[str], path: str) -> None:
+    """Print a benchmark's markdown ``lines`` and write them to ``path`` (folders made)."""
+    text = "\n".join(lines) + "\n"
+    print(text)
+    out = pathlib.Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
 
 
 def measure(f: Callable, args: Sequence[Any], repeats: int = 5, warmup: int = 1) -> Timing:

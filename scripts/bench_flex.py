@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import pathlib
 import time
 
 import jax
@@ -163,11 +162,7 @@ def main() -> None:
         f"{first * 1e3:.0f} ms (compile included), cached {cached * 1e3:.2f} ms; "
         f"density {bm.density:.4f}.",
     ]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    out = pathlib.Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
+    bench.write_report(lines, args.out)
 
 
 if __name__ == "__main__":
