@@ -183,3 +183,22 @@ def test_bad_configs_and_params_are_clear_errors():
     linen_params = {k: v for k, v in params.items() if k != "blocks"}
     with pytest.raises(ValueError, match="missing"):
         ennx.load_linen(lm, {"params": linen_params})
+
+
+def test_linen_layer_takes_segment_ids_like_the_nnx_one():
+    """The linen layer's ``segment_ids`` equal running each packed document on its own."""
+    from efficient_attn.nn import MultiHeadAttention as LinenMHA
+
+    layer = LinenMHA(num_heads=2, head_dim=8, method="blockwise", causal=True,
+                     options={"block_q": 8, "block_k": 8})  # fmt: skip
+    x = jax.random.normal(jax.random.PRNGKey(0), (1, 20, 16))
+    seg = jnp.asarray([[0] * 7 + [1] * 13])
+    params = layer.init(jax.random.PRNGKey(1), x)
+    packed = jax.jit(lambda x: layer.apply(params, x, segment_ids=seg))(x)
+    first = layer.apply(params, x[:, :7])
+    second = layer.apply(params, x[:, 7:])
+    np.testing.assert_allclose(packed, jnp.concatenate([first, second], axis=1), atol=1e-5)
+    with pytest.raises(ValueError, match="mask_mod"):
+        LinenMHA(num_heads=2, head_dim=8, method="linear_elu", causal=True).init(
+            jax.random.PRNGKey(1), x, segment_ids=seg
+        )

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 
 import efficient_attn as ea
+from efficient_attn.registry import methods_supporting
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +47,24 @@ def layer_arrays(
         if a.per_token
     }
     return LayerArrays(params, tokens)
+
+
+def segment_mask(method: str, segment_ids: jax.Array | None, seq_len: int) -> Any:
+    """``ea.mods.document_mask(segment_ids)`` for ``method``, or None without segment ids.
+
+    segment_ids: int [B, T] (``T == seq_len``), a query sees a key iff their ids
+    agree (packed sequences); ``ValueError`` if ``method`` does not take ``mask_mod``.
+    """
+    if segment_ids is None:
+        return None
+    if "mask_mod" not in ea.get_method(method).supports:
+        raise ValueError(
+            f"segment_ids need a method that takes mask_mod; {method!r} does not. "
+            f"Methods that do: {', '.join(methods_supporting('mask_mod'))}"
+        )
+    if segment_ids.ndim != 2 or segment_ids.shape[1] != seq_len:
+        raise ValueError(f"segment_ids must be int [batch, {seq_len}]; got {segment_ids.shape}")
+    return ea.mods.document_mask(segment_ids)
 
 
 class MultiHeadAttention(nn.Module):
@@ -114,8 +133,16 @@ class MultiHeadAttention(nn.Module):
         context: jax.Array | None = None,
         *,
         kv_lengths: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
     ) -> jax.Array:
-        """x: [B, Tq, D]; context: [B, Tk, D'] (default: x, self-attention) -> [B, Tq, D_out]."""
+        """x: [B, Tq, D]; context: [B, Tk, D'] (default: x, self-attention) -> [B, Tq, D_out].
+
+        segment_ids: int [B, Tq] for packed sequences (self-attention): a token
+        attends within its document only (methods that take ``mask_mod``).
+        """
+        if segment_ids is not None and context is not None:
+            raise ValueError("segment_ids mask self-attention; pass context=None with them")
+        mask_mod = segment_mask(self.method, segment_ids, x.shape[1])
         context = x if context is None else context
         q, k, v = self._project(x, context)
         out = ea.attention(
@@ -126,6 +153,7 @@ class MultiHeadAttention(nn.Module):
             causal=self.causal,
             kv_lengths=kv_lengths,
             scale=self.scale,
+            mask_mod=mask_mod,
             **self._method_options(context),
         )
         features = self.out_features or x.shape[-1]

@@ -11,26 +11,8 @@ import numpy as np
 from flax import nnx
 
 import efficient_attn as ea
-from efficient_attn.nn.attention import layer_arrays
-from efficient_attn.registry import methods_supporting, positive_int
-
-
-def segment_mask(method: str, segment_ids: jax.Array | None, seq_len: int) -> Any:
-    """``ea.mods.document_mask(segment_ids)`` for ``method``, or None without segment ids.
-
-    segment_ids: int [B, T] (``T == seq_len``), a query sees a key iff their ids
-    agree (packed sequences); ``ValueError`` if ``method`` does not take ``mask_mod``.
-    """
-    if segment_ids is None:
-        return None
-    if "mask_mod" not in ea.get_method(method).supports:
-        raise ValueError(
-            f"segment_ids need a method that takes mask_mod; {method!r} does not. "
-            f"Methods that do: {', '.join(methods_supporting('mask_mod'))}"
-        )
-    if segment_ids.ndim != 2 or segment_ids.shape[1] != seq_len:
-        raise ValueError(f"segment_ids must be int [batch, {seq_len}]; got {segment_ids.shape}")
-    return ea.mods.document_mask(segment_ids)
+from efficient_attn.nn.attention import layer_arrays, segment_mask
+from efficient_attn.registry import positive_int
 
 
 class MultiHeadAttention(nnx.Module):
