@@ -376,6 +376,7 @@ def test_make_mesh_sharded_inputs_and_errors():
     _run_check("check_meshes_and_errors")
 
 
+@pytest.mark.slow  # end-to-end (minutes of CPU in the default suite); -m slow runs it
 def test_two_processes_ring_equals_single_process(tmp_path):
     """Two localhost processes (jax.distributed, gloo CPU collectives), 4 devices each."""
     port = _free_port()

@@ -39,6 +39,7 @@ def test_decoder_lm_maps_every_layer(method):
     assert not np.allclose(maps["block_0/attention"], maps["block_1/attention"])
 
 
+@pytest.mark.slow  # end-to-end (minutes of CPU in the default suite); -m slow runs it
 def test_encoder_decoder_maps_all_three_attentions():
     model = EncoderDecoder(ModelConfig(vocab_size=11, max_len=8, d_model=16, num_layers=1))
     sources = jax.random.randint(jax.random.PRNGKey(0), (2, 7), 1, 11)

@@ -50,7 +50,7 @@ def in_process(monkeypatch):
     [
         pytest.param("lra_efficiency", marks=pytest.mark.slow),
         pytest.param("listops", marks=pytest.mark.slow),
-        "zoology_mqar",
+        pytest.param("zoology_mqar", marks=pytest.mark.slow),
     ],
 )
 def test_preset_end_to_end_at_a_tiny_size(preset, tmp_path, in_process):
