@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pathlib
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -386,3 +388,8 @@ def test_attention_fn_refuses_what_it_cannot_honour():
         fn(q, q, q, module=object())
     with pytest.raises(ValueError, match="unknown method"):
         attention_fn("nope")
+
+
+def test_readme_shows_the_current_support_table():
+    readme = (pathlib.Path(__file__).parent.parent / "README.md").read_text()
+    assert dropin.support_table() in readme, "regenerate with: efficient-attn methods --dropin"
