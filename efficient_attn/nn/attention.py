@@ -49,14 +49,19 @@ def layer_arrays(
     return LayerArrays(params, tokens)
 
 
-def segment_mask(method: str, segment_ids: jax.Array | None, seq_len: int) -> Any:
+def segment_mask(
+    method: str, segment_ids: jax.Array | None, seq_len: int, context: Any = None
+) -> Any:
     """``ea.mods.document_mask(segment_ids)`` for ``method``, or None without segment ids.
 
     segment_ids: int [B, T] (``T == seq_len``), a query sees a key iff their ids
-    agree (packed sequences); ``ValueError`` if ``method`` does not take ``mask_mod``.
+    agree (packed sequences); ``ValueError`` if ``method`` does not take ``mask_mod``
+    or a ``context`` is given (segment ids mask self-attention).
     """
     if segment_ids is None:
         return None
+    if context is not None:
+        raise ValueError("segment_ids mask self-attention; pass context=None with them")
     if "mask_mod" not in ea.get_method(method).supports:
         raise ValueError(
             f"segment_ids need a method that takes mask_mod; {method!r} does not. "
@@ -140,9 +145,7 @@ class MultiHeadAttention(nn.Module):
         segment_ids: int [B, Tq] for packed sequences (self-attention): a token
         attends within its document only (methods that take ``mask_mod``).
         """
-        if segment_ids is not None and context is not None:
-            raise ValueError("segment_ids mask self-attention; pass context=None with them")
-        mask_mod = segment_mask(self.method, segment_ids, x.shape[1])
+        mask_mod = segment_mask(self.method, segment_ids, x.shape[1], context)
         context = x if context is None else context
         q, k, v = self._project(x, context)
         out = ea.attention(

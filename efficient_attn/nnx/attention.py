@@ -116,9 +116,7 @@ class MultiHeadAttention(nnx.Module):
         return {**self.options, **self.fixed, **arrays}
 
     def _inputs(self, x, context, kv_lengths, segment_ids) -> tuple:
-        if segment_ids is not None and context is not None:
-            raise ValueError("segment_ids mask self-attention; pass context=None with them")
-        mask_mod = segment_mask(self.method, segment_ids, x.shape[1])
+        mask_mod = segment_mask(self.method, segment_ids, x.shape[1], context)
         context = x if context is None else context
         q, k = self.query(x), self.key(context)
         kw = dict(
