@@ -74,23 +74,27 @@ def check_inputs(query: jax.Array, key: jax.Array, value: jax.Array | None) -> S
     return Shapes(b, tq, tk, n, kh, h, hv)
 
 
-def check_kv_lengths(kv_lengths: Any, shapes: Shapes) -> jax.Array | None:
-    """``kv_lengths`` as an int32 ``[B]`` array, values checked where concrete."""
-    if kv_lengths is None:
+def check_lengths(name: str, lengths: Any, batch: int, length: int, dim: str) -> jax.Array | None:
+    """Per-example ``lengths`` as an int32 ``[B]`` array in ``[0, length]`` (checked where
+    concrete); ``name`` and the dimension's name ``dim`` are for the error messages."""
+    if lengths is None:
         return None
-    arr = jnp.asarray(kv_lengths)
-    if arr.shape != (shapes.batch,) or not jnp.issubdtype(arr.dtype, jnp.integer):
+    arr = jnp.asarray(lengths)
+    if arr.shape != (batch,) or not jnp.issubdtype(arr.dtype, jnp.integer):
         raise ValueError(
-            f"kv_lengths must be an integer array of shape [batch]=({shapes.batch},); "
+            f"{name} must be an integer array of shape [batch]=({batch},); "
             f"got shape {arr.shape}, dtype {arr.dtype}"
         )
     if not isinstance(arr, jax.core.Tracer):
         values = np.asarray(arr)
-        if (values < 0).any() or (values > shapes.kv_len).any():
-            raise ValueError(
-                f"kv_lengths must lie in [0, Tk={shapes.kv_len}]; got {values.tolist()}"
-            )
+        if (values < 0).any() or (values > length).any():
+            raise ValueError(f"{name} must lie in [0, {dim}={length}]; got {values.tolist()}")
     return arr.astype(jnp.int32)
+
+
+def check_kv_lengths(kv_lengths: Any, shapes: Shapes) -> jax.Array | None:
+    """``kv_lengths`` as an int32 ``[B]`` array, values checked where concrete."""
+    return check_lengths("kv_lengths", kv_lengths, shapes.batch, shapes.kv_len, "Tk")
 
 
 #: Call arguments that need a feature, and the feature.

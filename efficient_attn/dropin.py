@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from efficient_attn import api, masking, mods
+from efficient_attn import api, mods
 from efficient_attn.registry import get_method, methods
 
 #: Drop-in argument -> the registry feature a method needs to honour it
@@ -84,21 +84,6 @@ def _window(local_window_size: Any) -> tuple[int, int] | None:
             f"got {local_window_size!r}"
         )
     return int(w[0]), int(w[1])
-
-
-def _lengths(name: str, x: Any, batch: int, length: int) -> jax.Array | None:
-    if x is None:
-        return None
-    arr = jnp.asarray(x)
-    if arr.shape != (batch,) or not jnp.issubdtype(arr.dtype, jnp.integer):
-        raise ValueError(
-            f"{name} must be an int array of shape [batch]=({batch},); got {arr.shape} {arr.dtype}"
-        )
-    if not isinstance(arr, jax.core.Tracer):
-        v = np.asarray(arr)
-        if (v < 0).any() or (v > length).any():
-            raise ValueError(f"{name} must lie in [0, {length}]; got {v.tolist()}")
-    return arr.astype(jnp.int32)
 
 
 def _segments(q_ids: Any, kv_ids: Any, batch: int, t: int, s: int, unbatched: bool):
@@ -194,8 +179,8 @@ def dot_product_attention(
         if not isinstance(flag, bool | np.bool_):
             raise ValueError(f"{name} must be a bool; got {flag!r}")
     window = _window(local_window_size)
-    q_len = _lengths("query_seq_lengths", query_seq_lengths, b, t)
-    kv_len = _lengths("key_value_seq_lengths", key_value_seq_lengths, b, s)
+    q_len = api.check_lengths("query_seq_lengths", query_seq_lengths, b, t, "T")
+    kv_len = api.check_lengths("key_value_seq_lengths", key_value_seq_lengths, b, s, "S")
     segments = _segments(q_segment_ids, kv_segment_ids, b, t, s, unbatched)
     if logits_soft_cap is not None and (
         isinstance(logits_soft_cap, bool)
@@ -203,9 +188,8 @@ def dot_product_attention(
         or logits_soft_cap <= 0
     ):
         raise ValueError(f"logits_soft_cap must be a positive number; got {logits_soft_cap!r}")
-    drop = None
-    if masking.dropout(dropout_rate, dropout_rng, broadcast=dropout_broadcast) is not None:
-        drop = (dropout_rate, dropout_rng, bool(dropout_broadcast))
+    # Validated (and its seed drawn) once, by ea.attention; the native path refuses it.
+    drop = (dropout_rate, dropout_rng, bool(dropout_broadcast)) if dropout_rate != 0 else None
     used = {
         "bias": bias is not None,
         "mask": mask is not None,
