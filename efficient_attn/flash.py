@@ -202,13 +202,15 @@ class _Tile:
         # else each (query tile, key tile) window is visited once: a plain write
         return jax.lax.dynamic_update_slice(dbias, g, start)
 
-    def dropped(self, p, seed):
-        """``p`` after the counter-based dropout of this tile (identity without dropout)."""
+    def dropout(self, seed):
+        """``drop(x)``: the counter-based dropout of this tile, its mask drawn once
+        (the identity without dropout)."""
         st = self.st
         if not st.dropout_rate:
-            return p
+            return lambda x: x
         drop = masking.Dropout(st.dropout_rate, seed, st.dropout_broadcast)
-        return drop.apply(p, self.b, self.h, self.qi, self.ki)
+        keep = drop.keep(self.b, self.h, self.qi, self.ki)
+        return lambda x: drop.scale(x, keep)
 
 
 def _live(lst, count, k_first, max_len):
@@ -253,7 +255,7 @@ def _forward(st: _Static, q, k, v, scale, params, score_consts, kv_len, q_pos, k
                 p = jnp.exp(s - m_safe[..., None])
                 alpha = jnp.exp(m - m_safe)
                 pv = jnp.einsum(
-                    "bkgqs,bksd->bkgqd", tile.dropped(p, seed).astype(v.dtype), tile.values(vb[j]),
+                    "bkgqs,bksd->bkgqd", tile.dropout(seed)(p).astype(v.dtype), tile.values(vb[j]),
                     preferred_element_type=acc,
                 )  # fmt: skip
                 return o * alpha[..., None] + pv, m_new, l * alpha + p.sum(-1)
@@ -336,12 +338,13 @@ def _backward(st: _Static, res, cotangents):
                 vv = tile.values(v_j)
                 if mask is not None:
                     p = jnp.where(mask, p, 0.0)
+                drop = tile.dropout(seed)  # one mask for p and dp
                 dv = dv + jnp.einsum(
-                    "bkgqs,bkgqd->bksd", tile.dropped(p, seed).astype(v.dtype), do_i,
+                    "bkgqs,bkgqd->bksd", drop(p).astype(v.dtype), do_i,
                     preferred_element_type=acc,
                 )  # fmt: skip
                 dp = jnp.einsum("bkgqd,bksd->bkgqs", do_i, vv, preferred_element_type=acc)
-                ds = p * (tile.dropped(dp, seed) - delta[i][..., None])
+                ds = p * (drop(dp) - delta[i][..., None])
                 if mask is not None:
                     ds = jnp.where(mask, ds, 0.0)
                 if st.score_fn is not None:

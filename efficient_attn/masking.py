@@ -197,7 +197,10 @@ class Dropout:
 
     def apply(self, p: jax.Array, b, h, q_idx, kv_idx) -> jax.Array:
         """``p`` with dropped weights zeroed and the kept ones scaled by ``1 / (1 - rate)``."""
-        keep = self.keep(b, h, q_idx, kv_idx)
+        return self.scale(p, self.keep(b, h, q_idx, kv_idx))
+
+    def scale(self, p: jax.Array, keep: jax.Array) -> jax.Array:
+        """:meth:`apply` with the ``keep`` mask already drawn (reused for several arrays)."""
         return jnp.where(keep, p * (1.0 / (1.0 - self.rate)), jnp.zeros((), p.dtype))
 
 
