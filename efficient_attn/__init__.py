@@ -5,17 +5,14 @@
 """
 
 from efficient_attn import methods as _methods  # noqa: F401  (registers the families)
-from efficient_attn import mods
-from efficient_attn.api import attention, attention_weights, sparsity_pattern
-from efficient_attn.blockmask import BlockMask, block_mask
-from efficient_attn.dropin import dot_product_attention
-from efficient_attn.methods.linear import LinearState
-from efficient_attn.parallel import sequence_parallel_attention
-from efficient_attn.recurrent import init_state as linear_init_state
-from efficient_attn.recurrent import recurrent_methods
-from efficient_attn.recurrent import step as linear_step
-from efficient_attn.reference import numpy_reference, numpy_reference_grads
-from efficient_attn.registry import (
+from efficient_attn.core import mods
+from efficient_attn.core.api import attention, attention_weights, sparsity_pattern
+from efficient_attn.core.blockmask import BlockMask, block_mask
+from efficient_attn.core.recurrent import init_state as linear_init_state
+from efficient_attn.core.recurrent import recurrent_methods
+from efficient_attn.core.recurrent import step as linear_step
+from efficient_attn.core.reference import numpy_reference, numpy_reference_grads
+from efficient_attn.core.registry import (
     BASIC_FEATURES,
     FEATURES,
     MOD_FEATURES,
@@ -29,6 +26,9 @@ from efficient_attn.registry import (
     methods,
     register_method,
 )
+from efficient_attn.dropin import dot_product_attention
+from efficient_attn.methods.linear import LinearState
+from efficient_attn.parallel import sequence_parallel_attention
 
 __all__ = [
     "BASIC_FEATURES",

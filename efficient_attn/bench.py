@@ -18,8 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from efficient_attn.api import attention
-from efficient_attn.registry import get_method, init_arrays
+from efficient_attn.core.api import attention
+from efficient_attn.core.registry import get_method, init_arrays
 
 
 @dataclasses.dataclass(frozen=True)

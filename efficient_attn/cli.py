@@ -289,7 +289,7 @@ def run_train(args: argparse.Namespace) -> int:
     code = train.run(args)
     config = train.config_from_args(args)
     if code == 0 and config.task_obj().kind == "seq2seq":
-        from efficient_attn import analysis  # matplotlib loads only here
+        from efficient_attn.train import analysis  # matplotlib loads only here
 
         path = analysis.write_run_alignment(args.out or train.default_out(config))
         print(f"alignment: {path}")
@@ -298,7 +298,7 @@ def run_train(args: argparse.Namespace) -> int:
 
 @subcommand("quality", help="train every method across task difficulty; accuracy report")
 def run_quality(args: argparse.Namespace) -> int:
-    from efficient_attn import quality
+    from efficient_attn.studies import quality
 
     return quality.run(args)
 
@@ -310,7 +310,7 @@ def _train_args(p: argparse.ArgumentParser) -> None:
 
 
 def _quality_args(p: argparse.ArgumentParser) -> None:
-    from efficient_attn import quality
+    from efficient_attn.studies import quality
 
     quality.add_arguments(p)
 
@@ -328,7 +328,7 @@ def _plot_attention_args(p: argparse.ArgumentParser) -> None:
 
 @subcommand("plot-attention", help="heatmaps of a trained run's attention weights (any method)")
 def run_plot_attention(args: argparse.Namespace) -> int:
-    from efficient_attn import analysis
+    from efficient_attn.train import analysis
 
     written = analysis.plot_run(
         args.run_dir, example=args.example, layer=args.layer, head=args.head

@@ -9,7 +9,7 @@ dropout, and translates them into what the methods share: masks become one
 ``mask_mod`` (so the tile engine skips the tiles they empty), the soft-cap a
 ``score_mod``, sinks a correction through the log-sum-exp. Wrappers of a
 library's own attention (``xla``, ``cudnn``) get the arguments as they are
-(:class:`efficient_attn.registry.Native`). Whatever the chosen method cannot
+(:class:`efficient_attn.core.registry.Native`). Whatever the chosen method cannot
 honour is a ``ValueError`` naming the argument and the methods that can.
 """
 
@@ -21,8 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from efficient_attn import api, mods
-from efficient_attn.registry import get_method, methods
+from efficient_attn.core import api, mods
+from efficient_attn.core.registry import get_method, methods
 
 #: Drop-in argument -> the registry feature a method needs to honour it
 #: (None: every method; ``is_causal`` with ``T != S`` needs ``"mask_mod"``, as
@@ -153,7 +153,7 @@ def dot_product_attention(
       sinks: float ``[N]``: a learned logit per head that joins every row's
         softmax denominator with no value (gpt-oss); differentiable.
       dropout_rate, dropout_rng: inverted dropout on the weights, reproducible
-        per key and the same for every method (:class:`efficient_attn.masking.Dropout`).
+        per key and the same for every method (:class:`efficient_attn.core.masking.Dropout`).
       dropout_broadcast: one dropout mask for all batch rows and heads (Flax's
         ``broadcast_dropout``).
       **options: the method's options (``efficient-attn methods``).

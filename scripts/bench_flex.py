@@ -29,7 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import efficient_attn as ea
-from efficient_attn import bench, mods
+from efficient_attn import bench
+from efficient_attn.core import mods
 
 B, N, H = 1, 4, 64
 

@@ -1,7 +1,7 @@
 """Sequence-parallel attention across processes: per-device memory and time at one length.
 
 Each process (one per node under Slurm) calls
-:func:`efficient_attn.distributed.initialize` (from the Slurm environment, the
+:func:`efficient_attn.parallel.distributed.initialize` (from the Slurm environment, the
 ``JAX_COORDINATOR_ADDRESS`` / ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID``
 variables, or the flags below), builds one mesh axis over every process's
 devices, makes q, k, v split along the sequence (each process generates only
@@ -78,7 +78,7 @@ def _sharded_normal(shape, sharding, dtype, seed: int):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from efficient_attn.distributed import initialize
+    from efficient_attn.parallel.distributed import initialize
 
     index, count = initialize(
         args.coordinator, args.num_processes, args.process_id, num_cpu_devices=args.cpu_devices

@@ -1,6 +1,6 @@
 #!/bin/bash
 # Sequence-parallel attention across Slurm nodes: one process per node, all of the
-# job's devices on one mesh axis. Each process calls efficient_attn.distributed.initialize(),
+# job's devices on one mesh axis. Each process calls efficient_attn.parallel.distributed.initialize(),
 # which reads the Slurm environment that srun sets (SLURM_JOB_ID, SLURM_NTASKS,
 # SLURM_PROCID, SLURM_STEP_NODELIST, ...) through jax.distributed's cluster detection:
 # process 0's node hosts the coordinator. On CPU-only nodes it selects gloo collectives.

@@ -123,7 +123,7 @@ def test_registering_a_method_with_limited_features():
         with pytest.raises(ValueError, match="already registered"):
             ea.register_method("_test_limited", exact=True)(limited)
     finally:
-        ea.registry.unregister_method("_test_limited")
+        ea.core.registry.unregister_method("_test_limited")
     assert "_test_limited" not in ea.methods()
 
 

@@ -93,8 +93,8 @@ def test_causal_block_mask_visits_the_lower_triangle():
 
 def test_tiled_forward_with_positions_composes_over_key_shards():
     """Two key shards merged by their log-sum-exp equal the full attention (ring building block)."""
-    from efficient_attn import blockmask
-    from efficient_attn.flash import merge_partials, tiled_forward
+    from efficient_attn.core import blockmask
+    from efficient_attn.core.engine import merge_partials, tiled_forward
 
     q, k, v = make_qkv(1, 24, 24, 2, 2, 8)
     pos = np.arange(24, dtype=np.int32)

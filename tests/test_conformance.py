@@ -351,7 +351,7 @@ MODDED = [p for p in METHODS if {"mask_mod", "score_mod"} & ea.get_method(p.valu
 def test_mods_equal_their_weights_and_refuse_nothing_silently(method):
     """Mods change the output; ``attention == attention_weights @ v`` under them; methods
     without the feature refuse the argument (tests/test_api covers the refusal text)."""
-    from efficient_attn import mods
+    from efficient_attn.core import mods
 
     q, k, v = make_qkv(2, 40, 40, 4, 2, 8, seed=11)
     seg = (np.arange(40)[None] * np.array([[3], [2]]) // 40).astype(np.int32)
@@ -380,7 +380,7 @@ DROPIN_FEATURES = ("bias", "dropout", "lse")
 def test_bias_dropout_and_lse_equal_dense_or_are_refused(method):
     """Methods declaring ``bias``/``dropout``/``lse`` equal dense softmax under the same
     bias, the same counter-based dropout mask and their own pattern; the rest refuse them."""
-    from efficient_attn import masking, mods
+    from efficient_attn.core import masking, mods
 
     q, k, v = make_qkv(2, 24, 24, 4, 2, 8, seed=12)
     causal = supports(method, "causal")

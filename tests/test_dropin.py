@@ -257,7 +257,7 @@ def test_dropout_is_reproducible_method_independent_and_unbiased():
     spread = np.asarray(outs.std(0)).mean() / np.sqrt(400)
     assert err < 3 * spread, (err, spread)
     # The keep rate is 1 - rate.
-    keep = ea.masking.dropout(0.4, key).keep(*ea.masking.mod_indices(2, 2, 2, 64, 64))
+    keep = ea.core.masking.dropout(0.4, key).keep(*ea.core.masking.mod_indices(2, 2, 2, 64, 64))
     assert abs(float(np.asarray(keep).mean()) - 0.6) < 0.01
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import efficient_attn as ea
-from efficient_attn import mods
+from efficient_attn.core import mods
 from tests.conftest import make_qkv, rel_err
 
 F32_TOL = 2e-5

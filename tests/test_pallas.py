@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import efficient_attn as ea
-from efficient_attn import flash, mods
+from efficient_attn.core import engine, mods
 from efficient_attn.kernels import TileConfig, default_config, dispatch, fused_attention
 from efficient_attn.methods.additive import ADDITIVE
 from tests.conftest import make_qkv, rel_err
@@ -67,7 +67,7 @@ def test_kernels_match_float64_reference(case):
 def test_lse_and_its_gradient_match_the_xla_engine():
     """The engine's custom_vjp carries the lse cotangent: the kernels' delta subtracts it."""
     q, k, v = make_qkv(1, 21, 35, 2, 2, 8, seed=3)
-    bm = flash.plan_block_mask(21, 35, batch=1, heads=2, causal=True, block_q=16, block_k=16)
+    bm = engine.plan_block_mask(21, 35, batch=1, heads=2, causal=True, block_q=16, block_k=16)
     kv = jnp.array([30])
 
     def loss(attn):
@@ -77,7 +77,7 @@ def test_lse_and_its_gradient_match_the_xla_engine():
 
         return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))
 
-    ref = loss(flash.tiled_attention)(q, k, v)
+    ref = loss(engine.tiled_attention)(q, k, v)
     got = loss(lambda *a, **kw: fused_attention(*a, **kw, interpret=True))(q, k, v)
     for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(ref), strict=True):
         assert rel_err(g, r) < F32_TOL
@@ -89,7 +89,7 @@ def test_tpu_kernels_in_interpret_mode():
     q, k, v = make_qkv(2, 19, 150, 2, 1, 32, seed=5)
     docs = mods.document_mask(segments(2, 19, 2), segments(2, 150, 2, seed=1))
     kw = {"causal": True, "kv_lengths": np.array([150, 90]), "scale": 0.2, "mask_mod": docs}
-    bm = flash.plan_block_mask(19, 150, batch=2, heads=2, causal=True, mask_mod=docs,
+    bm = engine.plan_block_mask(19, 150, batch=2, heads=2, causal=True, mask_mod=docs,
                                block_q=8, block_k=128)  # fmt: skip
     dout = np.random.default_rng(6).standard_normal(q.shape).astype(np.float32)
 
@@ -233,10 +233,10 @@ def test_cpu_default_is_the_xla_engine_and_other_scores_stay_there():
     x = jnp.zeros((1, 16, 2, 8))
     kw = {"causal": True, "kv_lengths": None, "scale": 1.0, "block_q": 16, "block_k": 16}
     with pytest.raises(ValueError, match=r"cannot run this call: score .* kernels compute q \. k"):
-        flash.attend(x, x, x, score=ADDITIVE, params=jnp.ones(8), implementation="pallas",
+        engine.attend(x, x, x, score=ADDITIVE, params=jnp.ones(8), implementation="pallas",
                      interpret=True, **kw)  # fmt: skip
     before = len(dispatch.fallbacks())
-    flash.attend(x, x, x, score=ADDITIVE, params=jnp.ones(8), implementation="auto",
+    engine.attend(x, x, x, score=ADDITIVE, params=jnp.ones(8), implementation="auto",
                  interpret=True, **kw)  # fmt: skip
     assert "kernels compute q . k" in dispatch.fallbacks()[before]
 

@@ -73,7 +73,7 @@ def _out_and_grads(fn, q, k, v, dout, scale=SCALE):
 def _check_against_float64(name, mesh, fn, q, k, v, dout, *, causal, lengths):
     """Output and gradients of ``fn`` equal the float64 reference; empty rows are exact zeros."""
     import efficient_attn as ea
-    from efficient_attn import masking
+    from efficient_attn.core import masking
 
     out, grads = _out_and_grads(fn, q, k, v, dout)
     kw = {"causal": causal, "kv_lengths": lengths, "scale": SCALE}
@@ -220,7 +220,7 @@ def check_ring_mods():
     import jax.numpy as jnp
 
     import efficient_attn as ea
-    from efficient_attn import mods
+    from efficient_attn.core import mods
     from efficient_attn.parallel import sequence_parallel_attention
 
     mesh = _mesh(4)
@@ -315,7 +315,7 @@ def _free_port() -> int:
 def test_zigzag_layout_balances_causal_work():
     """Each device holds chunks d and 2P-1-d: positions tile the sequence, and at every ring
     step every device visits the same number of causal tiles (a contiguous layout does not)."""
-    from efficient_attn import blockmask, mods
+    from efficient_attn.core import blockmask, mods
     from efficient_attn.parallel import layout
 
     size, length, block = 4, 256, 16

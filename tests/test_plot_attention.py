@@ -10,9 +10,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from efficient_attn.analysis import attention_maps, example_maps, plot_run
 from efficient_attn.nn import DecoderLM, EncoderDecoder, ModelConfig, MultiHeadAttention
 from efficient_attn.train import TrainConfig, Trainer, train
+from efficient_attn.train.analysis import attention_maps, example_maps, plot_run
 
 
 def test_maps_of_a_layer_are_its_weights():

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from efficient_attn import quality
+from efficient_attn.studies import quality
 
 TINY = {
     "methods": ["dense", "blockwise"],

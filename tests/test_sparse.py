@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import efficient_attn as ea
-from efficient_attn import masking
+from efficient_attn.core import masking
 from efficient_attn.methods import sparse
 from tests.conftest import make_qkv, rel_err
 
@@ -207,7 +207,7 @@ def test_invalid_options_raise(method, options, match):
 
 def test_render_pattern_writes_png(tmp_path):
     pytest.importorskip("matplotlib")
-    from efficient_attn.patterns import render_pattern
+    from efficient_attn.core.patterns import render_pattern
 
     path = render_pattern("bigbird", tmp_path / "bb.png", tq=32, **BIGBIRD)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

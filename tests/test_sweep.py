@@ -157,7 +157,7 @@ def test_worker_unsupported_feature_and_reference_limit():
         row = worker.run_point({**payload, "pass": "fwd", "reference_max_elements": 10**6})
         assert row["rel_error"] < 1e-5 and row["grad_rel_error"] is None
     finally:
-        ea.registry.unregister_method("_fwd_only")
+        ea.core.registry.unregister_method("_fwd_only")
 
 
 _FAKE_WORKER = """

@@ -33,7 +33,7 @@ def _is_array(x: Any) -> bool:
 class Split:
     """A pytree split into its array leaves (kernel or custom_vjp inputs) and the rest.
 
-    Library mods (:mod:`efficient_attn.mods`) and block masks are pytrees: their
+    Library mods (:mod:`efficient_attn.core.mods`) and block masks are pytrees: their
     arrays (segment ids, slopes, tile lists) become inputs, and the kernel calls
     the mod rebuilt around its input refs, so ``ids[b, q_idx]`` is a load, not
     a captured constant.

@@ -4,7 +4,7 @@
 program is lowered for, through :func:`jax.lax.platform_dependent`: Triton on
 CUDA, Mosaic on TPU, the XLA engine elsewhere, so one jitted function lowers
 correctly for any backend. A call the kernels cannot run (another
-:class:`~efficient_attn.flash.Score`, a traced scale, a mod closing over
+:class:`~efficient_attn.core.engine.Score`, a traced scale, a mod closing over
 non-leaf arrays, ...) runs on the XLA engine instead; the reason is logged and
 kept in :func:`fallbacks`. A user's ``block_mask`` at tiles the kernels cannot
 run (larger than the :class:`~efficient_attn.kernels.TileConfig`'s, or not powers
@@ -22,6 +22,7 @@ from typing import Any
 
 import jax
 
+from efficient_attn.core import engine
 from efficient_attn.kernels import fused
 from efficient_attn.kernels.common import Unsupported
 from efficient_attn.kernels.config import TileConfig, default_config
@@ -30,6 +31,10 @@ from efficient_attn.kernels.config import TileConfig, default_config
 IMPLEMENTATIONS = ("auto", "xla", "pallas")
 
 _log = logging.getLogger(__name__)
+#: engine.attend's optional keywords, which the kernel branch reads.
+_ENGINE_DEFAULTS = dict.fromkeys(
+    ("mask_mod", "score_mod", "block_mask", "pattern", "params", "bias", "dropout")
+) | {"score": engine.DOT}
 _FALLBACKS: collections.deque = collections.deque(maxlen=64)
 
 
@@ -71,19 +76,17 @@ def _fits(bm, tiles: tuple[int, int]) -> bool:
 def _block_masks(q, k, kw: dict, cfg: TileConfig):
     """The forward's block mask at the config's tiles (or the user's, where the kernels can
     run it) and the backward's (None: the same)."""
-    from efficient_attn import flash
-
     b, tq, n = q.shape[:3]
     tk = k.shape[1]
 
     def replan(mask_mod, tiles):
-        return flash.plan_block_mask(
+        return engine.plan_block_mask(
             tq, tk, batch=b, heads=n, causal=False, mask_mod=mask_mod,
             block_q=min(tiles[0], tq), block_k=min(tiles[1], tk),
         )  # fmt: skip
 
     tiles = (cfg.block_q, cfg.block_k)
-    bm = flash.plan_block_mask(
+    bm = engine.plan_block_mask(
         tq, tk, batch=b, heads=n, causal=kw["causal"], mask_mod=kw["mask_mod"],
         block_mask=kw["block_mask"], block_q=min(tiles[0], tq), block_k=min(tiles[1], tk),
         pattern=kw["pattern"],
@@ -96,23 +99,37 @@ def _block_masks(q, k, kw: dict, cfg: TileConfig):
     return bm, None if (bwd.block_q, bwd.block_k) == (bm.block_q, bm.block_k) else bwd
 
 
-def attend(q, k, v, *, implementation: str, interpret: bool, config: TileConfig | None,
-           **kw) -> tuple[jax.Array, jax.Array]:  # fmt: skip
-    """:func:`efficient_attn.flash.attend` (its keywords ``kw``) with ``implementation``."""
-    from efficient_attn import flash
+def attend(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    implementation: str = "auto",
+    interpret: bool = False,
+    kernel_config: TileConfig | None = None,
+    **kw: Any,
+) -> tuple[jax.Array, jax.Array]:
+    """:func:`efficient_attn.core.engine.attend` (its keywords ``kw``) on the engine
+    ``implementation`` selects: ``"xla"`` (the tile engine), ``"auto"`` or ``"pallas"``.
 
+    ``interpret`` runs the kernels in Pallas' interpreter; ``kernel_config`` (a
+    :class:`~efficient_attn.kernels.TileConfig`; None: the backend's default)
+    sets the kernels' tiles. What every tiled method with an ``implementation``
+    option calls.
+    """
+    config = kernel_config
+    kw = {**_ENGINE_DEFAULTS, **kw}
+    if check(implementation, interpret) == "xla":
+        return engine.attend(q, k, v, **kw)
     if config is not None and not isinstance(config, TileConfig):
         raise ValueError(f"kernel_config must be an ea.kernels.TileConfig or None; got {config!r}")
 
     def xla(q, k, v):
-        return flash.attend(q, k, v, **kw)
-
-    if implementation == "xla":
-        return xla(q, k, v)
+        return engine.attend(q, k, v, **kw)
 
     def kernel(backend: str, interp: bool):
         def run(q, k, v):
-            if kw["score"] is not flash.DOT or kw["params"] is not None:
+            if kw["score"] is not engine.DOT or kw["params"] is not None:
                 raise Unsupported(f"score {kw['score']!r} (the kernels compute q . k)")
             for name in ("bias", "dropout"):  # the drop-in's dense bias and dropout
                 if kw.get(name) is not None:

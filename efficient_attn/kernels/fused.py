@@ -1,6 +1,6 @@
 """Fused attention over a block mask: the tile engine's contract, run by Pallas kernels.
 
-The same inputs and outputs as :func:`efficient_attn.flash.tiled_attention` with
+The same inputs and outputs as :func:`efficient_attn.core.engine.tiled_attention` with
 the dot-product score (FlashAttention-2, Dao 2023; FlexAttention's block masks
 and mods, Dong et al. 2024): ``(out [B, Tq, N, Hv], lse [B, Tq, N])``,
 differentiable in q, k, v and through ``lse``. Lengths need not be tile
@@ -11,7 +11,7 @@ Backward: a dK/dV kernel over the transposed tile lists and a dQ kernel over
 the forward lists (deterministic: no atomics), from the saved lse and
 ``delta = rowsum(dO * O) - d lse``. A ``score_mod`` holding arrays (ALiBi's
 slopes, a learned bias table) runs in the forward kernel, but its backward is
-the XLA engine's (:mod:`efficient_attn.flash`, whose forward it recomputes),
+the XLA engine's (:mod:`efficient_attn.core.engine`, whose forward it recomputes),
 which also gives those arrays their gradients.
 """
 
@@ -25,9 +25,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from efficient_attn import blockmask as _bm
-from efficient_attn import masking
-from efficient_attn import mods as _mods
+from efficient_attn.core import blockmask as _bm
+from efficient_attn.core import masking
+from efficient_attn.core import mods as _mods
 from efficient_attn.kernels import common, pallas_gpu, pallas_tpu
 from efficient_attn.kernels.common import Unsupported
 from efficient_attn.kernels.config import TileConfig, default_config
@@ -270,13 +270,13 @@ def _fused_fwd(p, q, k, v, bm_arrays, score_arrays, kv_len, bwd_arrays):
 
 def _xla_backward(p: _Plan, res, cotangents):
     """Gradients through the XLA engine (score_mods holding arrays), its forward recomputed."""
-    from efficient_attn import flash
+    from efficient_attn.core import engine
 
     q, k, v, bm_arrays, score_arrays, kv_len, _, _, _ = res
     bm = p.bm.rebuild(bm_arrays)
 
     def run(q, k, v, score_arrays):
-        return flash.tiled_attention(
+        return engine.tiled_attention(
             q, k, v, scale=p.spec.scale, block_mask=bm, kv_len=kv_len,
             score_mod=p.score.rebuild(score_arrays),
         )  # fmt: skip

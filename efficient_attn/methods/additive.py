@@ -10,8 +10,8 @@ with ``Wq = query_proj [H, A]``, ``Wk = key_proj [H, A]`` and
 ``ea.init_arrays("additive", key, H)``, learned by
 :class:`efficient_attn.nn.MultiHeadAttention`). ``scale`` defaults to 1.0.
 
-Evaluated by the tiled online-softmax engine of :mod:`efficient_attn.flash`
-with an additive :class:`~efficient_attn.flash.Score`: the projections are
+Evaluated by the tiled online-softmax engine of :mod:`efficient_attn.core.engine`
+with an additive :class:`~efficient_attn.core.engine.Score`: the projections are
 computed once (``[B, T, N, A]``), and the ``tanh`` tensor only ever exists
 for one ``block_q x block_k`` tile, forward and backward (the backward
 recomputes it from the saved log-sum-exp), so memory is O(N) like
@@ -27,13 +27,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from efficient_attn import flash, masking
-from efficient_attn.reference import softmax_attention_from_logits
-from efficient_attn.registry import MOD_FEATURES, ArrayOption, positive_int, register_method
+from efficient_attn.core import engine, masking
+from efficient_attn.core.reference import softmax_attention_from_logits
+from efficient_attn.core.registry import MOD_FEATURES, ArrayOption, positive_int, register_method
 
 
 @dataclasses.dataclass(frozen=True)
-class AdditiveScore(flash.Score):
+class AdditiveScore(engine.Score):
     """``w . tanh(q + k)`` on projected tiles ``q_i [B,K,G,bq,A]``, ``k_j [B,K,bk,A]``; w [A]."""
 
     def _hidden(self, q_i, k_j, acc):  # [B, K, G, bq, bk, A]
@@ -93,7 +93,7 @@ def additive_weights(
     acc = qp.dtype
     qg = jnp.moveaxis(masking.group_queries(qp, kh), 1, 3)  # [B, K, G, Tq, A]
     bk = min(positive_int("block_k", block_k), tk)
-    kb = flash._kv_blocks(kp, bk)  # [nk, B, K, bk, A]
+    kb = engine._kv_blocks(kp, bk)  # [nk, B, K, bk, A]
     s = jax.lax.map(lambda k_j: ADDITIVE.logits(score_vector, qg, k_j, acc), kb)
     s = jnp.moveaxis(s, 0, 4).reshape(*qg.shape[:4], -1)[..., :tk]  # [B, K, G, Tq, Tk]
     mask = masking.dense_mask(kv_lengths, b, tq, tk, causal=causal)[:, None, None]
@@ -157,7 +157,7 @@ def additive(
     """
     block_q, block_k = positive_int("block_q", block_q), positive_int("block_k", block_k)
     qp, kp = _project(q, k, query_proj, key_proj)
-    return flash.attend(
+    return engine.attend(
         qp, kp, v, causal=causal, kv_lengths=kv_lengths, scale=jnp.asarray(scale, qp.dtype),
         block_q=block_q, block_k=block_k, mask_mod=mask_mod, score_mod=score_mod,
         block_mask=block_mask, score=ADDITIVE, params=score_vector.astype(qp.dtype),

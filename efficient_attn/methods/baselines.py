@@ -12,8 +12,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from efficient_attn import masking
-from efficient_attn.registry import Native, register_method
+from efficient_attn.core import masking
+from efficient_attn.core.registry import Native, register_method
 
 
 def _pad_heads(q, k, v):

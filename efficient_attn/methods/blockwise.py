@@ -2,7 +2,7 @@
 
 Rabe & Staats 2021, "Self-attention Does Not Need O(n^2) Memory"; Dao 2023,
 "FlashAttention-2". The tile engine (online softmax over a block mask, custom
-backward) lives in :mod:`efficient_attn.flash`; this method runs it with the
+backward) lives in :mod:`efficient_attn.core.engine`; this method runs it with the
 dot-product score, any ``mask_mod``/``score_mod`` and a reusable ``block_mask``.
 """
 
@@ -12,9 +12,10 @@ from typing import Any
 
 import jax
 
-from efficient_attn import flash
-from efficient_attn.parallel.kernels import flash_ring_kernels
-from efficient_attn.registry import FEATURES, positive_int, register_method
+from efficient_attn import kernels
+from efficient_attn.core import engine
+from efficient_attn.core.registry import FEATURES, positive_int, register_method
+from efficient_attn.core.ring_kernels import flash_ring_kernels
 
 
 @register_method("blockwise", exact=True, supports=FEATURES, ring=flash_ring_kernels)
@@ -56,10 +57,10 @@ def blockwise(
     None: the backend's default), not ``block_q``/``block_k``.
     """
     block_q, block_k = positive_int("block_q", block_q), positive_int("block_k", block_k)
-    out_lse = flash.attend(
+    out_lse = kernels.attend(
         q, k, v, causal=causal, kv_lengths=kv_lengths, scale=scale, block_q=block_q,
         block_k=block_k, mask_mod=mask_mod, score_mod=score_mod, block_mask=block_mask,
         bias=bias, dropout=dropout, implementation=implementation, interpret=interpret,
         kernel_config=kernel_config,
     )  # fmt: skip
-    return flash.result(out_lse, return_lse, q.dtype)
+    return engine.result(out_lse, return_lse, q.dtype)

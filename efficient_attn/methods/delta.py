@@ -33,7 +33,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from efficient_attn import chunked
+from efficient_attn.core import chunked
 from efficient_attn.methods import gated_base as base
 from efficient_attn.methods.gated import causal_decays
 

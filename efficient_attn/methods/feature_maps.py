@@ -15,8 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from efficient_attn import masking
-from efficient_attn.registry import positive_int
+from efficient_attn.core import masking
+from efficient_attn.core.registry import positive_int
 
 _EXP_CAP = 80.0  # exp(80) * 4096 features < float32 max
 

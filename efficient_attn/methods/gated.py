@@ -28,7 +28,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from efficient_attn import chunked
+from efficient_attn.core import chunked
 from efficient_attn.methods import gated_base as base
 
 RETNET = base.Rule("retnet", decay="head", delta=False)

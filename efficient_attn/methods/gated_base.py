@@ -39,8 +39,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from efficient_attn import masking
-from efficient_attn.registry import (
+from efficient_attn.core import masking
+from efficient_attn.core.registry import (
     ArrayOption,
     Recurrent,
     TokenProjection,

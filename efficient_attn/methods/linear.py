@@ -48,10 +48,10 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from efficient_attn import chunked, masking
+from efficient_attn.core import chunked, masking
+from efficient_attn.core.registry import Recurrent, register_method
 from efficient_attn.methods.feature_maps import FeatureMap, performer_projection  # noqa: F401
 from efficient_attn.methods.feature_maps import feature_map as _feature_map
-from efficient_attn.registry import Recurrent, register_method
 
 FAMILY = ("linear_elu", "linear_relu", "linear_softmax", "performer")
 

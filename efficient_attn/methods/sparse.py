@@ -8,7 +8,7 @@ and random blocks).
 Each method is defined once, by its ``mask_mod`` (:func:`method_mask`): its
 ``sparsity_pattern``, its explicit weights (dense softmax restricted to the
 mask) and its execution (the block mask of that mod on the tile engine of
-:mod:`efficient_attn.flash`: empty tiles skipped, full tiles unmasked) all
+:mod:`efficient_attn.core.engine`: empty tiles skipped, full tiles unmasked) all
 come from it, so work and memory grow with the pattern, not with ``Tq * Tk``.
 ``strided`` runs the engine twice and merges the two exactly: the window over
 the keys in their order, and the summary keys outside the window gathered
@@ -33,9 +33,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from efficient_attn import blockmask, flash, mods
+from efficient_attn import kernels
+from efficient_attn.core import blockmask, engine, mods
+from efficient_attn.core.registry import FEATURES, register_method
 from efficient_attn.methods.dense import dense_weights
-from efficient_attn.registry import FEATURES, register_method
 
 #: Everything but a dense bias (a bias over all pairs would make a sparse method quadratic).
 SPARSE_FEATURES = tuple(f for f in FEATURES if f != "bias")
@@ -145,11 +146,12 @@ def _run(q, k, v, kv_lengths, scale, mask, tile, method, mask_mod, score_mod, bl
          dropout, return_lse, **execution):  # fmt: skip
     _no_block_mask(method, block_mask)
     mask = mods.and_masks(mask, *_user(mask_mod))
-    out_lse = flash.attend(
+    execution = {"implementation": "xla", **execution}  # local's options pick the kernels
+    out_lse = kernels.attend(
         q, k, v, causal=False, kv_lengths=kv_lengths, scale=scale, block_q=tile, block_k=tile,
         mask_mod=mask, score_mod=score_mod, dropout=dropout, **execution,
     )  # fmt: skip
-    return flash.result(out_lse, return_lse, q.dtype)
+    return engine.result(out_lse, return_lse, q.dtype)
 
 
 @_register("local")
@@ -218,24 +220,24 @@ def strided(
     kv_len = None if kv_lengths is None else jnp.asarray(kv_lengths, jnp.int32)
     common = {"kv_len": kv_len, "scale": scale, "score_mod": score_mod, "dropout": dropout}
     bq, bk = min(TILE, tq), min(TILE, tk)
-    near = flash.plan_block_mask(
+    near = engine.plan_block_mask(
         tq, tk, batch=q.shape[0], heads=q.shape[2], causal=False,
         mask_mod=mods.and_masks(mask, window_mod), block_q=bq, block_k=bk,
     )  # fmt: skip
-    out, lse = flash.tiled_attention(q, k, v, block_mask=near, **common)
+    out, lse = engine.tiled_attention(q, k, v, block_mask=near, **common)
     summary = np.arange(stride - 1, tk, stride, dtype=np.int32)
     if summary.size == 0:
-        return flash.result((out, lse), return_lse, q.dtype)
+        return engine.result((out, lse), return_lse, q.dtype)
     far_mod = mods.and_masks(mask, mods.invert_mask(window_mod))
     bs = min(TILE, summary.size)
     far = blockmask.build(
         far_mod, blockmask.positions(tq), summary, q_limit=tq, k_limit=tk,
         batch=q.shape[0], heads=q.shape[2], block_q=bq, block_k=bs, infer=True,
     )  # fmt: skip
-    out2, lse2 = flash.tiled_attention(
+    out2, lse2 = engine.tiled_attention(
         q, k[:, summary], v[:, summary], block_mask=far, k_pos=summary, k_limit=tk, **common
     )
-    return flash.result(flash.merge_partials(out, lse, out2, lse2), return_lse, q.dtype)
+    return engine.result(engine.merge_partials(out, lse, out2, lse2), return_lse, q.dtype)
 
 
 @_register("bigbird")
@@ -260,7 +262,7 @@ def bigbird(
     """BigBird block-sparse attention (Zaheer et al. 2020): sliding, global and random blocks.
 
     q: [B, Tq, N, H], k: [B, Tk, K, H], v: [B, Tk, K, Hv] -> [B, Tq, N, Hv].
-    Blocks of ``block`` positions; see :func:`efficient_attn.mods.bigbird_blocks`
+    Blocks of ``block`` positions; see :func:`efficient_attn.core.mods.bigbird_blocks`
     for the block pattern (deterministic for ``seed``). Tiles are BigBird's
     blocks. Cost O(Tq * block * (3 + g + r)) plus O(g * block * Tk) for the
     global rows.

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 import efficient_attn as ea
-from efficient_attn.registry import methods_supporting
+from efficient_attn.core.registry import methods_supporting
 
 
 @dataclasses.dataclass(frozen=True)

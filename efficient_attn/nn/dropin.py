@@ -15,8 +15,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from efficient_attn.core.registry import get_method
 from efficient_attn.dropin import dot_product_attention
-from efficient_attn.registry import get_method
 
 
 def attention_fn(method: str = "blockwise", **options: Any) -> Callable[..., jax.Array]:

@@ -11,8 +11,8 @@ import numpy as np
 from flax import nnx
 
 import efficient_attn as ea
+from efficient_attn.core.registry import positive_int
 from efficient_attn.nn.attention import layer_arrays, segment_mask
-from efficient_attn.registry import positive_int
 
 
 class MultiHeadAttention(nnx.Module):

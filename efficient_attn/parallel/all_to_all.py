@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec
 
-from efficient_attn.api import attention
+from efficient_attn.core.api import attention
 from efficient_attn.parallel import layout
 
 

@@ -10,8 +10,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
-from efficient_attn import masking
-from efficient_attn.api import prepare
+from efficient_attn.core import masking
+from efficient_attn.core.api import prepare
 from efficient_attn.parallel.all_to_all import all_to_all_attention
 from efficient_attn.parallel.kernels import RingKernel
 from efficient_attn.parallel.ring import ring_attention

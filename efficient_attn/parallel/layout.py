@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from efficient_attn import masking
+from efficient_attn.core import masking
 
 if hasattr(jax, "shard_map"):
     _shard_map = jax.shard_map

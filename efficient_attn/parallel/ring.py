@@ -26,11 +26,12 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec
 
-from efficient_attn import masking
-from efficient_attn import mods as _mods
-from efficient_attn.flash import merge_partials
+from efficient_attn.core import masking
+from efficient_attn.core import mods as _mods
+from efficient_attn.core.engine import merge_partials
+from efficient_attn.core.ring_kernels import RingMods
 from efficient_attn.parallel import layout
-from efficient_attn.parallel.kernels import RingKernel, RingMods
+from efficient_attn.parallel.kernels import RingKernel
 
 
 def _split_mod(mod: Any):
@@ -117,7 +118,7 @@ def _leaf_grads(d_consts, consts, leaves, acc):
         if not hits:
             raise ValueError(
                 "under strategy='ring' a score_mod may close over traced arrays only as the "
-                "leaves of an efficient_attn.mods.Score pytree (e.g. mods.alibi(slopes))"
+                "leaves of an efficient_attn.core.mods.Score pytree (e.g. mods.alibi(slopes))"
             )
         if d is not None:
             grads[hits[0]] = grads[hits[0]] + d.astype(acc)

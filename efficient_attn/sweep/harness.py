@@ -2,7 +2,7 @@
 
 Sweeps (:func:`efficient_attn.sweep.runner.run_sweep`), studies
 (:func:`efficient_attn.studies.base.run_points`) and the quality grid
-(:func:`efficient_attn.quality.run_grid`) all run through :func:`run_points`:
+(:func:`efficient_attn.studies.quality.run_grid`) all run through :func:`run_points`:
 
 * a *point* is a dict with ``key`` (stable identity, stored with its row),
   ``label`` (for the progress log) and optionally ``family`` and ``seq_len``

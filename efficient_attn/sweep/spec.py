@@ -87,7 +87,7 @@ AXIS_TABLE: tuple[Axis, ...] = (
         ["none"],
         "mods",
         "str",
-        "mask/score variants (efficient_attn.mods.VARIANTS), e.g. none,window:256,documents:16",
+        "mask/score variants (ea.mods.VARIANTS), e.g. none,window:256,documents:16",
     ),
     Axis("devices", 1, None, "int"),
     Axis("strategy", "none", None, "str"),
@@ -341,7 +341,7 @@ def _expand_grid(grid: Mapping[str, Any], registered: Sequence[str], seed: int) 
             f"devices={devices} needs a sequence-parallel strategy ({', '.join(STRATEGIES)}); "
             'strategy = "none" runs on one device'
         )
-    from efficient_attn.mods import from_spec as mods_from_spec
+    from efficient_attn.core.mods import from_spec as mods_from_spec
 
     variants = as_list("mods", grid["mods"])
     for spec in variants:

@@ -12,7 +12,7 @@ compiled: memory is recorded, time and error are null (``time_note`` says why).
 Memory is XLA's compiled temp + argument + output bytes, plus the device's
 measured peak where it reports one. ``rel_error`` compares the output (and
 for ``fwd+bwd`` the gradients) with float64 exact attention from
-:mod:`efficient_attn.reference` where that reference is affordable.
+:mod:`efficient_attn.core.reference` where that reference is affordable.
 
 A point with a ``strategy`` runs
 :func:`efficient_attn.parallel.sequence_parallel_attention` on a mesh of its
@@ -244,7 +244,7 @@ def _mods_reference(point: dict[str, Any], arrays: dict[str, Any], grads: bool) 
     import numpy as np
 
     import efficient_attn as ea
-    from efficient_attn.mods import from_spec
+    from efficient_attn.core.mods import from_spec
 
     t, n = point["seq_len"], point["heads"]
     mask_mod, score_mod = from_spec(point["mods"], t, t, n)
@@ -266,8 +266,9 @@ def _mods_reference(point: dict[str, Any], arrays: dict[str, Any], grads: bool) 
 def _mods_fn(point: dict[str, Any], row: dict[str, Any], spec: Any) -> Any:
     """``fwd(q, k, v)`` with the point's mods and a block mask built once (timed, recorded)."""
     import efficient_attn as ea
-    from efficient_attn import bench, blockmask
-    from efficient_attn.mods import from_spec
+    from efficient_attn import bench
+    from efficient_attn.core import blockmask
+    from efficient_attn.core.mods import from_spec
 
     b, t, n, h = (point[x] for x in ("batch", "seq_len", "heads", "head_dim"))
     mask_mod, score_mod = from_spec(point["mods"], t, t, n)
@@ -440,7 +441,7 @@ def _mod_features(point: dict[str, Any]) -> list[tuple[str, bool]]:
     """The mod features a point's ``mods`` variant needs."""
     if point.get("mods", "none") == "none":
         return []
-    from efficient_attn.mods import from_spec
+    from efficient_attn.core.mods import from_spec
 
     mask_mod, score_mod = from_spec(point["mods"], point["seq_len"], point["seq_len"], 1)
     return [("mask_mod", mask_mod is not None), ("score_mod", score_mod is not None)]

@@ -1,6 +1,6 @@
 """Recurrent (decoding) form of the causal linear methods, dispatched through the registry.
 
-A method that registers ``recurrent=`` (:class:`efficient_attn.registry.Recurrent`)
+A method that registers ``recurrent=`` (:class:`efficient_attn.core.registry.Recurrent`)
 decodes one token at a time from a state of constant size: the feature-map
 linear methods (``linear_elu``, ..., ``performer``) and the gated and
 delta-rule recurrences (``retnet``, ``mamba2``, ``gla``, ``deltanet``,
@@ -15,7 +15,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from efficient_attn.registry import Recurrent, get_method, methods, positive_int
+from efficient_attn.core.registry import Recurrent, get_method, methods, positive_int
 
 
 def recurrent_methods() -> tuple[str, ...]:

@@ -8,7 +8,7 @@ saved log-sum-exp); Dong et al. 2024, "FlexAttention" (``mask_mod``,
 (its own :class:`Score`) and the ring kernels.
 
 For each query tile the forward runs an online softmax over the key tiles
-its :class:`~efficient_attn.blockmask.BlockMask` lists: first the partial
+its :class:`~efficient_attn.core.blockmask.BlockMask` lists: first the partial
 tiles, where the ``mask_mod`` is evaluated, then the full ones, which run
 without any in-tile mask; empty tiles are never touched. The backward loops
 over key tiles and, inside, over the query tiles that visit them (the
@@ -17,7 +17,7 @@ transposed lists), accumulating dK/dV per key tile and dQ in one O(N) buffer.
 A tile's logits are ``score_mod(scale * score(q_i, k_j), b, h, q_idx,
 kv_idx)``; keys at positions ``>= kv_len[b]`` are invisible, and tiles whose
 keys all lie there are skipped. The arrays a mod closes over are hoisted into
-explicit arguments of the ``custom_vjp`` (:func:`efficient_attn.blockmask.hoist`),
+explicit arguments of the ``custom_vjp`` (:func:`efficient_attn.core.blockmask.hoist`),
 so gradients reach learned score tables and slopes. Rows that see no key give
 a zero output and a log-sum-exp of ``-inf`` (one convention for every caller).
 """
@@ -32,10 +32,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from efficient_attn import blockmask as _bm
-from efficient_attn import masking
-from efficient_attn import mods as _mods
-from efficient_attn.kernels import dispatch as _dispatch
+from efficient_attn.core import blockmask as _bm
+from efficient_attn.core import masking
+from efficient_attn.core import mods as _mods
 
 # Tiled layouts: queries [nq, B, K, G, bq, H]; keys/values [nk, B, K, bk, H];
 # per-row statistics [nq, B, K, G, bq].
@@ -499,7 +498,7 @@ def tiled_attention(
     ``arange``; ascending), the indices the mods see; positions at or past
     ``q_limit``/``k_limit`` are padding. ``bias``: broadcastable to ``[B, N,
     Tq, Tk]``, added to the scaled logits before ``score_mod`` (default
-    positions only). ``dropout``: a :class:`~efficient_attn.masking.Dropout`
+    positions only). ``dropout``: a :class:`~efficient_attn.core.masking.Dropout`
     of the weights (the normaliser and ``lse`` are those without dropout).
     Differentiable in q, k, v, scale, params, bias, the arrays ``score_mod``
     closes over, and through ``lse``.
@@ -625,9 +624,6 @@ def attend(
     params: Any = None,
     bias: jax.Array | None = None,
     dropout: masking.Dropout | None = None,
-    implementation: str = "xla",
-    interpret: bool = False,
-    kernel_config: Any = None,
 ) -> tuple[jax.Array, jax.Array]:
     """What every tiled method runs: its arguments to a block mask, then the engine.
 
@@ -635,18 +631,9 @@ def attend(
     N, Hv], lse [B, Tq, N])``. ``pattern``: the method's own ``mask_mod``
     (sparse methods), ANDed with ``causal`` and the user's ``mask_mod``.
     Tiles of ``block_q x block_k`` (clipped to the lengths) unless
-    ``block_mask`` fixes them. ``implementation`` (``"xla"``: this engine;
-    ``"auto"``, ``"pallas"``), ``interpret`` and ``kernel_config`` (a
-    :class:`efficient_attn.kernels.TileConfig`) select the fused kernels: see
-    :mod:`efficient_attn.kernels.dispatch`.
+    ``block_mask`` fixes them. This is the XLA engine; the fused Pallas kernels
+    are chosen one layer up (:func:`efficient_attn.kernels.attend`).
     """
-    if _dispatch.check(implementation, interpret) != "xla":
-        return _dispatch.attend(
-            q, k, v, implementation=implementation, interpret=interpret, config=kernel_config,
-            causal=causal, kv_lengths=kv_lengths, scale=scale, block_q=block_q, block_k=block_k,
-            mask_mod=mask_mod, score_mod=score_mod, block_mask=block_mask, pattern=pattern,
-            score=score, params=params, bias=bias, dropout=dropout,
-        )  # fmt: skip
     b, tq, n = q.shape[:3]
     tk = k.shape[1]
     bm = plan_block_mask(

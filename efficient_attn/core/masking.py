@@ -1,6 +1,6 @@
 """Shared mechanics written once: masks, GQA grouping, padding to tiles, softmax.
 
-Conventions (see ``efficient_attn.api``):
+Conventions (see ``efficient_attn.core.api``):
   * causal is bottom-right aligned: query ``i`` sees key ``j`` iff
     ``j <= i + (Tk - Tq)``;
   * ``kv_lengths[b]``: keys at positions ``>= kv_lengths[b]`` are padding;

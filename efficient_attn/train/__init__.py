@@ -23,7 +23,7 @@ timed in the same process after its first run: the machine's dense ceiling) and
 ``flop_utilisation`` (achieved FLOP/s over ``matmul_flop_s``; near 1 the run
 is compute-bound). :func:`train` draws no figures: ``efficient-attn train``
 adds the cross-attention alignment of sequence-to-sequence runs
-(:func:`efficient_attn.analysis.write_run_alignment`).
+(:func:`efficient_attn.train.analysis.write_run_alignment`).
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from efficient_attn import masking
+from efficient_attn.core import masking
 
 
 def to_chunks(x: jax.Array, axis: int, chunk: int) -> jax.Array:

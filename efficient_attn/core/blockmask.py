@@ -1,7 +1,7 @@
 """Block masks: which tiles of the ``[Tq, Tk]`` scores a ``mask_mod`` leaves empty, partial or full.
 
 FlexAttention's ``BlockMask`` (Dong et al. 2024) and splash attention's
-``MaskInfo``: the tile engine (:mod:`efficient_attn.flash`) skips empty tiles,
+``MaskInfo``: the tile engine (:mod:`efficient_attn.core.engine`) skips empty tiles,
 runs full tiles without evaluating the mask and masks partial tiles with the
 ``mask_mod`` itself. Masks over indices only are evaluated once at trace time
 (compiled, on the CPU) and cached as NumPy arrays, so they are constants of
@@ -21,8 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from efficient_attn import masking
-from efficient_attn import mods as _mods
+from efficient_attn.core import masking
+from efficient_attn.core import mods as _mods
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
 
@@ -222,7 +222,7 @@ class BlockMask:
 
     def render(self, path, *, b: int = 0, h: int = 0, dpi: int = 100):
         """Write a PNG of the tile classes beside the dense mask."""
-        from efficient_attn.patterns import render_block_mask
+        from efficient_attn.core.patterns import render_block_mask
 
         return render_block_mask(self, path, b=b, h=h, dpi=dpi)
 
@@ -465,7 +465,7 @@ def block_mask(
     """Classify every ``block_q x block_k`` tile of ``mask_mod`` as empty, partial or full.
 
     Args:
-      mask_mod: ``(b, h, q_idx, kv_idx) -> bool`` (see :mod:`efficient_attn.mods`).
+      mask_mod: ``(b, h, q_idx, kv_idx) -> bool`` (see :mod:`efficient_attn.core.mods`).
       q_len, kv_len: sequence lengths.
       batch, heads: sizes of the batch and query-head dimensions the mask
         depends on; None: it does not (a ``ValueError`` if it reads them).

@@ -9,9 +9,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from efficient_attn import masking
-from efficient_attn.blockmask import BlockMask, check_block_mask
-from efficient_attn.registry import HEAD_DIM, Method, get_method, methods, methods_supporting
+from efficient_attn.core import masking
+from efficient_attn.core.blockmask import BlockMask, check_block_mask
+from efficient_attn.core.registry import HEAD_DIM, Method, get_method, methods, methods_supporting
 
 
 @dataclasses.dataclass(frozen=True)
@@ -265,7 +265,7 @@ def attention(
       scale: logit scale; default ``1/sqrt(H)`` (the method's own default
         where it defines one, e.g. 1.0 for ``additive``).
       mask_mod: ``(b, h, q_idx, kv_idx) -> bool`` (FlexAttention; see
-        :mod:`efficient_attn.mods`), ANDed with ``causal`` and ``kv_lengths``.
+        :mod:`efficient_attn.core.mods`), ANDed with ``causal`` and ``kv_lengths``.
       score_mod: ``(score, b, h, q_idx, kv_idx) -> score`` on the scaled
         logit ``scale * q.k``; gradients reach the arrays it closes over.
       block_mask: a :func:`efficient_attn.block_mask` of ``mask_mod`` built
@@ -275,7 +275,7 @@ def attention(
         logits before ``score_mod`` (methods with feature ``"bias"``);
         differentiable.
       dropout_rate, dropout_rng: inverted dropout on the weights
-        (:class:`efficient_attn.masking.Dropout`: the same mask for every
+        (:class:`efficient_attn.core.masking.Dropout`: the same mask for every
         method supporting ``"dropout"``, regenerated tile by tile);
         ``dropout_broadcast``: one mask for all batch rows and heads.
       return_lse: also return the log-sum-exp of the visible logits

@@ -1,6 +1,6 @@
 """Render sparsity patterns and block masks as images, for docs and papers (needs ``matplotlib``).
 
-``python -m efficient_attn.patterns docs/patterns`` regenerates the images in
+``python -m efficient_attn.core.patterns docs/patterns`` regenerates the images in
 ``docs/patterns/``.
 """
 
@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from efficient_attn.api import sparsity_pattern
+from efficient_attn.core.api import sparsity_pattern
 
 #: (method, length, options) of the images in docs/patterns/: small options so
 #: the structure is visible at a glance.
@@ -130,8 +130,8 @@ def render_block_mask(block_mask: Any, path: str | pathlib.Path, *, b: int = 0, 
 
 def doc_block_masks():
     """(file stem, title, BlockMask) of the mask-mod images in docs/patterns/."""
-    from efficient_attn import mods
-    from efficient_attn.blockmask import block_mask
+    from efficient_attn.core import mods
+    from efficient_attn.core.blockmask import block_mask
 
     seg = (np.arange(256) * 5 // 256)[None]
     return (
