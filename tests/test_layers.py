@@ -204,3 +204,19 @@ def test_public_names():
     for sub in ("core", "kernels", "parallel", "mods"):  # sub-packages the docs use as ea.<x>
         assert hasattr(ea, sub), sub
     assert callable(ea.kernels.fallbacks) and callable(ea.mods.causal_mask)
+
+
+def _readme_python_blocks() -> list[str]:
+    text = (PACKAGE.parent / "README.md").read_text()
+    return [block.split("```", 1)[0] for block in text.split("```python\n")[1:]]
+
+
+def test_readme_imports_resolve():
+    """Every import in the README's Python examples works (the paths a layout move breaks)."""
+    blocks = _readme_python_blocks()
+    assert blocks
+    for block in blocks:
+        tree = ast.parse(block)
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import | ast.ImportFrom):
+                exec(compile(ast.Module([node], type_ignores=[]), "README.md", "exec"), {})

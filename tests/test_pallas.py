@@ -233,11 +233,11 @@ def test_cpu_default_is_the_xla_engine_and_other_scores_stay_there():
     x = jnp.zeros((1, 16, 2, 8))
     kw = {"causal": True, "kv_lengths": None, "scale": 1.0, "block_q": 16, "block_k": 16}
     with pytest.raises(ValueError, match=r"cannot run this call: score .* kernels compute q \. k"):
-        engine.attend(x, x, x, score=ADDITIVE, params=jnp.ones(8), implementation="pallas",
-                     interpret=True, **kw)  # fmt: skip
+        dispatch.attend(x, x, x, score=ADDITIVE, params=jnp.ones(8), implementation="pallas",
+                        interpret=True, **kw)  # fmt: skip
     before = len(dispatch.fallbacks())
-    engine.attend(x, x, x, score=ADDITIVE, params=jnp.ones(8), implementation="auto",
-                 interpret=True, **kw)  # fmt: skip
+    dispatch.attend(x, x, x, score=ADDITIVE, params=jnp.ones(8), implementation="auto",
+                    interpret=True, **kw)  # fmt: skip
     assert "kernels compute q . k" in dispatch.fallbacks()[before]
 
 

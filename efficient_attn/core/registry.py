@@ -14,6 +14,10 @@ learned :class:`TokenProjection`. Methods that are causal recurrences
 (``causal_only``) record their token-by-token form (:class:`Recurrent`) for decoding.
 The API checks shapes, dtypes, ``kv_lengths``, option names and array shapes
 before a method is called, so a method only has to compute.
+
+The capability records (:data:`FEATURES`, :class:`ArrayOption`,
+:class:`TokenProjection`, :class:`Recurrent`, :class:`Native`) are defined in
+:mod:`efficient_attn.core.capabilities` and re-exported here.
 """
 
 from __future__ import annotations
@@ -25,113 +29,16 @@ from typing import Any
 
 import numpy as np
 
-#: Features a method may support. The API raises ``ValueError`` when a call
-#: needs a feature the method does not declare, so nothing is silently ignored.
-FEATURES: tuple[str, ...] = (
-    "causal",  # causal=True (bottom-right aligned)
-    "kv_lengths",  # per-example key padding
-    "cross",  # Tq != Tk
-    "gqa",  # fewer key/value heads than query heads (K < N)
-    "grad",  # differentiable with respect to q, k, v
-    "mask_mod",  # mask_mod= and block_mask= (FlexAttention's programming model)
-    "score_mod",  # score_mod=
-    "bias",  # bias= broadcastable to [B, N, Tq, Tk], added to the scaled logits
-    "dropout",  # dropout= (a masking.Dropout: counter-based, the same mask for every method)
-    "lse",  # return_lse=True returns (out, lse [B, Tq, N])
-)
-
-#: What ``register_method`` assumes when ``supports=`` is not given: everything but the mods.
-BASIC_FEATURES: tuple[str, ...] = FEATURES[:5]
-#: The basic features and FlexAttention's mods.
-MOD_FEATURES: tuple[str, ...] = FEATURES[:7]
-
-_STANDARD_KWARGS = ("causal", "kv_lengths", "scale")
-#: Keyword arguments a method receives for each feature it supports beyond the basic ones.
-_FEATURE_KWARGS = {
-    "mask_mod": ("mask_mod", "block_mask"),
-    "score_mod": ("score_mod",),
-    "bias": ("bias",),
-    "dropout": ("dropout",),
-    "lse": ("return_lse",),
-}
-
-#: Dimension name of :attr:`ArrayOption.shape` bound to the query/key head_dim.
-HEAD_DIM = "H"
-#: Dimension names bound to the call's inputs: batch B, key positions T (= Tk),
-#: key/value heads K, and head_dim H.
-BOUND_DIMS: tuple[str, ...] = ("B", "T", "K", HEAD_DIM)
-
-
-@dataclasses.dataclass(frozen=True)
-class TokenProjection:
-    """How a layer computes a per-token array from its input ``x [B, T, D]``.
-
-    ``activation(x @ W1 @ W2)`` reshaped to the array's shape, with ``W1 [D, rank]``
-    (no W1 when ``rank`` is None) and ``W2 [rank or D, prod(shape[2:])]`` plus a bias
-    (FLA's layers: GLA's low-rank gate with ``logsigmoid / 16``, DeltaNet's sigmoid beta).
-    """
-
-    activation: Callable[[Any], Any]
-    rank: int | None = None
-
-
-@dataclasses.dataclass(frozen=True)
-class Recurrent:
-    """The token-by-token (decoding) form of a causal method.
-
-    ``init_state(batch, kv_heads, head_dim, value_dim, *, dtype, **options) -> state``
-    and ``step(state, q_t [B, N, H], k_t [B, K, H], v_t [B, K, Hv], *, scale, valid,
-    **options) -> (out_t [B, N, Hv], state)``; ``options`` are the method's resolved
-    options, per-token arrays given for this token (``[B, K, ...]``, T dropped).
-    Used by :func:`efficient_attn.linear_init_state` / :func:`efficient_attn.linear_step`.
-    """
-
-    init_state: Callable[..., Any]
-    step: Callable[..., Any]
-
-
-@dataclasses.dataclass(frozen=True)
-class Native:
-    """A method that *is* a library's attention: the drop-in calls it with the library's arguments.
-
-    ``fn`` has ``jax.nn.dot_product_attention``'s signature; ``args`` are the
-    drop-in arguments it honours (see :data:`efficient_attn.dropin.ARGS`).
-    """
-
-    fn: Callable[..., Any]
-    args: frozenset[str]
-
-
-@dataclasses.dataclass(frozen=True)
-class ArrayOption:
-    """An array a method requires as an option, e.g. a projection learned with the model.
-
-    Attributes:
-      shape: dimension names. ``"H"`` is the head_dim of query and key,
-        ``"B"``, ``"T"``, ``"K"`` the batch, key length and K/V heads; any
-        other name is a size the method's arrays share (checked to agree;
-        its default for :func:`init_arrays` is in the method's ``sizes``).
-      init: ``init(key, shape, dtype) -> array``, e.g. a
-        :mod:`jax.nn.initializers` function; used by :func:`init_arrays` and
-        by the Flax layer to create the parameter.
-      description: what the array is, for ``efficient-attn methods``.
-      project: for per-token arrays (shape ``("B", "T", ...)``, bound to the
-        batch and the key positions): how the Flax layer computes it from its
-        input; required for them, None otherwise.
-      required: False when the method fills a missing array with ``init``'s
-        value (deterministic defaults that callers may override, e.g. ``retnet``'s decays).
-    """
-
-    shape: tuple[str, ...]
-    init: Callable[..., Any]
-    description: str = ""
-    project: TokenProjection | None = None
-    required: bool = True
-
-    @property
-    def per_token(self) -> bool:
-        """One value per (batch, key position): an input of the call, not a parameter."""
-        return self.shape[:2] == ("B", "T")
+from efficient_attn.core.capabilities import _FEATURE_KWARGS, _STANDARD_KWARGS
+from efficient_attn.core.capabilities import BASIC_FEATURES as BASIC_FEATURES
+from efficient_attn.core.capabilities import BOUND_DIMS as BOUND_DIMS
+from efficient_attn.core.capabilities import FEATURES as FEATURES
+from efficient_attn.core.capabilities import HEAD_DIM as HEAD_DIM
+from efficient_attn.core.capabilities import MOD_FEATURES as MOD_FEATURES
+from efficient_attn.core.capabilities import ArrayOption as ArrayOption
+from efficient_attn.core.capabilities import Native as Native
+from efficient_attn.core.capabilities import Recurrent as Recurrent
+from efficient_attn.core.capabilities import TokenProjection as TokenProjection
 
 
 def _default_scale(head_dim: int) -> float:

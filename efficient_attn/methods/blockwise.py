@@ -14,8 +14,8 @@ import jax
 
 from efficient_attn import kernels
 from efficient_attn.core import engine
+from efficient_attn.core.engine.ring import flash_ring_kernels
 from efficient_attn.core.registry import FEATURES, positive_int, register_method
-from efficient_attn.core.ring_kernels import flash_ring_kernels
 
 
 @register_method("blockwise", exact=True, supports=FEATURES, ring=flash_ring_kernels)

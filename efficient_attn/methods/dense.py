@@ -14,8 +14,8 @@ import jax
 import jax.numpy as jnp
 
 from efficient_attn.core import masking
+from efficient_attn.core.engine.ring import flash_ring_kernels
 from efficient_attn.core.registry import FEATURES, register_method
-from efficient_attn.core.ring_kernels import flash_ring_kernels
 
 
 def _ring_kernels():

@@ -2,7 +2,7 @@
 
 The kernels themselves (exact attention of a query shard over one key shard,
 returning out and lse) are registered on each method as ``ring=``; the tile
-engine's are :func:`efficient_attn.core.ring_kernels.flash_ring_kernels`.
+engine's are :func:`efficient_attn.core.engine.flash_ring_kernels`.
 """
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ from jax.sharding import Mesh, PartitionSpec
 from efficient_attn.core import masking
 from efficient_attn.core import mods as _mods
 from efficient_attn.core.engine import merge_partials
-from efficient_attn.core.ring_kernels import RingMods
+from efficient_attn.core.engine.ring import RingMods
 from efficient_attn.parallel import layout
 from efficient_attn.parallel.kernels import RingKernel
 

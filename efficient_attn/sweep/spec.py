@@ -26,195 +26,37 @@ sequence split over ``devices`` host devices (the worker process starts with
 ``--xla_force_host_platform_device_count``). ``time_max_elements`` (nonzero)
 compiles points with ``B * N * T**2`` above it for memory only. A preset's
 ``note`` is printed at the top of its report.
+
+The axes and their checks are in :mod:`efficient_attn.sweep.axes`, :class:`Point`
+and :class:`Sweep` in :mod:`efficient_attn.sweep.points`; both are re-exported here.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
-import json
 import tomllib
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16")
-PASSES: tuple[str, ...] = ("fwd", "fwd+bwd")
-
-
-@dataclasses.dataclass(frozen=True)
-class Axis:
-    """One swept axis: its preset key, default, and ``efficient-attn sweep`` flag.
-
-    ``flag`` is the argparse dest (None: preset only); ``kind`` says how the
-    flag's text parses: ``int`` / ``str`` (comma lists), ``bool``
-    (``--x/--no-x``) or ``options`` (repeatable ``METHOD.NAME=V[,V]``).
-    """
-
-    name: str
-    default: Any
-    flag: str | None
-    kind: str
-    help: str = ""
-
-
-#: Every axis a preset or a ``[[grid]]`` may set (each is swept; a scalar is a list of
-#: one): the one declaration that the preset checks, the CLI flags, the study flags and
-#: the defaults read. A new axis is an entry here, a :class:`Point` field (and its key
-#: suffix, written only when not the default so old keys stay valid) and its loop in
-#: :func:`_expand_grid`.
-AXIS_TABLE: tuple[Axis, ...] = (
-    Axis("methods", "all", "methods", "str", "comma-separated, or 'all'"),
-    Axis("seq_lens", [1024], "seq_lens", "int", "e.g. 1024,2048,4096"),
-    Axis("batch", 1, "batch", "int"),
-    Axis("heads", 4, "heads", "int"),
-    Axis(
-        "kv_heads", None, "kv_heads", "int", "must divide --heads (1: multi-query)"
-    ),  # None: =heads
-    Axis("head_dim", 64, "head_dim", "int"),
-    Axis("dtype", "float32", "dtype", "str", "float32, bfloat16 or float16 (comma list)"),
-    Axis("causal", True, "causal", "bool"),
-    Axis("passes", ["fwd"], "passes", "str", "fwd, fwd+bwd or both (comma list)"),
-    Axis(
-        "options",
-        {},
-        "option",
-        "options",
-        "method option values to sweep (repeatable), e.g. performer.num_features=64,256",
-    ),
-    Axis(
-        "mods",
-        ["none"],
-        "mods",
-        "str",
-        "mask/score variants (ea.mods.VARIANTS), e.g. none,window:256,documents:16",
-    ),
-    Axis("devices", 1, None, "int"),
-    Axis("strategy", "none", None, "str"),
+from efficient_attn.sweep.axes import (  # noqa: F401  (re-exported: the axes)
+    AXES,
+    AXIS_DEFAULTS,
+    AXIS_TABLE,
+    DTYPES,
+    PASSES,
+    SETTINGS,
+    STRATEGIES,
+    Axis,
+    SpecError,
+    as_list,
+    check_methods,
+    choices,
+    int_list,
+    option_grid,
+    parse_option_flags,
 )
-AXES: tuple[str, ...] = tuple(a.name for a in AXIS_TABLE)
-#: Sequence-parallel strategies (``efficient_attn.parallel.api.STRATEGIES``); None: one device.
-STRATEGIES: tuple[str, ...] = ("ring", "all_to_all")
-#: Settings of the whole sweep (top level only).
-SETTINGS: dict[str, Any] = {
-    "description": "",
-    "note": "",
-    "repeats": 5,
-    "warmup": 1,
-    "seed": 0,
-    "timeout_s": 600.0,
-    # slow points are timed with fewer repeats, about this many seconds in all (at least 1)
-    "timing_budget_s": 60.0,
-    # float64 reference only where B * N * Tq * Tk <= this (about 4 s of NumPy at 2**24)
-    "reference_max_elements": 2**24,
-    # run and time only where B * N * Tq * Tk <= this; beyond, compile only (memory); 0: no limit
-    "time_max_elements": 0,
-}
-_AXIS_DEFAULTS: dict[str, Any] = {a.name: a.default for a in AXIS_TABLE}
-
-
-class SpecError(ValueError):
-    """A malformed preset or argument; the message lists what is valid."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Point:
-    """One measurement: a method with options on one shape, dtype, mask and pass."""
-
-    method: str
-    options: Mapping[str, Any]
-    seq_len: int
-    batch: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    dtype: str
-    causal: bool
-    pass_: str
-    seed: int = 0
-    devices: int = 1
-    strategy: str | None = None
-    mods: str = "none"
-
-    @property
-    def key(self) -> str:
-        """Stable identity of the point, stored with its row (resume skips known keys)."""
-        opts = json.dumps(dict(self.options), sort_keys=True, separators=(",", ":"))
-        return (
-            f"{self.method}|{opts}|L{self.seq_len}|B{self.batch}|N{self.heads}|K{self.kv_heads}"
-            f"|H{self.head_dim}|{self.dtype}|{'causal' if self.causal else 'full'}"
-            f"|{self.pass_}|seed{self.seed}"
-            + (f"|P{self.devices}" if self.devices != 1 else "")
-            + (f"|sp={self.strategy}" if self.strategy is not None else "")
-            + (f"|mods={self.mods}" if self.mods != "none" else "")
-        )
-
-    @property
-    def label(self) -> str:
-        opts = ",".join(f"{k}={v}" for k, v in sorted(self.options.items()))
-        name = f"{self.method}({opts})" if opts else self.method
-        where = f" {self.strategy} P={self.devices}" if self.strategy is not None else ""
-        where += f" [{self.mods}]" if self.mods != "none" else ""
-        return f"{name}{where} L={self.seq_len} {self.pass_} {self.dtype}"
-
-    def identity(self) -> dict[str, Any]:
-        """The row fields that describe the point (``pass`` spelled as in the rows)."""
-        return {
-            "key": self.key,
-            "method": self.method,
-            "options": dict(self.options),
-            "seq_len": self.seq_len,
-            "batch": self.batch,
-            "heads": self.heads,
-            "kv_heads": self.kv_heads,
-            "head_dim": self.head_dim,
-            "dtype": self.dtype,
-            "causal": self.causal,
-            "pass": self.pass_,
-            "seed": self.seed,
-            "devices": self.devices,
-            "strategy": self.strategy,
-            "mods": self.mods,
-        }
-
-    @classmethod
-    def from_identity(cls, d: Mapping[str, Any]) -> Point:
-        return cls(
-            method=d["method"],
-            options=dict(d.get("options") or {}),
-            seq_len=int(d["seq_len"]),
-            batch=int(d["batch"]),
-            heads=int(d["heads"]),
-            kv_heads=int(d["kv_heads"]),
-            head_dim=int(d["head_dim"]),
-            dtype=str(d["dtype"]),
-            causal=bool(d["causal"]),
-            pass_=str(d["pass"]),
-            seed=int(d.get("seed", 0)),
-            devices=int(d.get("devices") or 1),
-            strategy=d.get("strategy"),
-            mods=str(d.get("mods") or "none"),
-        )
-
-
-@dataclasses.dataclass(frozen=True)
-class Sweep:
-    """An expanded preset: its points and how to measure them."""
-
-    name: str
-    description: str
-    points: tuple[Point, ...]
-    repeats: int
-    warmup: int
-    timeout_s: float
-    timing_budget_s: float
-    reference_max_elements: int
-    note: str = ""
-    time_max_elements: int = 0
-
-    def shard(self, index: int, count: int) -> tuple[Point, ...]:
-        """Every ``count``-th point starting at ``index``: shards partition the sweep."""
-        return self.points[index::count]
+from efficient_attn.sweep.points import Point, Sweep, parse_shard  # noqa: F401  (re-exported)
 
 
 def experiments_dirs() -> list[Path]:
@@ -263,56 +105,6 @@ def load_preset(name_or_path: str) -> tuple[str, dict[str, Any]]:
     return path.stem, data
 
 
-def parse_shard(text: str) -> tuple[int, int]:
-    """``"I/N"`` -> (I, N) with ``0 <= I < N``."""
-    try:
-        index, count = (int(x) for x in text.split("/"))
-    except ValueError:
-        raise SpecError(
-            f"malformed shard {text!r}: expected I/N with 0 <= I < N, e.g. 0/4 "
-            "(Slurm: --shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT with --array=0-3)"
-        ) from None
-    if count < 1 or not 0 <= index < count:
-        n = max(count, 1)
-        raise SpecError(f"shard {text!r}: need N >= 1 and 0 <= I < N (e.g. 0/{n} ... {n - 1}/{n})")
-    return index, count
-
-
-def as_list(name: str, value: Any) -> list[Any]:
-    """``value`` as a non-empty list (a scalar is a list of one); empty is a :class:`SpecError`."""
-    values = list(value) if isinstance(value, list | tuple) else [value]
-    if not values:
-        raise SpecError(f"{name} must not be empty")
-    return values
-
-
-def int_list(name: str, value: Any, minimum: int = 1) -> list[int]:
-    """``value`` (an int or a list of ints) as a list, each ``>= minimum``."""
-    values = as_list(name, value)
-    for x in values:
-        if not isinstance(x, int) or isinstance(x, bool) or x < minimum:
-            raise SpecError(f"{name}={x!r} must be an int >= {minimum}")
-    return values
-
-
-def _choices(name: str, value: Any, valid: Sequence[Any]) -> list[Any]:
-    values = as_list(name, value)
-    for x in values:
-        if x not in valid:
-            listed = ", ".join(map(str, valid))
-            raise SpecError(f"{name}={x!r} is not valid; valid values: {listed}")
-    return values
-
-
-def option_grid(method: str, options: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """Cartesian product of a method's option table (a list value is swept)."""
-    if not isinstance(options, Mapping):
-        raise SpecError(f"options.{method} must be a table of option = value(s)")
-    names = sorted(options)
-    values = [as_list(f"options.{method}.{n}", options[n]) for n in names]
-    return [dict(zip(names, combo, strict=True)) for combo in itertools.product(*values)]
-
-
 def _check_keys(where: str, data: Mapping[str, Any], valid: Iterable[str]) -> None:
     valid = list(valid)
     unknown = sorted(set(data) - set(valid))
@@ -328,13 +120,13 @@ def _expand_grid(grid: Mapping[str, Any], registered: Sequence[str], seed: int) 
     heads = int_list("heads", grid["heads"])
     kv_heads = None if grid["kv_heads"] is None else int_list("kv_heads", grid["kv_heads"])
     head_dims = int_list("head_dim", grid["head_dim"])
-    dtypes = _choices("dtype", grid["dtype"], DTYPES)
-    causals = _choices("causal", grid["causal"], (True, False))
-    passes = _choices("passes", grid["passes"], PASSES)
+    dtypes = choices("dtype", grid["dtype"], DTYPES)
+    causals = choices("causal", grid["causal"], (True, False))
+    passes = choices("passes", grid["passes"], PASSES)
     devices = int_list("devices", grid["devices"])
     strategies = [
         None if s == "none" else s
-        for s in _choices("strategy", grid["strategy"], ("none", *STRATEGIES))
+        for s in choices("strategy", grid["strategy"], ("none", *STRATEGIES))
     ]
     if any(p != 1 for p in devices) and strategies == [None]:
         raise SpecError(
@@ -389,7 +181,7 @@ def build_sweep(
     _check_keys(f"preset {name!r}", data, [*SETTINGS, *AXES, "grid"])
     _check_keys("overrides", overrides, [*AXES, *SETTINGS])
     settings = {k: overrides.get(k, data.get(k, v)) for k, v in SETTINGS.items()}
-    top = {k: data.get(k, v) for k, v in _AXIS_DEFAULTS.items()}
+    top = {k: data.get(k, v) for k, v in AXIS_DEFAULTS.items()}
     grids = data.get("grid", [{}])
     if not isinstance(grids, list) or not all(isinstance(g, Mapping) for g in grids):
         raise SpecError(f"preset {name!r}: grid must be an array of tables ([[grid]])")
@@ -427,41 +219,3 @@ def build_sweep(
             0
         ],
     )
-
-
-def check_methods(names: Sequence[str], registered: Sequence[str]) -> list[str]:
-    """``names`` if all are registered (``["all"]`` means every one), else :class:`SpecError`."""
-    if list(names) == ["all"]:
-        return list(registered)
-    unknown = [n for n in names if n not in registered]
-    if unknown:
-        raise SpecError(f"unknown method(s) {unknown}; registered methods: {', '.join(registered)}")
-    return list(names)
-
-
-def _literal(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
-def parse_option_flags(
-    flags: Sequence[str], registry: Mapping[str, Mapping[str, Any]]
-) -> dict[str, dict[str, list[Any]]]:
-    """``["performer.num_features=64,256"]`` -> ``{"performer": {"num_features": [64, 256]}}``.
-
-    ``registry`` maps each registered method to its options (name -> default).
-    """
-    out: dict[str, dict[str, list[Any]]] = {}
-    for flag in flags:
-        target, eq, values = flag.partition("=")
-        method, dot, name = target.partition(".")
-        if not (eq and dot and method and name and values):
-            raise SpecError(f"malformed --option {flag!r}: expected METHOD.NAME=VALUE[,VALUE...]")
-        check_methods([method], list(registry))
-        if name not in registry[method]:
-            valid = ", ".join(registry[method]) or "none"
-            raise SpecError(f"method {method!r} has no option {name!r}; its options: {valid}")
-        out.setdefault(method, {})[name] = [_literal(v) for v in values.split(",")]
-    return out

@@ -27,7 +27,8 @@ import numpy as np
 from flax import traverse_util
 
 from efficient_attn.nn import MultiHeadAttention
-from efficient_attn.train import EVAL_SEED_OFFSET, TrainConfig, Trainer
+from efficient_attn.train.config import TrainConfig
+from efficient_attn.train.trainer import EVAL_SEED_OFFSET, Trainer
 
 _COLLECTION = "attention_weights"
 

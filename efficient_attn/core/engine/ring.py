@@ -23,7 +23,7 @@ import dataclasses
 from typing import Any
 
 from efficient_attn.core import blockmask as _bm
-from efficient_attn.core import engine as _engine
+from efficient_attn.core.engine.tiled import tiled_backward, tiled_forward
 from efficient_attn.core.registry import positive_int
 
 
@@ -71,10 +71,10 @@ def flash_ring_kernels(block_q: int = 512, block_k: int = 256, implementation: s
 
     def forward(q, k, v, q_pos, k_pos, kv_len, scale, *, mods, zigzag=False):
         kw = setup(q, k, q_pos, k_pos, mods, zigzag)
-        return _engine.tiled_forward(q, k, v, scale=scale, kv_len=kv_len, **kw)
+        return tiled_forward(q, k, v, scale=scale, kv_len=kv_len, **kw)
 
     def backward(q, k, v, q_pos, k_pos, kv_len, scale, out, lse, dout, *, mods, zigzag=False):
         kw = setup(q, k, q_pos, k_pos, mods, zigzag)
-        return _engine.tiled_backward(q, k, v, out, lse, dout, scale=scale, kv_len=kv_len, **kw)
+        return tiled_backward(q, k, v, out, lse, dout, scale=scale, kv_len=kv_len, **kw)
 
     return forward, backward

@@ -1,0 +1,186 @@
+"""The differentiable tiled attention: the ``custom_vjp`` tying the forward and the
+backward, the preparation of one call (positions, hoisted mods, tile lists,
+bias, dropout), the ring entry points and the merging of partial results.
+
+Dao 2023, "FlashAttention-2"; Dong et al. 2024, "FlexAttention" (the arrays
+a mod closes over are hoisted into explicit arguments, so gradients reach them).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from efficient_attn.core import blockmask as _bm
+from efficient_attn.core import masking
+from efficient_attn.core import mods as _mods
+from efficient_attn.core.engine.backward import _backward
+from efficient_attn.core.engine.forward import _forward
+from efficient_attn.core.engine.score import DOT, Score
+from efficient_attn.core.engine.tiling import _head_index, _Static
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _tiled(st, q, k, v, scale, params, score_consts, kv_len, q_pos, k_pos, lists, mask_consts,
+           bias, seed):  # fmt: skip
+    return _forward(st, q, k, v, scale, params, score_consts, kv_len, q_pos, k_pos, lists,
+                    mask_consts, bias, seed)  # fmt: skip
+
+
+def _tiled_fwd(st, q, k, v, scale, params, score_consts, kv_len, q_pos, k_pos, lists, mask_consts,
+               bias, seed):  # fmt: skip
+    args = (q, k, v, scale, params, score_consts, kv_len, q_pos, k_pos, lists, mask_consts, bias,
+            seed)  # fmt: skip
+    out, lse = _forward(st, *args)
+    return (out, lse), (*args, out, lse)
+
+
+_tiled.defvjp(_tiled_fwd, _backward)
+
+
+def _pad_pos(pos, block: int, fill: int):
+    pos = jnp.asarray(pos, jnp.int32)
+    return jnp.pad(pos, (0, masking.cdiv(pos.shape[0], block) * block - pos.shape[0]),
+                   constant_values=fill)  # fmt: skip
+
+
+def _prepare(q, k, scale, block_mask, score_mod, score, q_pos, k_pos, q_limit, k_limit,
+             bias=None, dropout=None):  # fmt: skip
+    """Static config, positions, hoisted mods, tile lists, padded bias and seed of one call."""
+    b, tq, n, _ = q.shape
+    if bias is not None and (q_pos is not None or k_pos is not None):
+        raise ValueError("a dense bias needs the default positions (arange of the inputs)")
+    tk, kh = k.shape[1], k.shape[2]
+    bq, bk = block_mask.block_q, block_mask.block_k
+    acc = masking.stat_dtype(q.dtype)
+    q_pos = _bm.positions(tq) if q_pos is None else q_pos
+    k_pos = _bm.positions(tk) if k_pos is None else k_pos
+    q_limit = tq if q_limit is None else q_limit
+    k_limit = tk if k_limit is None else k_limit
+    q_pos, k_pos = _pad_pos(q_pos, bq, q_limit), _pad_pos(k_pos, bk, k_limit)
+    g = n // kh
+    bi, hi = _head_index(b, kh, g)
+    qi = np.zeros((1, 1, 1, bq, 1), np.int32)
+    ki = np.zeros((1, 1, 1, 1, bk), np.int32)
+    tile_shape = (b, kh, g, bq, bk)
+    mask_fn, mask_consts = None, ()
+    if block_mask.mask_mod is not None and not isinstance(block_mask.mask_mod, _mods.Full):
+        hm = _bm.hoist("mask_mod", block_mask.mask_mod, bi, hi, qi, ki)
+        _bm.check_mask_output(hm.out, tile_shape)
+        mask_fn, mask_consts = hm.fn, hm.consts
+    score_fn, score_consts = None, ()
+    if score_mod is not None:
+        hs = _bm.hoist("score_mod", score_mod, jnp.zeros(tile_shape, acc), bi, hi, qi, ki)
+        if hs.out.shape != tile_shape or hs.out.dtype != acc:
+            raise ValueError(
+                f"score_mod must return an array of score's shape and dtype {tile_shape} {acc}; "
+                f"it returned {hs.out.shape} {hs.out.dtype}"
+            )
+        score_fn, score_consts = hs.fn, hs.consts
+    bias_qk = (False, False)
+    if bias is not None:
+        bias = masking.check_bias(bias, b, n, tq, tk)
+        bias_qk = (bias.shape[2] > 1, bias.shape[3] > 1)
+        pad = [(0, 0), (0, 0)]
+        pad += [(0, q_pos.shape[0] - tq) if bias_qk[0] else (0, 0)]
+        pad += [(0, k_pos.shape[0] - tk) if bias_qk[1] else (0, 0)]
+        bias = jnp.pad(bias, pad)
+    rate, shared, seed = 0.0, False, None
+    if dropout is not None:
+        rate, shared, seed = dropout.rate, dropout.broadcast, dropout.seed
+    st = _Static(bq, bk, score, mask_fn, score_fn, int(q_limit), int(k_limit), bias_qk, rate,
+                 shared)  # fmt: skip
+    lists = tuple(jnp.asarray(x, jnp.int32) for x in _bm.union_lists(block_mask))
+    return (st, jnp.asarray(scale, acc), tuple(score_consts), q_pos, k_pos, lists,
+            tuple(mask_consts), bias, seed)  # fmt: skip
+
+
+def tiled_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    scale: Any,
+    block_mask: _bm.BlockMask,
+    kv_len: jax.Array | None = None,
+    score_mod: Any = None,
+    score: Score = DOT,
+    params: Any = None,
+    q_pos: Any = None,
+    k_pos: Any = None,
+    q_limit: int | None = None,
+    k_limit: int | None = None,
+    bias: jax.Array | None = None,
+    dropout: masking.Dropout | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """Differentiable tiled attention over ``block_mask``: ``(out [B,Tq,N,Hv], lse [B,Tq,N])``.
+
+    q: [B, Tq, N, D], k: [B, Tk, K, D], v: [B, Tk, K, Hv] (D: the score's
+    input width, H for the dot product); ``block_mask``: tiles and the
+    ``mask_mod`` of the partial ones, built at the same positions; kv_len: int
+    ``[B]`` or None; ``score_mod(score, b, h, q_idx, kv_idx)``; ``score`` and
+    its ``params``. ``q_pos``/``k_pos``: int positions of the rows (default
+    ``arange``; ascending), the indices the mods see; positions at or past
+    ``q_limit``/``k_limit`` are padding. ``bias``: broadcastable to ``[B, N,
+    Tq, Tk]``, added to the scaled logits before ``score_mod`` (default
+    positions only). ``dropout``: a :class:`~efficient_attn.core.masking.Dropout`
+    of the weights (the normaliser and ``lse`` are those without dropout).
+    Differentiable in q, k, v, scale, params, bias, the arrays ``score_mod``
+    closes over, and through ``lse``.
+    """
+    st, scale, sc, q_pos, k_pos, lists, mc, bias, seed = _prepare(
+        q, k, scale, block_mask, score_mod, score, q_pos, k_pos, q_limit, k_limit, bias, dropout
+    )
+    return _tiled(st, q, k, v, scale, params, sc, kv_len, q_pos, k_pos, lists, mc, bias, seed)
+
+
+def tiled_forward(q, k, v, *, scale, block_mask, kv_len=None, score_mod=None, q_pos=None,
+                  k_pos=None, q_limit=None, k_limit=None):  # fmt: skip
+    """The forward of :func:`tiled_attention` (dot score), not differentiable: (out, lse)."""
+    st, scale, sc, q_pos, k_pos, lists, mc, _, _ = _prepare(
+        q, k, scale, block_mask, score_mod, DOT, q_pos, k_pos, q_limit, k_limit
+    )
+    return _forward(st, q, k, v, scale, None, sc, kv_len, q_pos, k_pos, lists, mc, None, None)
+
+
+def tiled_backward(q, k, v, out, lse, dout, *, scale, block_mask, kv_len=None, score_mod=None,
+                   q_pos=None, k_pos=None, q_limit=None, k_limit=None):  # fmt: skip
+    """Gradients of this key set given the *global* ``out``/``lse`` (ring attention).
+
+    Returns ``(dq, dk, dv, dscale, d_score_consts, score_consts)``: the
+    cotangents of the arrays ``score_mod`` closes over, beside those arrays
+    (the hoisted tracers, for the caller to match with its own inputs).
+    """
+    st, scale_a, sc, q_pos, k_pos, lists, mc, _, _ = _prepare(
+        q, k, scale, block_mask, score_mod, DOT, q_pos, k_pos, q_limit, k_limit
+    )
+    res = (q, k, v, scale_a, None, sc, kv_len, q_pos, k_pos, lists, mc, None, None, out, lse)
+    grads = _backward(st, res, (dout, jnp.zeros(lse.shape, lse.dtype)))
+    dq, dk, dv, dscale, _, dsc = grads[:6]
+    return dq, dk, dv, dscale, dsc, sc
+
+
+def merge_partials(
+    out1: jax.Array, lse1: jax.Array, out2: jax.Array, lse2: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """Combine attention over two disjoint key sets from their (out, lse) pairs.
+
+    out: [B, T, N, Hv], lse: [B, T, N] (-inf where a row saw no key). Returns
+    the output over the union of keys, in float32 (float64 if either input is
+    float64), and its log-sum-exp.
+    """
+    acc = jnp.promote_types(masking.stat_dtype(out1.dtype), out2.dtype)
+    lse = jnp.logaddexp(lse1, lse2)
+    w1 = jnp.where(lse1 == -jnp.inf, 0.0, jnp.exp(lse1 - lse))[..., None]
+    w2 = jnp.where(lse2 == -jnp.inf, 0.0, jnp.exp(lse2 - lse))[..., None]
+    return w1 * out1.astype(acc) + w2 * out2.astype(acc), lse
+
+
+def result(out_lse: tuple[jax.Array, jax.Array], return_lse: bool, dtype: Any):
+    """A method's return value from the engine's ``(out, lse)``: ``out`` in ``dtype``, or both."""
+    out, lse = out_lse
+    return (out.astype(dtype), lse) if return_lse else out.astype(dtype)
