@@ -222,14 +222,16 @@ def dropout(rate: float, rng: jax.Array, *, broadcast: bool = False) -> Dropout 
 def dropout_keep(seed: jax.Array, b, h, q_idx, kv_idx, rate: float) -> jax.Array:
     """Counter-based keep mask: hash of ``(seed, b, h, q_idx, kv_idx)`` >= ``rate * 2^32``.
 
+    ``seed``: uint32 ``[2]``, or a pair of scalars (the fused kernels read them one at a time).
+
     The index arrays broadcast; the per-row part of the hash is computed on
     the broadcast of ``b, h, q_idx`` only, so a ``[.., bq, bk]`` tile costs
     two finaliser rounds per element.
     """
     u = lambda x: jnp.asarray(x).astype(jnp.uint32)  # noqa: E731
-    seed = jnp.asarray(seed, jnp.uint32)
-    x = _fmix32(seed[0] + u(b) * jnp.uint32(0x9E3779B9))
-    x = _fmix32(x ^ (u(h) * jnp.uint32(0x85EBCA77) + seed[1]))
+    seed0, seed1 = u(seed[0]), u(seed[1])  # a uint32 [2] array or two scalars (in a kernel)
+    x = _fmix32(seed0 + u(b) * jnp.uint32(0x9E3779B9))
+    x = _fmix32(x ^ (u(h) * jnp.uint32(0x85EBCA77) + seed1))
     x = _fmix32(x ^ (u(q_idx) * jnp.uint32(0xC2B2AE3D)))
     x = _fmix32(_fmix32(x ^ (u(kv_idx) * jnp.uint32(0x27D4EB2F))))
     threshold = min(round(rate * 2.0**32), 2**32 - 1)

@@ -4,8 +4,8 @@
 program is lowered for, through :func:`jax.lax.platform_dependent`: Triton on
 CUDA, Mosaic on TPU, the XLA engine elsewhere, so one jitted function lowers
 correctly for any backend. A call the kernels cannot run (another
-:class:`~efficient_attn.core.engine.Score`, a traced scale, a mod closing over
-non-leaf arrays, ...) runs on the XLA engine instead; the reason is logged and
+:class:`~efficient_attn.core.engine.Score`, head_dim > 256, rows too long for
+VMEM, ...) runs on the XLA engine instead; the reason is logged and
 kept in :func:`fallbacks`. A user's ``block_mask`` at tiles the kernels cannot
 run (larger than the :class:`~efficient_attn.kernels.TileConfig`'s, or not powers
 of two) is re-planned from its ``mask_mod`` at the config's tiles. ``"pallas"``
@@ -131,16 +131,13 @@ def attend(
         def run(q, k, v):
             if kw["score"] is not engine.DOT or kw["params"] is not None:
                 raise Unsupported(f"score {kw['score']!r} (the kernels compute q . k)")
-            for name in ("bias", "dropout"):  # the drop-in's dense bias and dropout
-                if kw.get(name) is not None:
-                    raise Unsupported(f"{name} (the kernels have none yet)")
             here = jax.default_backend() == backend  # this machine's chip: its own tiles
             cfg = config or default_config(backend, jax.devices()[0].device_kind if here else None)
             bm, bwd = _block_masks(q, k, kw, cfg)
             return fused.fused_attention(
                 q, k, v, scale=kw["scale"], block_mask=bm, kv_len=kw["kv_lengths"],
                 score_mod=kw["score_mod"], backend=backend, config=cfg, interpret=interp,
-                backward_block_mask=bwd,
+                backward_block_mask=bwd, bias=kw["bias"], dropout=kw["dropout"],
             )  # fmt: skip
 
         return run

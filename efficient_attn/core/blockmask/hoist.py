@@ -30,6 +30,7 @@ class Hoisted:
     consts: tuple[Any, ...]
     out: jax.ShapeDtypeStruct
     uses: tuple[bool, ...]  # which positional arguments the mod reads
+    closed: Any = None  # the traced jaxpr with all its constants (the fused kernels evaluate it)
 
     @property
     def static(self) -> bool:
@@ -65,7 +66,7 @@ def hoist(name: str, fn: Callable[..., Any], *example: Any) -> Hoisted:
     uses = tuple(id(v) in used for v in jaxpr.invars)
     aval = closed.out_avals[0]
     out = jax.ShapeDtypeStruct(aval.shape, aval.dtype)
-    return Hoisted(converted, tuple(consts[i] for i in traced), out, uses)
+    return Hoisted(converted, tuple(consts[i] for i in traced), out, uses, closed)
 
 
 def check_mask_output(out: jax.ShapeDtypeStruct, shape: tuple[int, ...]) -> None:

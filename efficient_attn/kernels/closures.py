@@ -1,0 +1,365 @@
+"""The arrays a mod closes over, as inputs of the fused kernels.
+
+A ``mask_mod``/``score_mod`` (a library mod or any Python closure) is hoisted at
+the kernel's tile shapes (:func:`efficient_attn.core.blockmask.hoist`, as the XLA
+engine does; FlexAttention's captured buffers, Dong et al. 2024): its jaxpr and
+every array it closes over, concrete or traced. The arrays become kernel inputs,
+and the kernel evaluates the jaxpr (:mod:`efficient_attn.kernels.evaluate`) with
+each *read* of an array turned into loads (Mosaic has no gather, Triton none on
+values):
+
+* ``view``: ``arr[.., q_idx, ..]`` / ``arr[.., kv_idx, ..]`` with scalar other indices
+  (segment ids, per-token biases): the tile's column ``[bq, 1]`` or row ``[1, bk]``,
+  ``bq + bk`` loads;
+* ``point``: every index a scalar (``slopes[h]``, ``prefix[b]``): one load (SMEM on TPU);
+* ``gather``: other point gathers (``table[h, q - k]``): a pointer gather (Triton only);
+* ``slice`` and ``whole``: a slice, or any other use of the array (Triton only).
+
+Gradients of the float arrays a ``score_mod`` closes over (:class:`Layout` ``grad``):
+the tile's reads are inputs of its ``jax.vjp`` and their cotangents are added back
+where they were read: ``"row"`` (only key views) into the key tile's rows of a
+per-program buffer, ``"partial"`` (only point reads) into a per-program copy of the
+array, both summed outside the kernel (deterministic); ``"atomic"`` (anything
+else, Triton only) by atomic adds into one buffer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.extend import core as jcore
+
+from efficient_attn.core import blockmask as _bm
+
+
+class Unsupported(Exception):
+    """Raised while preparing a call the fused kernels cannot run; the message says why."""
+
+
+#: Ops an index passes through unchanged (shape only, or an int cast).
+_SHAPE_OPS = frozenset({"broadcast_in_dim", "reshape", "squeeze", "expand_dims",
+                        "convert_element_type"})  # fmt: skip
+#: Call primitives inlined when a closed-over array flows into them: their jaxpr param.
+CALLS = {"pjit": "jaxpr", "jit": "jaxpr", "closed_call": "call_jaxpr", "core_call": "call_jaxpr",
+         "custom_jvp_call": "call_jaxpr", "custom_vjp_call": "call_jaxpr", "remat": "jaxpr",
+         "checkpoint": "jaxpr"}  # fmt: skip
+#: Most elements of an array read through SMEM on TPU.
+SMEM_LIMIT = 4096
+#: Index arguments of a mask_mod / score_mod (after the score).
+_ARGS = ("b", "h", "q", "k")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Read:
+    """One read of a closed-over array in the mod's jaxpr.
+
+    ``index``: per array axis, the source of its index: ``("q"|"k", None)`` the tile's
+    positions, ``(tag, var)`` a scalar (``tag`` ``"b"`` when it is the batch index),
+    ``("vector", var)`` another index array (gathers); slices: the start vars.
+    """
+
+    kind: str  # "view" | "point" | "gather" | "slice" | "whole"
+    array: int
+    index: tuple[Any, ...] = ()
+    sizes: tuple[int, ...] = ()  # slice sizes
+    out: tuple[int, ...] = ()  # the read's output shape
+
+    @property
+    def axis(self) -> int | None:
+        """A view's position axis."""
+        sides = [a for a, (tag, _) in enumerate(self.index) if tag in ("q", "k")]
+        return sides[0] if self.kind == "view" else None
+
+    @property
+    def side(self) -> str | None:
+        return None if self.axis is None else self.index[self.axis][0]
+
+
+class Marker:
+    """Stands for closed-over array ``n`` in an environment of the evaluator."""
+
+    __slots__ = ("n",)
+
+    def __init__(self, n: int):
+        self.n = n
+
+
+def _var(v):
+    """``v`` if it is a variable (a key of the maps here), else None (a literal)."""
+    return None if isinstance(v, jcore.Literal) else v
+
+
+def _rank(v) -> int:
+    return len(v.aval.shape)
+
+
+def _is_literal(v, value) -> bool:
+    return isinstance(v, jcore.Literal) and np.ndim(v.val) == 0 and v.val == value
+
+
+def _source(var, producers, args, tile):
+    """Follow an index back through shape ops and jnp's negative-index wrap to its source:
+    ``("q"|"k", None)``, ``("b"|"scalar", var)`` for a rank-0 value, else ``None``."""
+    scalar = var if not isinstance(var, jcore.Literal) and _rank(var) == 0 else None
+    while not isinstance(var, jcore.Literal):
+        if var in args:
+            name = args[var]
+            if name in ("q", "k"):
+                return (name, None)
+            return ("b" if name == "b" else "scalar", var)
+        if scalar is None and _rank(var) == 0:
+            scalar = var
+        shape = tuple(d for d in var.aval.shape if d != 1)
+        if scalar is None and shape != tile:
+            return None
+        eqn = producers.get(var)
+        if eqn is None:
+            break
+        name = eqn.primitive.name
+        if name in _SHAPE_OPS and jnp.issubdtype(var.aval.dtype, jnp.integer):
+            var = eqn.invars[0]
+        elif name == "select_n" and _wraps(eqn, producers):
+            var = eqn.invars[1]
+        else:
+            break
+    return None if scalar is None else ("scalar", scalar)
+
+
+def _wraps(eqn, producers) -> bool:
+    """``select_n(x < 0, x, x + n)``: jnp's negative-index wrap (the identity on indices >= 0)."""
+    pred, x, y = eqn.invars
+    p, a = producers.get(_var(pred)), producers.get(_var(y))
+    return (
+        p is not None and p.primitive.name == "lt" and p.invars[0] is x
+        and _is_literal(p.invars[1], 0) and a is not None and a.primitive.name == "add"
+        and x in a.invars
+    )  # fmt: skip
+
+
+def _gather_read(eqn, n, producers, args, tile) -> Read:
+    """A ``gather`` of array ``n``: a view, a point read, or a general (pointer) gather."""
+    operand, indices = eqn.invars
+    dn = eqn.params["dimension_numbers"]
+    ndim = _rank(operand)
+    out = tuple(eqn.outvars[0].aval.shape)
+    point = (
+        dn.offset_dims == () and tuple(sorted(dn.collapsed_slice_dims)) == tuple(range(ndim))
+        and sorted(dn.start_index_map) == list(range(ndim)) and not dn.operand_batching_dims
+        and all(s == 1 for s in eqn.params["slice_sizes"])
+    )  # fmt: skip
+    if not point:
+        return Read("whole", n)
+    prod = producers.get(_var(indices))
+    if ndim == 1:
+        pieces = [indices]
+    elif prod is not None and prod.primitive.name == "concatenate" and len(prod.invars) == ndim:
+        pieces = list(prod.invars)
+    else:
+        return Read("whole", n)
+    index = [None] * ndim
+    for axis, piece in zip(dn.start_index_map, pieces, strict=True):
+        tag, var = _source(piece, producers, args, tile) or ("vector", piece)
+        index[axis] = (tag, piece if tag in ("q", "k") else var)
+    tags = [t for t, _ in index]
+    sides = [t for t in tags if t in ("q", "k")]
+    kind = "gather" if "vector" in tags or len(sides) > 1 else "view" if sides else "point"
+    return Read(kind, n, tuple(index), out=out)
+
+
+def classify(eqn, markers: dict, producers: dict, args: dict, tile) -> dict[int, Read]:
+    """The reads an equation makes of closed-over arrays, by operand position."""
+    name = eqn.primitive.name
+    marked = {i: markers[v] for i, v in enumerate(eqn.invars) if _var(v) in markers}
+    out = tuple(eqn.outvars[0].aval.shape) if eqn.outvars else ()
+    if name == "gather" and list(marked) == [0]:
+        return {0: _gather_read(eqn, marked[0], producers, args, tile)}
+    if name == "dynamic_slice" and list(marked) == [0]:
+        starts = tuple(("scalar", v) for v in eqn.invars[1:])
+        sizes = tuple(eqn.params["slice_sizes"])
+        kind = "point" if all(s == 1 for s in sizes) else "slice"
+        return {0: Read(kind, marked[0], starts, sizes, out)}
+    if name == "slice" and list(marked) == [0] and eqn.params.get("strides") in (None, (1,) * _rank(
+            eqn.invars[0])):  # fmt: skip
+        starts = tuple(("static", s) for s in eqn.params["start_indices"])
+        sizes = tuple(b - a for a, b in zip(eqn.params["start_indices"],
+                                            eqn.params["limit_indices"], strict=True))  # fmt: skip
+        return {0: Read("slice", marked[0], starts, sizes, out)}
+    return {i: Read("whole", n) for i, n in marked.items()}
+
+
+# ---- one hoisted mod -------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Layout:
+    """How closed-over array ``n`` travels to a backend's kernels."""
+
+    shape: tuple[int, ...]
+    dtype: Any
+    store: Any  # dtype of the kernel inputs
+    whole: bool  # Triton: the array, view axis padded to ``pad``
+    smem: bool  # Mosaic: a flat SMEM copy for point reads
+    col: int | None  # Mosaic: the q-view axis (a ``[*lead, Tq_pad, 1]`` copy)
+    row: int | None  # Mosaic: the k-view axis (a ``[*lead, 1, Tk_pad]`` copy)
+    per_example: bool  # Mosaic views: axis 0 is the batch, read at ``b`` (one block per example)
+    pad: int | None  # Triton: the view axis padded to this length
+    grad: str | None  # None, "row", "partial" or "atomic" (see the module docstring)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Closure:
+    """A mod hoisted for the kernels: its jaxpr, kept constants, the arrays it reads and how."""
+
+    name: str
+    jaxpr: Any
+    consts: tuple[Any, ...]  # per constvar: a Marker (lifted array) or the value
+    arrays: tuple[Any, ...]  # the lifted arrays (kernel inputs)
+    reads: dict  # path -> Read (every read, nested calls included)
+    layouts: tuple[Layout, ...]
+    tile: tuple[int, int]
+    out: Any  # jax.ShapeDtypeStruct of the mod's result
+    example: tuple[Any, ...]  # its arguments' shapes and dtypes
+
+
+def _lift(c) -> bool:
+    return isinstance(c, jax.core.Tracer) or np.ndim(c) > 0
+
+
+def reads_of(jaxpr, markers: dict, args: dict, tile, path=()) -> dict:
+    """Every read of a marked array in ``jaxpr`` (and the calls it makes), keyed by path."""
+    producers = {v: e for e in jaxpr.eqns for v in e.outvars}
+    found = {}
+    for k, eqn in enumerate(jaxpr.eqns):
+        if not any(_var(v) in markers for v in eqn.invars):
+            continue
+        param = CALLS.get(eqn.primitive.name)
+        if param is not None:
+            inner = eqn.params[param]
+            inner_jaxpr = getattr(inner, "jaxpr", inner)
+            inner_markers = {
+                iv: markers[ov]
+                for iv, ov in zip(inner_jaxpr.invars, eqn.invars, strict=True)
+                if _var(ov) in markers
+            }
+            if any(_var(v) in inner_markers for v in inner_jaxpr.outvars):
+                raise Unsupported("a mod returning a closed-over array itself")
+            found |= reads_of(inner_jaxpr, inner_markers, {}, tile, (*path, k))
+            continue
+        if eqn.primitive.name in ("cond", "while", "scan"):
+            raise Unsupported(f"a mod reading a closed-over array inside {eqn.primitive.name}")
+        for pos, read in classify(eqn, markers, producers, args, tile).items():
+            found[(*path, k, pos)] = read
+    return found
+
+
+def hoist(name: str, mod: Any, example: tuple[Any, ...]) -> Closure | None:
+    """Hoist ``mod`` at the kernel's tile (``example``: its arguments) and classify its reads."""
+    if mod is None:
+        return None
+    h = _bm.hoist(name, mod, *example)
+    jaxpr, consts = h.closed.jaxpr, list(h.closed.consts)
+    lifted = [i for i, c in enumerate(consts) if _lift(c)]
+    markers = {jaxpr.constvars[i]: Marker(n) for n, i in enumerate(lifted)}
+    kept = tuple(markers[v] if v in markers else np.asarray(c) if np.ndim(c) == 0 else c
+                 for v, c in zip(jaxpr.constvars, consts, strict=True))  # fmt: skip
+    nargs = len(jaxpr.invars)
+    args = dict(zip(jaxpr.invars[nargs - 4 :], _ARGS, strict=True))
+    tile = tuple(example[-1].shape)
+    reads = reads_of(jaxpr, {v: m.n for v, m in markers.items()}, args, tile)
+    arrays = tuple(consts[i] for i in lifted)
+    example = tuple(jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)) for x in example)
+    return Closure(name, jaxpr, kept, arrays, reads, (), tile, h.out, example)
+
+
+def plan_layouts(c: Closure, backend: str, batch: int, t_pad: tuple[int, int],
+                 limits: tuple[int, int], grads: bool) -> Closure:  # fmt: skip
+    """``c`` with a :class:`Layout` per array for ``backend``: ``t_pad`` the padded
+    ``(Tq, Tk)``, ``limits`` the real ones; ``grads``: the arrays need gradients (a
+    score_mod's traced float arrays). Raises :class:`Unsupported` for reads the backend
+    cannot make."""
+    reads = dict(c.reads)
+    for key, r in reads.items():  # a view needs every position it reads inside the array
+        if r.kind == "view":
+            length = limits[0] if r.side == "q" else limits[1]
+            if np.shape(c.arrays[r.array])[r.axis] < length:
+                reads[key] = _as_gather(r)
+    layouts = []
+    for n, x in enumerate(c.arrays):
+        mine = {k: r for k, r in reads.items() if r.array == n}
+        kinds = {r.kind for r in mine.values()}
+        shape, dtype = tuple(np.shape(x)), jnp.result_type(x)
+        diff = grads and jnp.issubdtype(dtype, jnp.floating) and isinstance(x, jax.core.Tracer)
+        if backend == "gpu":
+            views = [r for r in mine.values() if r.kind == "view"]
+            axes = {r.axis for r in views}
+            if views and not (kinds <= {"view", "point", "gather"} and len(axes) == 1):
+                reads.update({k: _as_gather(r) for k, r in mine.items() if r.kind == "view"})
+                kinds = (kinds - {"view"}) | {"gather"}
+                views = []
+            layouts.append(_gpu_layout(shape, dtype, kinds, views, diff, t_pad))
+        else:
+            layouts.append(_tpu_layout(c.name, shape, dtype, list(mine.values()), diff, batch))
+    return dataclasses.replace(c, reads=reads, layouts=tuple(layouts))
+
+
+def _gpu_layout(shape, dtype, kinds, views, diff, t_pad) -> Layout:
+    pad = None
+    if views:
+        axis = views[0].axis
+        pad = max([t_pad[0] if r.side == "q" else t_pad[1] for r in views] + [shape[axis]])
+    grad = None
+    if diff:
+        if kinds == {"view"} and all(r.side == "k" for r in views):
+            grad = "row"
+        elif kinds == {"point"}:
+            grad = "partial"
+        else:
+            grad = "atomic"
+    store = jnp.int32 if dtype == jnp.bool_ else dtype
+    return Layout(shape, dtype, store, True, False, None, None, False, pad, grad)
+
+
+def _as_gather(r: Read) -> Read:
+    """A view read as a general gather (its positions as index arrays)."""
+    return dataclasses.replace(r, kind="gather")
+
+
+def _tpu_layout(name, shape, dtype, reads, diff, batch) -> Layout:
+    what = f"{name}'s array of shape {shape}"
+    kinds = {r.kind for r in reads}
+    views = [r for r in reads if r.kind == "view"]
+    axes = {r.axis for r in views}
+    if not kinds <= {"view", "point", "whole"} or ("whole" in kinds and math.prod(shape) != 1):
+        raise Unsupported(
+            f"on TPU {what} is read other than as arr[.., q_idx] / arr[.., kv_idx] or at scalar "
+            "indices (Mosaic has no gather)"
+        )
+    if views and kinds != {"view"}:
+        raise Unsupported(f"on TPU {what} is read both as a view and at scalar indices")
+    if len(axes) > 1:
+        raise Unsupported(f"on TPU {what} is read as views along several axes")
+    smem = not views
+    if smem and math.prod(shape) > SMEM_LIMIT:
+        raise Unsupported(f"on TPU {what} read at scalar indices exceeds {SMEM_LIMIT} elements")
+    axis = axes.pop() if views else None
+    sides = {r.side for r in views}
+    per_example = bool(views) and axis != 0 and shape[0] == batch and all(
+        r.index[0][0] == "b" for r in views)  # fmt: skip
+    grad = None
+    if diff:
+        if smem:
+            grad = "partial"
+        elif sides == {"k"}:
+            grad = "row"
+        else:
+            raise Unsupported(f"on TPU the gradient of {what} read as a query view")
+    store = jnp.float32 if jnp.issubdtype(dtype, jnp.floating) else jnp.int32
+    if dtype == jnp.float64:
+        store = dtype
+    return Layout(shape, dtype, store, False, smem, axis if "q" in sides else None,
+                  axis if "k" in sides else None, per_example, None, grad)  # fmt: skip
