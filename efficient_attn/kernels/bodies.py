@@ -192,7 +192,7 @@ def dkdv_kernel(spec: Spec, ids, p_cnt, p_idx, f_cnt, f_idx, *refs):
     carry = (jnp.zeros(dk_ref.shape, jnp.float32), jnp.zeros(dv_ref.shape, jnp.float32))
     carry = run(True, p_cnt, p_idx)(carry)
     dk, dv = run(False, f_cnt, f_idx)(carry)
-    dk_ref[...] = (dk * spec.scale).astype(dk_ref.dtype)
+    dk_ref[...] = (dk * mods.scale).astype(dk_ref.dtype)
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
@@ -211,13 +211,14 @@ def dq_kernel(spec: Spec, ids, p_cnt, p_idx, f_cnt, f_idx, *refs):
 
     Tensors: as :func:`forward_kernel`, then dO ``[bq, Hv]``, lse and delta ``[bq, 1]``;
     outputs dq ``[bq, H]``, then the bias gradient's row sums ``[bq, 1]`` (if the bias is
-    constant along keys).
+    constant along keys) and the scale gradient's row sums ``[bq, 1]`` (a traced scale).
     """
     i, b, h = ids()
     kv_len, seed, refs = common.prologue(spec, b, refs)
     q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs = refs
     bias_ref, mods, outs = common.split_refs(spec, refs)
     dq_ref, *outs = outs
+    dscale_ref = outs.pop() if spec.scale is None else None
     dbias_ref = outs[0] if outs else None
     q, do, lse, delta = q_ref[...], do_ref[...], lse_ref[...], delta_ref[...]
 
@@ -240,6 +241,8 @@ def dq_kernel(spec: Spec, ids, p_cnt, p_idx, f_cnt, f_idx, *refs):
     carry = (jnp.zeros(dq_ref.shape, jnp.float32), jnp.zeros((spec.bq, 1), jnp.float32))
     carry = run(True, p_cnt, p_idx)(carry)
     dq, db = run(False, f_cnt, f_idx)(carry)
-    dq_ref[...] = (dq * spec.scale).astype(dq_ref.dtype)
+    dq_ref[...] = (dq * mods.scale).astype(dq_ref.dtype)
     if dbias_ref is not None:
         dbias_ref[...] = db
+    if dscale_ref is not None:  # d scale = sum(ds * q k^T) = sum(q * dq / scale), per row
+        dscale_ref[...] = jnp.sum(dq * q.astype(jnp.float32), axis=1, keepdims=True)

@@ -72,7 +72,7 @@ class Spec:
     groups: int  # query heads per K/V head
     q_limit: int  # rows at or past these positions are padding
     k_limit: int
-    scale: float
+    scale: float | None  # None: traced, read from the kernels' scale input
     has_kv_len: bool
     mask: Closure | None
     score: Closure | None
@@ -112,10 +112,11 @@ def aligned(start, n: int):
 
 
 @dataclasses.dataclass
-class Mods:
-    """The refs of a kernel's mod arrays: per closure, per array ``{role: ref}``; the score's
-    gradient outputs by array."""
+class Inputs:
+    """What a kernel's tiles read besides q, k, v: the scale, and the refs of the mods'
+    arrays (per closure, per array ``{role: ref}``) and the score's gradient outputs."""
 
+    scale: Any
     mask: list
     score: list
     score_grads: dict
@@ -125,7 +126,7 @@ class TileCtx:
     """Indices, mask, logits and dropout of the tile (query tile ``i``, key tile ``j``) of
     head ``h`` of example ``b``."""
 
-    def __init__(self, spec: Spec, b, h, i, j, kv_len, mods: Mods, seed=None):
+    def __init__(self, spec: Spec, b, h, i, j, kv_len, mods: Inputs, seed=None):
         self.spec, self.i, self.j = spec, i, j
         self.i0, self.j0 = aligned(i * spec.bq, spec.bq), aligned(j * spec.bk, spec.bk)
         shape = self.shape = (spec.bq, spec.bk)
@@ -136,7 +137,7 @@ class TileCtx:
         self.qi = jnp.minimum(qp, spec.q_limit - 1)
         self.ki = jnp.minimum(kp, spec.k_limit - 1)
         self.kv_ok = None if kv_len is None else kp < kv_len
-        self.seed = seed
+        self.seed, self.scale = seed, mods.scale
         self.mask_mod = None if spec.mask is None else Reader(spec.mask, mods.mask, self)
         self.score_mod = None if spec.score is None else Reader(
             spec.score, mods.score, self, mods.score_grads, spec.interpret)  # fmt: skip
@@ -158,7 +159,7 @@ class TileCtx:
 
     def raw(self, q, k, bias):
         """``scale * q k^T + bias``, float32 ``[bq, bk]`` (before the score_mod)."""
-        s = dot(q, k, self.spec, trans_b=True) * self.spec.scale
+        s = dot(q, k, self.spec, trans_b=True) * self.scale
         return s if bias is None else s + bias.astype(jnp.float32)
 
     def logits(self, q, k, bias):
@@ -217,7 +218,10 @@ def roles(c: Closure | None) -> list[tuple[int, str]]:
 
 
 def split_refs(spec: Spec, refs, grads: bool = False):
-    """``(bias ref or None, Mods, outputs)`` of the refs after a kernel's main inputs."""
+    """``(bias ref or None, Inputs, outputs)`` of the refs after a kernel's main inputs."""
+    scale = spec.scale
+    if scale is None:
+        scale, refs = refs[0][0], refs[1:]
     bias = None
     if spec.bias is not None:
         bias, refs = refs[0], refs[1:]
@@ -230,7 +234,7 @@ def split_refs(spec: Spec, refs, grads: bool = False):
     atomic = [n for n in spec.grads_of_score() if spec.score.layouts[n].grad == "atomic"]
     if grads:  # atomic gradient buffers arrive as inputs too (aliased to their outputs)
         refs = refs[len(atomic) :]
-    return bias, Mods(per[0], per[1], {}), refs
+    return bias, Inputs(scale, per[0], per[1], {}), refs
 
 
 def zero_fill(ref, lay=None) -> None:

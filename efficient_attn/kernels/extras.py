@@ -90,8 +90,13 @@ def bias_grad_output(p):
         shape = (p.batch, p.kv_heads, gb, tq_b, p.tk_pad)
         block = Block((None, None, gb, tq_b, sp.bk), lambda t, b, hh: (b, hh, 0, 0, t))
         return shape, block, "dkdv"
+    return (*row_sums(p), "dq")
+
+
+def row_sums(p):
+    """``(shape, Block)`` of a dQ kernel's per-row buffer ``[B, N, Tq_pad, 1]``."""
     shape = (p.batch, p.heads, p.tq_pad, 1)
-    return shape, Block((None, None, sp.bq, 1), lambda t, b, hh: (b, hh, t, 0)), "dq"
+    return shape, Block((None, None, p.spec.bq, 1), lambda t, b, hh: (b, hh, t, 0))
 
 
 def bias_grad(p, buf, bias_shape, dtype):

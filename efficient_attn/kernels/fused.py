@@ -99,9 +99,12 @@ def _scalars(p: Plan, bm, kv_len, seed, backward: bool):
     return out
 
 
-def _extra_inputs(p: Plan, kernel: str, bias, mask_arrays, score_arrays):
-    """``(array, Block)`` of the bias and the mods' arrays of one kernel."""
+def _extra_inputs(p: Plan, kernel: str, scale, bias, mask_arrays, score_arrays):
+    """``(array, Block)`` of the traced scale, the bias and the mods' arrays of one kernel."""
     out = []
+    if p.spec.scale is None:
+        scale = jnp.reshape(scale, (1,)).astype(jnp.float32)
+        out.append((scale, dataclasses.replace(extras.whole(scale), smem=True)))
     if bias is not None:
         out.append((extras.bias_input(p, bias), extras.bias_block(p, kernel)))
     for c, arrays in ((p.spec.mask, mask_arrays), (p.spec.score, score_arrays)):
@@ -113,11 +116,11 @@ def _extra_inputs(p: Plan, kernel: str, bias, mask_arrays, score_arrays):
 # ---- the custom_vjp --------------------------------------------------------------------
 
 
-def _forward(p: Plan, q, k, v, bm_arrays, mask_arrays, score_arrays, kv_len, bias, seed):
+def _forward(p: Plan, q, k, v, scale, bm_arrays, mask_arrays, score_arrays, kv_len, bias, seed):
     bm = p.bm.rebuild(bm_arrays)
     qx, kx, vx = _inputs(p, q, k, v)
     scalars = _scalars(p, bm, kv_len, seed, backward=False)
-    extra = _extra_inputs(p, "forward", bias, mask_arrays, score_arrays)
+    extra = _extra_inputs(p, "forward", scale, bias, mask_arrays, score_arrays)
     o, lse = BACKENDS[p.backend].forward(p.spec, p.cfg, p.interpret, scalars, qx, kx, vx, extra)
     out = _unlayout(p, o, p.tq, p.hv)
     lse = jnp.swapaxes(lse[:, :, : p.tq, 0], 1, 2)
@@ -125,18 +128,21 @@ def _forward(p: Plan, q, k, v, bm_arrays, mask_arrays, score_arrays, kv_len, bia
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _fused(p, q, k, v, bm_arrays, mask_arrays, score_arrays, kv_len, bias, seed, bwd_arrays):
-    return _forward(p, q, k, v, bm_arrays, mask_arrays, score_arrays, kv_len, bias, seed)
+def _fused(p, q, k, v, scale, bm_arrays, mask_arrays, score_arrays, kv_len, bias, seed,
+           bwd_arrays):  # fmt: skip
+    return _forward(p, q, k, v, scale, bm_arrays, mask_arrays, score_arrays, kv_len, bias, seed)
 
 
-def _fused_fwd(p, q, k, v, bm_arrays, mask_arrays, score_arrays, kv_len, bias, seed, bwd_arrays):
-    out, lse = _forward(p, q, k, v, bm_arrays, mask_arrays, score_arrays, kv_len, bias, seed)
-    res = (q, k, v, bm_arrays, mask_arrays, score_arrays, kv_len, bias, seed, bwd_arrays, out, lse)
-    return (out, lse), res
+def _fused_fwd(p, q, k, v, scale, bm_arrays, mask_arrays, score_arrays, kv_len, bias, seed,
+               bwd_arrays):  # fmt: skip
+    args = (q, k, v, scale, bm_arrays, mask_arrays, score_arrays, kv_len, bias, seed)
+    out, lse = _forward(p, *args)
+    return (out, lse), (*args, bwd_arrays, out, lse)
 
 
 def _fused_bwd(p, res, cotangents):
-    q, k, v, bm_arrays, mask_arrays, score_arrays, kv_len, bias, seed, bwd_arrays, out, lse = res
+    (q, k, v, scale, bm_arrays, mask_arrays, score_arrays, kv_len, bias, seed, bwd_arrays, out,
+     lse) = res  # fmt: skip
     dout, dlse = cotangents
     forward_arrays = (bm_arrays, mask_arrays, score_arrays)
     if p.bwd is not None:
@@ -154,7 +160,7 @@ def _fused_bwd(p, res, cotangents):
     mod = BACKENDS[p.backend]
     args = (qx, kx, vx, dox, lse, delta)
     # dK/dV: the score_mod's array gradients, and the bias gradient if it varies along keys
-    extra_in = _extra_inputs(p, "dkdv", bias, mask_arrays, score_arrays)
+    extra_in = _extra_inputs(p, "dkdv", scale, bias, mask_arrays, score_arrays)
     extra_out, aliases = [], {}
     if sp.bias_dkdv:
         shape, block, _ = extras.bias_grad_output(p)
@@ -172,7 +178,10 @@ def _fused_bwd(p, res, cotangents):
     if bias is not None and not sp.bias_dkdv:
         shape, block, _ = extras.bias_grad_output(p)
         extra_q.append((jax.ShapeDtypeStruct(shape, jnp.float32), block))
-    extra_in = _extra_inputs(p, "dq", bias, mask_arrays, score_arrays)
+    if sp.scale is None:
+        shape, block = extras.row_sums(p)
+        extra_q.append((jax.ShapeDtypeStruct(shape, jnp.float32), block))
+    extra_in = _extra_inputs(p, "dq", scale, bias, mask_arrays, score_arrays)
     scalars = _scalars(p, bm, kv_len, seed, False)
     dqx, *gq = mod.dq(sp, p.cfg, p.interpret, scalars, *args, extra_in, extra_q)
     dq = _unlayout(p, dqx, p.tq, q.shape[-1])
@@ -182,6 +191,9 @@ def _fused_bwd(p, res, cotangents):
     if bias is not None:
         buf = gk.pop(0) if sp.bias_dkdv else gq.pop(0)
         dbias = extras.bias_grad(p, buf, bias.shape, bias.dtype)
+    dscale = None
+    if sp.scale is None:
+        dscale = jnp.sum(gq.pop()).astype(jnp.result_type(scale)).reshape(jnp.shape(scale))
     dscore = tuple(None for _ in score_arrays)
     if gk:
         dscore = extras.array_grads(p, sp.score, gk, score_arrays)
@@ -191,7 +203,7 @@ def _fused_bwd(p, res, cotangents):
         bwd_n = (bwd_n[0], bwd_n[1], dscore)
     else:
         fwd_n = (fwd_n[0], fwd_n[1], dscore)
-    return dq, dk, dv, *fwd_n, kv_n, dbias, seed_n, bwd_n
+    return dq, dk, dv, dscale, *fwd_n, kv_n, dbias, seed_n, bwd_n
 
 
 def _arrays(p: Plan) -> tuple:
@@ -249,5 +261,6 @@ def fused_attention(
                                             **kw))  # fmt: skip
         bwd_arrays = _arrays(p.bwd)
     seed = None if dropout is None else dropout.seed
-    out, lse = _fused(p, q, k, v, *_arrays(p), kv_len, bias, seed, bwd_arrays)
+    scale_in = jnp.asarray(scale, jnp.float32) if p.spec.scale is None else None
+    out, lse = _fused(p, q, k, v, scale_in, *_arrays(p), kv_len, bias, seed, bwd_arrays)
     return out, lse

@@ -81,8 +81,6 @@ def plan(q, k, v, *, scale, block_mask: _bm.BlockMask, kv_len, score_mod, backen
     :class:`~efficient_attn.core.masking.Dropout` or None. Raises :class:`Unsupported`
     (with the reason) when the kernels cannot run the call.
     """
-    if isinstance(scale, jax.core.Tracer):
-        raise Unsupported("a traced scale (the kernels take it as a constant)")
     dtype = jnp.result_type(q)
     if dtype == jnp.float64 and not interpret:
         raise Unsupported("float64 inputs (GPU/TPU kernels run bf16, fp16 and fp32)")
@@ -122,7 +120,7 @@ def plan(q, k, v, *, scale, block_mask: _bm.BlockMask, kv_len, score_mod, backen
             evaluate.check_values(c, backend)
     vary = None if bias is None else tuple(d > 1 for d in bias.shape)
     spec = common.Spec(
-        bq=bq, bk=bk, groups=n // kh, q_limit=tq, k_limit=tk, scale=float(scale),
+        bq=bq, bk=bk, groups=n // kh, q_limit=tq, k_limit=tk, scale=None if isinstance(scale, jax.core.Tracer) else float(scale),
         has_kv_len=kv_len is not None, mask=mask, score=score, bound_full=over_q or over_k,
         heads_first=BACKENDS[backend].HEADS_FIRST, exact_f32=dtype == jnp.float32, bias=vary,
         dropout=0.0 if dropout is None else dropout.rate,
