@@ -119,8 +119,10 @@ def plan(q, k, v, *, scale, block_mask: _bm.BlockMask, kv_len, score_mod, backen
         if c is not None:
             evaluate.check_values(c, backend)
     vary = None if bias is None else tuple(d > 1 for d in bias.shape)
+    traced = isinstance(scale, jax.core.Tracer)  # a kernel input then, with its gradient
     spec = common.Spec(
-        bq=bq, bk=bk, groups=n // kh, q_limit=tq, k_limit=tk, scale=None if isinstance(scale, jax.core.Tracer) else float(scale),
+        bq=bq, bk=bk, groups=n // kh, q_limit=tq, k_limit=tk,
+        scale=None if traced else float(scale),
         has_kv_len=kv_len is not None, mask=mask, score=score, bound_full=over_q or over_k,
         heads_first=BACKENDS[backend].HEADS_FIRST, exact_f32=dtype == jnp.float32, bias=vary,
         dropout=0.0 if dropout is None else dropout.rate,
