@@ -85,7 +85,7 @@ def test_lse_and_its_gradient_match_the_xla_engine():
 
 def test_tpu_kernels_in_interpret_mode():
     """The Mosaic kernels (scalar-prefetch lists, heads-first layout, segment ids read through
-    PositionView) on the CPU: two key tiles."""
+    column and row views) on the CPU: two key tiles."""
     q, k, v = make_qkv(2, 19, 150, 2, 1, 32, seed=5)
     docs = mods.document_mask(segments(2, 19, 2), segments(2, 150, 2, seed=1))
     kw = {"causal": True, "kv_lengths": np.array([150, 90]), "scale": 0.2, "mask_mod": docs}

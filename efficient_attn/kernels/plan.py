@@ -94,9 +94,6 @@ def plan(q, k, v, *, scale, block_mask: _bm.BlockMask, kv_len, score_mod, backen
     tk, kh, hv = k.shape[1], k.shape[2], v.shape[-1]
     if max(h, hv) > 256:
         raise Unsupported(f"head_dim {max(h, hv)} > 256 (the kernels take up to 256)")
-    if backend == "tpu":
-        _check_vmem(cfg, dtype, masking.cdiv(tq, bq) * bq * (n // kh), masking.cdiv(tk, bk) * bk,
-                    h + hv)  # fmt: skip
     t_pad = (masking.cdiv(tq, bq) * bq, masking.cdiv(tk, bk) * bk)
     idx = (jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32),
            jnp.zeros((bq, bk), jnp.int32), jnp.zeros((bq, bk), jnp.int32))  # fmt: skip
@@ -128,14 +125,25 @@ def plan(q, k, v, *, scale, block_mask: _bm.BlockMask, kv_len, score_mod, backen
         dropout=0.0 if dropout is None else dropout.rate,
         dropout_broadcast=dropout is not None and dropout.broadcast, interpret=interpret,
     )  # fmt: skip
+    if backend == "tpu":
+        _check_vmem(cfg, spec, dtype, t_pad, h + hv, bias)
     return Plan(backend, cfg, interpret, spec, common.split(block_mask), b, n, kh, tq, tk, hv)
 
 
-def _check_vmem(cfg: TileConfig, dtype, q_rows: int, k_rows: int, width: int) -> None:
+def _check_vmem(cfg: TileConfig, spec: common.Spec, dtype, t_pad, width: int, bias) -> None:
     """The Mosaic kernels keep whole rows in VMEM (double-buffered): K/V of a head in the
-    forward and dQ, q/dO of a K/V head's query heads in dK/dV; refuse what cannot fit."""
+    forward and dQ, q/dO of a K/V head's query heads in dK/dV, a query tile's bias row
+    (a key tile's bias column in dK/dV); refuse what cannot fit."""
     limit = cfg.vmem_limit_bytes or 16 * 2**20
-    need = 2 * max(q_rows, k_rows) * width * jnp.dtype(dtype).itemsize
+    tq_pad, tk_pad = t_pad
+    rows = max(tq_pad * spec.groups, tk_pad) * width * jnp.dtype(dtype).itemsize
+    if bias is not None:  # a unit dim fills a vector register's 8 sublanes or 128 lanes
+        _, vn, vq, vk = spec.bias
+        item = jnp.dtype(bias.dtype).itemsize if vq and vk else 4
+        rows += item * max((spec.bq if vq else 8) * (tk_pad if vk else 128),
+                           (spec.groups if vn else 1) * (tq_pad if vq else 8)
+                           * (spec.bk if vk else 128))  # fmt: skip
+    need = 2 * rows
     if need > limit // 2:
         raise Unsupported(
             f"rows of {need / 2**20:.0f} MiB (double-buffered) for a VMEM limit of "
