@@ -6,7 +6,7 @@ binding each live equation; an equation that reads a closed-over array (a
 array's kernel refs (:class:`Reader`), and only what those loads need is
 computed (jnp's index arrays are never concatenated). A :class:`Reader` can
 record its loads and replay given values instead, which is how a tile's
-``jax.vjp`` takes the reads of float arrays as inputs; :meth:`Reader.add_grad`
+``jax.vjp`` takes the reads of float arrays as inputs; :meth:`Reader.add_grads`
 adds their cotangents back where they were read.
 """
 
@@ -30,7 +30,7 @@ def _get(env, v):
 def _needs(read: cl.Read) -> list:
     """The vars a read needs from the environment (scalar indices; a gather's index arrays)."""
     keep = ("b", "scalar", "vector") if read.kind == "gather" else ("b", "scalar")
-    return [v for tag, v in read.index if tag in keep and v is not None]
+    return [v for tag, v in read.index if tag in keep and isinstance(v, jcore.Var)]
 
 
 def _live(jaxpr, reads: dict, path) -> set[int]:
