@@ -4,7 +4,8 @@
 # For a machine that already has JAX with CUDA; installs nothing. Runs from the repository
 # root with it on PYTHONPATH:
 #   1. tests/test_pallas.py on the GPU: the compiled kernels against float64 (forward and
-#      backward, fp32 and bf16), plus the interpret-mode and lowering tests;
+#      backward, fp32 and bf16), plus the interpret-mode and lowering tests; and the
+#      compiled kernels with closures, bias and dropout against the XLA engine;
 #   2. a trimmed experiments/gpu.toml sweep (8k and 32k, head_dim 128; the full preset
 #      takes longer), resumable: rerun to add the points a timeout left out;
 #   3. its report (time, TFLOP/s, memory) and the environment,
@@ -37,6 +38,7 @@ mkdir -p "$OUT"
 
 echo "== 1/3 tests/test_pallas.py on $DEVICE"
 timeout 200 python -m pytest tests/test_pallas.py -q -p no:cacheprovider -o addopts="" \
+  tests/test_pallas_mods.py::test_compiled_closures_bias_dropout_on_the_accelerator \
   2>&1 | tee "$OUT/test_pallas.txt"
 tests=${PIPESTATUS[0]}
 
