@@ -10,7 +10,7 @@ those of the undropped weights; the backward redraws each tile's mask.
 
 Refs: the scalars first (counts ``[B, R]`` and lists ``[R, W]``, partial then
 full, ``kv_len [B]`` and the dropout seed ``[2]`` if any; SMEM on TPU), then the
-tensors (see each kernel), the bias block, the mods' arrays
+tensors (see each kernel), a traced scale, the bias block, the mods' arrays
 (:func:`~efficient_attn.kernels.common.roles`), and the outputs.
 """
 
@@ -42,7 +42,7 @@ def forward_kernel(spec: Spec, ids, p_cnt, p_idx, f_cnt, f_idx, *refs):
     i, b, h = ids()
     kv_len, seed, refs = common.prologue(spec, b, refs)
     q_ref, k_ref, v_ref, *refs = refs
-    bias_ref, mods, (o_ref, lse_ref) = common.split_refs(spec, refs)
+    bias_ref, ins, (o_ref, lse_ref) = common.split_refs(spec, refs)
     q = q_ref[...]
     bq = spec.bq
 
@@ -50,7 +50,7 @@ def forward_kernel(spec: Spec, ids, p_cnt, p_idx, f_cnt, f_idx, *refs):
         def body(t, carry):
             o, m, l = carry
             j = idx[i, t]
-            tile = TileCtx(spec, b, h, i, j, kv_len, mods, seed)
+            tile = TileCtx(spec, b, h, i, j, kv_len, ins, seed)
             rows = rows_ok(kv_len, j, spec.bk)
             s = tile.logits(
                 q, key_rows(k_ref, j, spec.bk, rows), _bias_of_query_tile(spec, bias_ref, j)
@@ -149,11 +149,11 @@ def dkdv_kernel(spec: Spec, ids, p_cnt, p_idx, f_cnt, f_idx, *refs):
     j, b, kh = ids()
     kv_len, seed, refs = common.prologue(spec, b, refs)
     k_ref, v_ref, q_ref, do_ref, lse_ref, delta_ref, *refs = refs
-    bias_ref, mods, outs = common.split_refs(spec, refs, grads=True)
+    bias_ref, ins, outs = common.split_refs(spec, refs, grads=True)
     dk_ref, dv_ref, *outs = outs
     dbias_ref = outs.pop(0) if spec.bias_dkdv else None
     grads = dict(zip(spec.grads_of_score(), outs, strict=True))
-    mods.score_grads = grads
+    ins.score_grads = grads
     for n, ref in grads.items():
         if spec.score.layouts[n].grad != "atomic":
             common.zero_fill(ref, spec.score.layouts[n])
@@ -175,7 +175,7 @@ def dkdv_kernel(spec: Spec, ids, p_cnt, p_idx, f_cnt, f_idx, *refs):
             dk, dv = carry
             i = idx[j, jax.lax.div(t, spec.groups)]  # t >= 0: lax, not jnp's floor rules
             g = jax.lax.rem(t, spec.groups)
-            tile = TileCtx(spec, b, kh * spec.groups + g, i, j, kv_len, mods, seed)
+            tile = TileCtx(spec, b, kh * spec.groups + g, i, j, kv_len, ins, seed)
             q = _group_rows(q_ref, g, i * bq, bq, hf)
             do = _group_rows(do_ref, g, i * bq, bq, hf)
             lse = lse_ref[g, pl.ds(aligned(i * bq, bq), bq), :]
@@ -192,7 +192,7 @@ def dkdv_kernel(spec: Spec, ids, p_cnt, p_idx, f_cnt, f_idx, *refs):
     carry = (jnp.zeros(dk_ref.shape, jnp.float32), jnp.zeros(dv_ref.shape, jnp.float32))
     carry = run(True, p_cnt, p_idx)(carry)
     dk, dv = run(False, f_cnt, f_idx)(carry)
-    dk_ref[...] = (dk * mods.scale).astype(dk_ref.dtype)
+    dk_ref[...] = (dk * ins.scale).astype(dk_ref.dtype)
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
@@ -216,7 +216,7 @@ def dq_kernel(spec: Spec, ids, p_cnt, p_idx, f_cnt, f_idx, *refs):
     i, b, h = ids()
     kv_len, seed, refs = common.prologue(spec, b, refs)
     q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs = refs
-    bias_ref, mods, outs = common.split_refs(spec, refs)
+    bias_ref, ins, outs = common.split_refs(spec, refs)
     dq_ref, *outs = outs
     dscale_ref = outs.pop() if spec.scale is None else None
     dbias_ref = outs[0] if outs else None
@@ -226,7 +226,7 @@ def dq_kernel(spec: Spec, ids, p_cnt, p_idx, f_cnt, f_idx, *refs):
         def body(t, carry):
             dq, db = carry
             j = idx[i, t]
-            tile = TileCtx(spec, b, h, i, j, kv_len, mods, seed)
+            tile = TileCtx(spec, b, h, i, j, kv_len, ins, seed)
             rows = rows_ok(kv_len, j, spec.bk)
             k = key_rows(k_ref, j, spec.bk, rows)
             v = key_rows(v_ref, j, spec.bk, rows)
@@ -241,7 +241,7 @@ def dq_kernel(spec: Spec, ids, p_cnt, p_idx, f_cnt, f_idx, *refs):
     carry = (jnp.zeros(dq_ref.shape, jnp.float32), jnp.zeros((spec.bq, 1), jnp.float32))
     carry = run(True, p_cnt, p_idx)(carry)
     dq, db = run(False, f_cnt, f_idx)(carry)
-    dq_ref[...] = (dq * mods.scale).astype(dq_ref.dtype)
+    dq_ref[...] = (dq * ins.scale).astype(dq_ref.dtype)
     if dbias_ref is not None:
         dbias_ref[...] = db
     if dscale_ref is not None:  # d scale = sum(ds * q k^T) = sum(q * dq / scale), per row

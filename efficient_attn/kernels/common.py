@@ -126,7 +126,7 @@ class TileCtx:
     """Indices, mask, logits and dropout of the tile (query tile ``i``, key tile ``j``) of
     head ``h`` of example ``b``."""
 
-    def __init__(self, spec: Spec, b, h, i, j, kv_len, mods: Inputs, seed=None):
+    def __init__(self, spec: Spec, b, h, i, j, kv_len, ins: Inputs, seed=None):
         self.spec, self.i, self.j = spec, i, j
         self.i0, self.j0 = aligned(i * spec.bq, spec.bq), aligned(j * spec.bk, spec.bk)
         shape = self.shape = (spec.bq, spec.bk)
@@ -137,10 +137,10 @@ class TileCtx:
         self.qi = jnp.minimum(qp, spec.q_limit - 1)
         self.ki = jnp.minimum(kp, spec.k_limit - 1)
         self.kv_ok = None if kv_len is None else kp < kv_len
-        self.seed, self.scale = seed, mods.scale
-        self.mask_mod = None if spec.mask is None else Reader(spec.mask, mods.mask, self)
+        self.seed, self.scale = seed, ins.scale
+        self.mask_mod = None if spec.mask is None else Reader(spec.mask, ins.mask, self)
         self.score_mod = None if spec.score is None else Reader(
-            spec.score, mods.score, self, mods.score_grads, spec.interpret)  # fmt: skip
+            spec.score, ins.score, self, ins.score_grads, spec.interpret)  # fmt: skip
 
     @property
     def index(self):
