@@ -28,8 +28,8 @@ from jax.sharding import Mesh, PartitionSpec
 
 from efficient_attn.core import masking
 from efficient_attn.core import mods as _mods
-from efficient_attn.core.engine import merge_partials
 from efficient_attn.core.engine.ring import RingMods
+from efficient_attn.core.merge import merge_attention
 from efficient_attn.parallel import layout
 from efficient_attn.parallel.kernels import RingKernel
 
@@ -103,7 +103,7 @@ def _forward_shard(cfg: _Ring, q, k, v, kv_len, scale, mask_leaves, score_leaves
             lambda: fwd(q, k, v, q_pos, k_pos, kv_len, scale, mods=mods, zigzag=cfg.causal),
             lambda: (o0.astype(q.dtype), lse0),
         )
-        o, lse = merge_partials(o, lse, o_i, lse_i.astype(acc))
+        o, lse = merge_attention((o, o_i), (lse, lse_i))
         return (k_next, v_next, o, lse), None
 
     (_, _, o, lse), _ = jax.lax.scan(step, (k, v, o0, lse0), jnp.arange(cfg.size))
