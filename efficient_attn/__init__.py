@@ -8,6 +8,7 @@ from efficient_attn import methods as _methods  # noqa: F401  (registers the fam
 from efficient_attn.core import mods
 from efficient_attn.core.api import attention, attention_weights, sparsity_pattern
 from efficient_attn.core.blockmask import BlockMask, block_mask
+from efficient_attn.core.merge import merge_attention
 from efficient_attn.core.recurrent import init_state as linear_init_state
 from efficient_attn.core.recurrent import recurrent_methods
 from efficient_attn.core.recurrent import step as linear_step
@@ -49,6 +50,7 @@ __all__ = [
     "init_arrays",
     "linear_init_state",
     "linear_step",
+    "merge_attention",
     "methods",
     "mods",
     "numpy_reference",

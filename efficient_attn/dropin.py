@@ -22,6 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from efficient_attn.core import api, mods
+from efficient_attn.core.batching import Batch
+from efficient_attn.core.merge import merge_attention
 from efficient_attn.core.registry import get_method, methods
 
 #: Drop-in argument -> the registry feature a method needs to honour it
@@ -86,7 +88,7 @@ def _window(local_window_size: Any) -> tuple[int, int] | None:
     return int(w[0]), int(w[1])
 
 
-def _segments(q_ids: Any, kv_ids: Any, batch: int, t: int, s: int, unbatched: bool):
+def _segments(q_ids: Any, kv_ids: Any, batch: Batch, t: int, s: int):
     if q_ids is None and kv_ids is None:
         return None
     if kv_ids is None and t == s:
@@ -95,12 +97,9 @@ def _segments(q_ids: Any, kv_ids: Any, batch: int, t: int, s: int, unbatched: bo
         raise ValueError("cross attention (T != S) needs both q_segment_ids and kv_segment_ids")
     out = []
     for name, x, length in (("q_segment_ids", q_ids, t), ("kv_segment_ids", kv_ids, s)):
-        arr = jnp.asarray(x)
-        if unbatched and arr.ndim == 1:
-            arr = arr[None]
-        if arr.shape != (batch, length) or not jnp.issubdtype(arr.dtype, jnp.integer):
-            want = f"[{length}]" if unbatched else f"[batch, seq]=({batch}, {length})"
-            raise ValueError(f"{name} must be an int array {want}; got {arr.shape} {arr.dtype}")
+        arr = batch.per_example(name, x, (length,))
+        if not jnp.issubdtype(arr.dtype, jnp.integer):
+            raise ValueError(f"{name} must be an int array; got dtype {arr.dtype}")
         out.append(arr.astype(jnp.int32))
     return tuple(out)
 
@@ -131,7 +130,10 @@ def dot_product_attention(
     """``jax.nn.dot_product_attention`` with ``method=`` any registered method.
 
     Args:
-      query: ``[B, T, N, H]`` (or ``[T, N, H]``).
+      query: ``[B, T, N, H]``, ``[T, N, H]``, or any number of leading batch dims
+        ``[..., T, N, H]`` (as Flax and tokamax; flattened to one batch dim and back:
+        then lengths are ``[...]``, segment ids ``[..., T]``, bias and mask
+        broadcast to ``[..., N, T, S]``).
       key: ``[B, S, K, H]``, ``N % K == 0`` (grouped/multi-query for K < N).
       value: ``[B, S, K, Hv]``.
       bias: float, broadcastable to ``[B, N, T, S]``; added to ``scale * q.k``.
@@ -159,29 +161,28 @@ def dot_product_attention(
       **options: the method's options (``efficient-attn methods``).
 
     Returns:
-      ``[B, T, N, Hv]`` in ``query.dtype`` (``[T, N, Hv]`` for rank-3
-      inputs), and the log-sum-exp with ``return_residual``. Unlike jax.nn,
+      ``[..., T, N, Hv]`` in ``query.dtype`` (the inputs' leading dims), and
+      the log-sum-exp ``[..., T, N]`` with ``return_residual``. Unlike jax.nn,
       which averages every value there, rows that see no key are zero (for
       the ``xla`` and ``cudnn`` methods the row is jax.nn's own).
     """
     query, key, value = jnp.asarray(query), jnp.asarray(key), jnp.asarray(value)
-    ranks = (query.ndim, key.ndim, value.ndim)
-    if ranks not in ((3, 3, 3), (4, 4, 4)):
-        raise ValueError(
-            f"query, key and value must all be [B, T, N, H] or all [T, N, H]; got ranks {ranks}"
-        )
-    unbatched = ranks[0] == 3
-    if unbatched:
-        query, key, value = query[None], key[None], value[None]
-    b, t = query.shape[:2]
+    batch = Batch.of(query, key, value)
+    query, key, value = (batch.flatten(x) for x in (query, key, value))
+    b, t, n = query.shape[:3]
     s = key.shape[1]
+    if not batch.single:  # [..., T, N, H] or [T, N, H]: the arguments follow the inputs' dims
+        bias = batch.broadcast("bias", bias, (n, t, s))
+        mask = batch.broadcast("mask", mask, (n, t, s))
+        query_seq_lengths = batch.per_example("query_seq_lengths", query_seq_lengths)
+        key_value_seq_lengths = batch.per_example("key_value_seq_lengths", key_value_seq_lengths)
     for name, flag in (("is_causal", is_causal), ("return_residual", return_residual)):
         if not isinstance(flag, bool | np.bool_):
             raise ValueError(f"{name} must be a bool; got {flag!r}")
     window = _window(local_window_size)
     q_len = api.check_lengths("query_seq_lengths", query_seq_lengths, b, t, "T")
     kv_len = api.check_lengths("key_value_seq_lengths", key_value_seq_lengths, b, s, "S")
-    segments = _segments(q_segment_ids, kv_segment_ids, b, t, s, unbatched)
+    segments = _segments(q_segment_ids, kv_segment_ids, batch, t, s)
     if logits_soft_cap is not None and (
         isinstance(logits_soft_cap, bool)
         or not isinstance(logits_soft_cap, int | float)
@@ -214,9 +215,7 @@ def dot_product_attention(
         out = _translated(spec.name, query, key, value, bias, mask, scale, bool(is_causal), kv_len,
                           window, logits_soft_cap, segments, sinks, drop,
                           bool(return_residual), q_len, options)  # fmt: skip
-    if unbatched:
-        out = jax.tree.map(lambda x: x[0], out)
-    return out
+    return jax.tree.map(batch.unflatten, out)
 
 
 def _native(spec, q, k, v, bias, mask, scale, is_causal, q_len, kv_len, window, residual,
@@ -280,9 +279,9 @@ def _translated(method, q, k, v, bias, mask, scale, is_causal, kv_len, window, c
             raise ValueError(
                 f"sinks must be a float array [heads]=({n},); got {sinks.shape} {sinks.dtype}"
             )
-        total = jnp.logaddexp(lse, sinks.astype(lse.dtype))  # the sink joins the denominator
-        out = (out * jnp.exp(lse - total)[..., None]).astype(q.dtype)
-        lse = total
+        # The sink joins the denominator: a partial with no value and the sink as its lse.
+        sink_lse = jnp.broadcast_to(sinks.astype(lse.dtype), lse.shape)
+        out, lse = merge_attention((out, jnp.zeros_like(out)), (lse, sink_lse))
     if q_len is not None:
         rows = jnp.arange(t)[None, :] < q_len[:, None]  # [B, T]
         out = jnp.where(rows[:, :, None, None], out, jnp.zeros((), out.dtype))

@@ -25,8 +25,10 @@ def test_methods_lists_core_methods():
 @pytest.mark.parametrize(
     "shapes,match",
     [
-        (((2, 5, 4), (2, 5, 4, 8), (2, 5, 4, 8)), "query must have rank 4"),
-        (((2, 5, 4, 8), (2, 5, 4, 8, 1), (2, 5, 4, 8)), "key must have rank 4"),
+        (((5, 4), (5, 4, 8), (5, 4, 8)), r"query must have rank >= 3 \[..., seq"),
+        (((2, 5, 4), (2, 5, 4, 8), (2, 5, 4, 8)), "must have the same rank"),
+        (((2, 5, 4, 8), (2, 5, 4, 8, 1), (2, 5, 4, 8)), "must have the same rank"),
+        (((2, 2, 5, 4, 8), (2, 3, 5, 4, 8), (2, 3, 5, 4, 8)), r"batch sizes differ: query \(2,"),
         (((2, 5, 4, 8), (2, 5, 4, 6), (2, 5, 4, 8)), r"head_dim of query \(8\) and key \(6\)"),
         (((2, 5, 4, 8), (2, 5, 4, 8), (2, 6, 4, 8)), "key and value lengths must be equal"),
         (

@@ -94,7 +94,7 @@ def test_causal_block_mask_visits_the_lower_triangle():
 def test_tiled_forward_with_positions_composes_over_key_shards():
     """Two key shards merged by their log-sum-exp equal the full attention (ring building block)."""
     from efficient_attn.core import blockmask
-    from efficient_attn.core.engine import merge_partials, tiled_forward
+    from efficient_attn.core.engine import tiled_forward
 
     q, k, v = make_qkv(1, 24, 24, 2, 2, 8)
     pos = np.arange(24, dtype=np.int32)
@@ -107,7 +107,7 @@ def test_tiled_forward_with_positions_composes_over_key_shards():
         parts.append(tiled_forward(q, k[:, keys], v[:, keys], scale=0.3, block_mask=bm,
                                    kv_len=kv_len, k_pos=pos[keys], k_limit=24))  # fmt: skip
     assert np.isneginf(np.asarray(parts[1][1])[:, :10]).all()  # rows 0..9 see no key of shard 2
-    out, _ = merge_partials(*parts[0], *parts[1])
+    out, _ = ea.merge_attention(*zip(*parts, strict=True))
     ref, _ = ea.numpy_reference(q, k, v, causal=True, scale=0.3)
     np.testing.assert_allclose(np.asarray(out), ref, rtol=2e-5, atol=2e-6)
 

@@ -225,6 +225,78 @@ def test_block_mask_classification_against_dense_mask(name, mask_mod, score_mod)
     np.testing.assert_array_equal(bm.visible.sum((2, 3)), dense.sum((2, 3)))
 
 
+def _runs_and_pairwise(mask, q_pos, k_pos, q_limit, k_limit, bm, bq, bk):
+    """Tile classes and visible counts of ``mask`` from its runs (with their ``ok``) and from
+    evaluating every pair, at explicit ascending positions (padded to the tiles)."""
+    from efficient_attn.core.blockmask import hoist
+    from efficient_attn.core.blockmask.classify import _classify, _from_runs, _index_args, _runs
+
+    def pad(p, block, limit):
+        return np.concatenate([p, np.full(-len(p) % block, limit)]).astype(np.int32)
+
+    qp, kp = pad(q_pos, bq, q_limit), pad(k_pos, bk, k_limit)
+
+    def both():
+        h = hoist("mask_mod", mask, *_index_args(bm, 1, bq, kp.size))
+        lo, hi, exact = _runs(mask, qp, kp, q_limit, k_limit, bm, 1)
+        qj, kj = jnp.asarray(qp), jnp.asarray(kp)
+        tiles, visible, monotone = _from_runs(lo, hi, qj, kj, q_limit, k_limit, bm, 1, bq, bk)
+        pair = _classify(h.fn, h.consts, qj, kj, q_limit, k_limit, bm, 1, bq, bk)
+        return (tiles, visible), exact & monotone, pair
+
+    return jax.jit(both)()
+
+
+class _Band(mods.Mask):
+    """A user's mask with the runs hook: keys within ``width`` before the query, by the
+    query's lane (``lane[b] = 1`` doubles the width)."""
+
+    def __init__(self, lane, width):
+        self.lane, self.width = lane, width
+
+    def __call__(self, b, h, q_idx, kv_idx):
+        w = self.width * (1 + self.lane[b])
+        return (kv_idx <= q_idx) & (kv_idx > q_idx - w)
+
+    def row_intervals(self, b, h, q_idx, kv_idx):  # keys (q - w, q]: a run per row
+        w = self.width * (1 + self.lane[b])  # [Bm]
+        lo = jnp.searchsorted(kv_idx, q_idx[None, :] - w[:, None], side="right")  # [Bm, Tq]
+        return lo[:, None, :], jnp.searchsorted(kv_idx, q_idx, side="right"), True
+
+
+def test_data_masks_from_runs_equal_the_pairwise_classification():
+    """Documents (sorted ids, also cross attention with ids missing on one side), per-example
+    prefixes, their ``&`` with causal/window/chunks, at gapped positions (ring shards,
+    gathered keys) and a user's ``row_intervals`` hook: tile classes and visible counts from
+    runs equal those of every pair; unsorted ids report ``ok`` False and the block mask
+    falls back to evaluating every pair (same result)."""
+    rng = np.random.default_rng(3)
+    q_ids = np.sort(rng.choice([0, 1, 2, 4, 6], (2, 60)), 1).astype(np.int32)
+    kv_ids = np.sort(rng.choice([0, 2, 3, 4, 5], (2, 60)), 1).astype(np.int32)
+    docs = mods.document_mask(q_ids, kv_ids)
+    zigzag = np.r_[0:11, 49:60]  # a ring shard's positions
+    gathered = np.sort(rng.choice(60, 23, replace=False))
+    cases = [
+        (docs, np.arange(37), np.arange(29), 5, 3),
+        (docs & mods.causal_mask(-8), np.arange(37), np.arange(29), 4, 4),
+        (mods.document_mask(q_ids) & mods.sliding_window(4, 1), zigzag, gathered, 4, 6),
+        (mods.prefix_lm(np.array([3, 17])) & mods.chunked_mask(7), gathered, zigzag, 3, 5),
+        (mods.prefix_lm(np.array([3, 17])) & mods.causal_mask(), np.arange(60), zigzag, 8, 4),
+        (_Band(jnp.array([0, 1]), 5), np.arange(41), np.arange(41), 8, 4),
+    ]
+    for mask, q_pos, k_pos, bq, bk in cases:
+        runs, ok, pair = _runs_and_pairwise(mask, q_pos, k_pos, 60, 60, 2, bq, bk)
+        assert bool(ok), mask
+        for got, want in zip(runs, pair, strict=True):
+            np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=str(mask))
+    unsorted = mods.document_mask(rng.integers(0, 3, (2, 60)).astype(np.int32))
+    _, ok, pair = _runs_and_pairwise(unsorted, np.arange(60), np.arange(60), 60, 60, 2, 8, 8)
+    assert not bool(ok)
+    bm = jax.jit(lambda m: ea.block_mask(m, 60, 60, batch=2, block_q=8, block_k=8))(unsorted)
+    np.testing.assert_array_equal(np.asarray(bm.tiles), np.asarray(pair[0]))
+    np.testing.assert_array_equal(np.asarray(bm.visible), np.asarray(pair[1]))
+
+
 def test_block_mask_lists_transpose_and_density():
     bm = ea.block_mask(mods.sliding_window(40), 300, 300, block_q=32, block_k=64)
     tiles = bm.tiles[0, 0]

@@ -193,7 +193,7 @@ def test_public_names():
         "ArrayOption", "BASIC_FEATURES", "BlockMask", "FEATURES", "LinearState",
         "MOD_FEATURES", "Method", "Native", "Recurrent", "TokenProjection", "attention",
         "attention_weights", "block_mask", "dot_product_attention", "get_method",
-        "init_arrays", "linear_init_state", "linear_step", "methods", "mods",
+        "init_arrays", "linear_init_state", "linear_step", "merge_attention", "methods", "mods",
         "numpy_reference", "numpy_reference_grads", "recurrent_methods", "register_method",
         "sequence_parallel_attention", "sparsity_pattern",
     }  # fmt: skip

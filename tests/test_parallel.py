@@ -214,8 +214,10 @@ def check_meshes_and_errors():
 
 
 def check_ring_mods():
-    """Ring with a document mask and learned ALiBi slopes on 4 devices (global positions)
-    equals one-device blockwise, gradients of the slopes included."""
+    """A document mask and learned ALiBi slopes (distinct per head) on 4 devices equal
+    one-device blockwise, gradients of the slopes included: under ring written as plain
+    closures over traced arrays (global positions), under all_to_all as library mods
+    (global head indices)."""
     import jax
     import jax.numpy as jnp
 
@@ -224,34 +226,57 @@ def check_ring_mods():
     from efficient_attn.parallel import sequence_parallel_attention
 
     mesh = _mesh(4)
-    q, k, v, dout = _inputs(2, 50, 50, 4, 2, 8, 8, seed=7)
+    q, k, v, dout = _inputs(2, 50, 50, 4, 4, 8, 8, seed=7)
     seg = np.sort(np.random.default_rng(0).integers(0, 4, size=(2, 50)), axis=1).astype(np.int32)
-    slopes = jnp.asarray(mods.alibi_slopes(4))
+    slopes = jnp.asarray(mods.alibi_slopes(4)) * jnp.arange(1.0, 5.0)  # distinct per head
     lengths = np.array([50, 41])
 
-    def run(fn, q, slopes):
-        def loss(q, slopes):
-            kw = {"mask_mod": mods.document_mask(seg), "score_mod": mods.alibi(slopes),
-                  "causal": True, "kv_lengths": lengths, "scale": SCALE}  # fmt: skip
+    def library(slopes, seg):
+        return {"mask_mod": mods.document_mask(seg), "score_mod": mods.alibi(slopes)}
+
+    def closures(slopes, seg):  # what FlexAttention users write
+        return {
+            "mask_mod": lambda b, h, i, j: seg[b, i] == seg[b, j],
+            "score_mod": lambda s, b, h, i, j: s - slopes[h] * jnp.abs(i - j).astype(s.dtype),
+        }
+
+    def run(fn, make_mods):
+        def loss(q, slopes, seg):
+            kw = {**make_mods(slopes, seg), "causal": True, "kv_lengths": lengths,
+                  "scale": SCALE}  # fmt: skip
             return jnp.sum(fn(q, **kw) * dout)
 
-        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(q, slopes)
+        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(q, slopes, seg)
 
-    def ring(q, **kw):
-        return sequence_parallel_attention(q, k, v, mesh=mesh, axis=AXIS, strategy="ring", **kw)
+    def split(strategy):
+        def fn(q, **kw):
+            return sequence_parallel_attention(
+                q, k, v, mesh=mesh, axis=AXIS, strategy=strategy, **kw
+            )
+
+        return fn
 
     def one(q, **kw):
         return ea.attention(q, k, v, method="blockwise", block_q=8, block_k=8, **kw)
 
-    (val, grads), (ref_val, ref_grads) = run(ring, q, slopes), run(one, q, slopes)
-    np.testing.assert_allclose(val, ref_val, rtol=1e-4)
-    for g, r in zip(grads, ref_grads, strict=True):
-        assert np.abs(np.asarray(r)).max() > 0
-        np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-4, atol=5e-5)
+    ref_val, ref_grads = run(one, library)
+    cases = [("ring", closures), ("all_to_all", library)]  # all_to_all: slopes[h], global h
+    for strategy, make_mods in cases:
+        val, grads = run(split(strategy), make_mods)
+        name = f"{strategy} {make_mods.__name__}"
+        np.testing.assert_allclose(val, ref_val, rtol=1e-4, err_msg=name)
+        for g, r in zip(grads, ref_grads, strict=True):
+            assert np.abs(np.asarray(r)).max() > 0
+            np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-4, atol=5e-5,
+                                       err_msg=name)  # fmt: skip
     window = mods.sliding_window(6)
     got = sequence_parallel_attention(q, k, v, mesh=mesh, axis=AXIS, mask_mod=window)
     ref = ea.attention(q, k, v, method="dense", mask_mod=window)
     np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-4, atol=2e-5)
+    with pytest.raises(ValueError, match="not Python objects JAX cannot trace"):
+        table = [0, 1, 2]
+        sequence_parallel_attention(q, k, v, mesh=mesh, axis=AXIS,
+                                    mask_mod=lambda b, h, i, j: table[i] >= 0)  # fmt: skip
 
 
 CHECKS = {
@@ -364,7 +389,7 @@ def test_ring_matches_float64_reference():
     _run_check("check_ring")
 
 
-def test_ring_with_document_mask_and_learned_alibi():
+def test_ring_and_all_to_all_with_closures_document_mask_and_learned_alibi():
     _run_check("check_ring_mods")
 
 

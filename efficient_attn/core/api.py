@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from efficient_attn.core import masking
+from efficient_attn.core.batching import Batch
 from efficient_attn.core.blockmask import BlockMask, check_block_mask
 from efficient_attn.core.registry import HEAD_DIM, Method, get_method, methods, methods_supporting
 
@@ -255,7 +256,9 @@ def attention(
     """Attention of ``query`` over ``key``/``value`` with any registered method.
 
     Args:
-      query: ``[B, Tq, N, H]``.
+      query: ``[B, Tq, N, H]``; any number of leading batch dims ``[..., Tq, N, H]``
+        (flattened to one, :class:`~efficient_attn.core.batching.Batch`: mods see
+        the flattened ``b``; ``kv_lengths`` ``[...]``, bias ``[..., N, Tq, Tk]``).
       key: ``[B, Tk, K, H]`` with ``N % K == 0`` (K < N: grouped/multi-query).
       value: ``[B, Tk, K, Hv]``.
       method: a name from :func:`efficient_attn.methods`.
@@ -291,6 +294,19 @@ def attention(
     query, key, value = jnp.asarray(query), jnp.asarray(key), jnp.asarray(value)
     if not isinstance(return_lse, (bool, np.bool_)):
         raise ValueError(f"return_lse must be a bool; got {return_lse!r}")
+    batch = Batch.of(query, key, value)
+    if not batch.single:  # [..., T, N, H]: one batch dim for the method, then back
+        arrays = {name: a.shape for name, a in get_method(method).arrays.items()}
+        tail = (query.shape[-2], query.shape[-3], key.shape[-3])  # N, Tq, Tk
+        res = attention(
+            *map(batch.flatten, (query, key, value)), method=method, causal=causal,
+            kv_lengths=batch.per_example("kv_lengths", kv_lengths), scale=scale,
+            mask_mod=mask_mod, score_mod=score_mod, block_mask=block_mask,
+            bias=batch.broadcast("bias", bias, tail), dropout_rate=dropout_rate,
+            dropout_rng=dropout_rng, dropout_broadcast=dropout_broadcast,
+            return_lse=return_lse, **batch.options(arrays, options),
+        )  # fmt: skip
+        return jax.tree.map(batch.unflatten, res)
     mods = {
         "mask_mod": mask_mod,
         "score_mod": score_mod,

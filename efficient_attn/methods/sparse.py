@@ -35,6 +35,7 @@ import numpy as np
 
 from efficient_attn import kernels
 from efficient_attn.core import blockmask, engine, mods
+from efficient_attn.core.merge import merge_attention
 from efficient_attn.core.registry import FEATURES, register_method
 from efficient_attn.methods.dense import dense_weights
 
@@ -237,7 +238,7 @@ def strided(
     out2, lse2 = engine.tiled_attention(
         q, k[:, summary], v[:, summary], block_mask=far, k_pos=summary, k_limit=tk, **common
     )
-    return engine.result(engine.merge_partials(out, lse, out2, lse2), return_lse, q.dtype)
+    return engine.result(merge_attention((out, out2), (lse, lse2)), return_lse, q.dtype)
 
 
 @_register("bigbird")

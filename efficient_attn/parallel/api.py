@@ -32,15 +32,14 @@ def _ring(q, k, v, kv_lengths, scale, *, mesh, axis, causal, method, options, mo
 
 
 def _all_to_all(q, k, v, kv_lengths, scale, *, mesh, axis, causal, method, options, mods):
-    given = [name for name, value in mods.items() if value is not None]
-    if given:
+    if mods.get("block_mask") is not None:
         raise ValueError(
-            f"strategy='all_to_all' splits the heads, so mods would see local head indices; "
-            f"{given} are not supported with it yet (strategy='ring' accepts them)"
+            "strategy='all_to_all' splits the heads, so a block mask would need its heads split "
+            "too; pass mask_mod= instead of block_mask= (it sees global head indices)"
         )
     return all_to_all_attention(
         q, k, v, kv_lengths, scale, mesh=mesh, axis=axis, causal=causal, method=method,
-        options=options,
+        options=options, mask_mod=mods.get("mask_mod"), score_mod=mods.get("score_mod"),
     )  # fmt: skip
 
 
@@ -99,7 +98,9 @@ def sequence_parallel_attention(
         group over the full sequence (all_to_all).
       causal, kv_lengths, scale, mask_mod, score_mod, **options: as in
         :func:`efficient_attn.attention` (validated by the same code); mods
-        see global positions (``strategy="ring"``).
+        see global positions and, under ``all_to_all``, global head indices; the
+        arrays they close over (library mods or plain closures) are replicated
+        to every device, and float ones a ``score_mod`` reads get gradients.
 
     Returns:
       ``[B, Tq, N, Hv]`` in ``query.dtype``.

@@ -28,24 +28,11 @@ from jax.sharding import Mesh, PartitionSpec
 
 from efficient_attn.core import masking
 from efficient_attn.core import mods as _mods
-from efficient_attn.core.engine import merge_partials
+from efficient_attn.core.blockmask import join_mod, lift, split_mod
 from efficient_attn.core.engine.ring import RingMods
+from efficient_attn.core.merge import merge_attention
 from efficient_attn.parallel import layout
 from efficient_attn.parallel.kernels import RingKernel
-
-
-def _split_mod(mod: Any):
-    """(array leaves, static rest) of a mod: library mods are pytrees, other callables static."""
-    if mod is None or not isinstance(mod, _mods.Mask | _mods.Score):
-        return (), mod
-    leaves, treedef = jax.tree.flatten(mod)
-    return tuple(leaves), treedef
-
-
-def _join_mod(static: Any, leaves: tuple):
-    if isinstance(static, jax.tree_util.PyTreeDef):
-        return jax.tree.unflatten(static, leaves)
-    return static
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,12 +46,12 @@ class _Ring:
     offset: int  # Tk - Tq of the unpadded problem (bottom-right causal)
     q_len: int  # unpadded lengths: positions at or past them are padding
     kv_len: int
-    mask_static: Any  # the mask mod's treedef (or the callable itself)
+    mask_static: Any  # the mask mod's treedef (blockmask.split_mod: its arrays are the leaves)
     score_static: Any
 
     def mods(self, mask_leaves, score_leaves) -> RingMods:
-        mask = _join_mod(self.mask_static, mask_leaves)
-        return RingMods(mask, _join_mod(self.score_static, score_leaves), self.q_len, self.kv_len)
+        mask = join_mod(self.mask_static, mask_leaves)
+        return RingMods(mask, join_mod(self.score_static, score_leaves), self.q_len, self.kv_len)
 
     @property
     def size(self) -> int:
@@ -103,7 +90,7 @@ def _forward_shard(cfg: _Ring, q, k, v, kv_len, scale, mask_leaves, score_leaves
             lambda: fwd(q, k, v, q_pos, k_pos, kv_len, scale, mods=mods, zigzag=cfg.causal),
             lambda: (o0.astype(q.dtype), lse0),
         )
-        o, lse = merge_partials(o, lse, o_i, lse_i.astype(acc))
+        o, lse = merge_attention((o, o_i), (lse, lse_i))
         return (k_next, v_next, o, lse), None
 
     (_, _, o, lse), _ = jax.lax.scan(step, (k, v, o0, lse0), jnp.arange(cfg.size))
@@ -116,9 +103,8 @@ def _leaf_grads(d_consts, consts, leaves, acc):
     for d, c in zip(d_consts, consts, strict=True):
         hits = [i for i, x in enumerate(leaves) if x is c]
         if not hits:
-            raise ValueError(
-                "under strategy='ring' a score_mod may close over traced arrays only as the "
-                "leaves of an efficient_attn.core.mods.Score pytree (e.g. mods.alibi(slopes))"
+            raise RuntimeError(
+                "a score_mod's hoisted array is not among its leaves (blockmask.split_mod)"
             )
         if d is not None:
             grads[hits[0]] = grads[hits[0]] + d.astype(acc)
@@ -230,9 +216,11 @@ def ring_attention(
 
     ``kv_len``: int [B] valid keys; ``scale``: scalar array; ``mask_mod`` and
     ``score_mod`` see global positions (document masks and windows work
-    across shards; their arrays are replicated). Lengths are padded to a
-    multiple of ``P`` (``2P`` when causal, for the zigzag layout); padded keys
-    sit at positions ``>= Tk`` and are never visible. Returns
+    across shards); the arrays they close over, library mods' leaves or a plain
+    function's captures (:func:`efficient_attn.core.blockmask.lift`), are
+    replicated to every shard, and float ones a ``score_mod`` reads get gradients.
+    Lengths are padded to a multiple of ``P`` (``2P`` when causal, for the zigzag
+    layout); padded keys sit at positions ``>= Tk`` and are never visible. Returns
     ``[B, Tq, N, Hv]`` split along the sequence over ``axis``.
     """
     size = mesh.shape[axis]
@@ -240,12 +228,13 @@ def ring_attention(
     multiple = 2 * size if causal else size
     lq, lk = layout.padded_length(tq, multiple), layout.padded_length(tk, multiple)
     q, k, v = (layout.pad_seq(x, n, mesh, axis) for x, n in ((q, lq), (k, lk), (v, lk)))
+    mask_mod = lift("mask_mod", mask_mod)  # closed-over arrays: leaves, replicated to shards
     parts = [m for m in (_mods.causal_bottom_right(tq, tk) if causal else None, mask_mod) if m]
     mask = (
         _mods.full_mask() if not parts else parts[0] if len(parts) == 1 else _mods.and_masks(*parts)
     )
-    mask_leaves, mask_static = _split_mod(mask)
-    score_leaves, score_static = _split_mod(score_mod)
+    mask_leaves, mask_static = split_mod("mask_mod", mask)
+    score_leaves, score_static = split_mod("score_mod", score_mod)
     cfg = _Ring(mesh, axis, causal, kernel, tk - tq, tq, tk, mask_static, score_static)
     if causal:
         q, k, v = _relayout(layout.to_zigzag, mesh, axis, q, k, v)

@@ -9,7 +9,8 @@ the program; masks over data (segment ids, per-example prefix lengths) are
 built on device inside ``jit``, so new values never retrace or recompile.
 
 The modules: ``mask`` (the :class:`BlockMask` pytree, the engine's tile
-lists), ``hoist`` (a mod traced with its captured arrays made arguments),
+lists), ``hoist`` (a mod traced with its captured arrays made arguments; :func:`lift`:
+a plain closure as a pytree whose leaves are those arrays),
 ``classify`` (tile classification), ``build`` (:func:`block_mask`, :func:`build`,
 the cache) and ``inspection`` (rendering a block mask as a PNG).
 
@@ -25,7 +26,14 @@ from efficient_attn.core.blockmask.build import (  # noqa: F401
     build_inferred,
     positions,
 )
-from efficient_attn.core.blockmask.hoist import Hoisted, check_mask_output, hoist  # noqa: F401
+from efficient_attn.core.blockmask.hoist import (  # noqa: F401
+    Hoisted,
+    check_mask_output,
+    hoist,
+    join_mod,
+    lift,
+    split_mod,
+)
 from efficient_attn.core.blockmask.inspection import render_block_mask  # noqa: F401
 from efficient_attn.core.blockmask.mask import (  # noqa: F401
     EMPTY,

@@ -17,7 +17,7 @@ import numpy as np
 from efficient_attn.core import masking
 from efficient_attn.core.blockmask.classify import (
     _bounded_static,
-    _classify,
+    _classify_data,
     _evaluate_static,
     _index_args,
 )
@@ -83,8 +83,8 @@ def build(
     bm = _dims("batch", batch, h.uses[0], "batch", "b")
     hm = _dims("heads", heads, h.uses[1], "head", "h")
     if not (h.static and static_pos):
-        tiles, visible = _classify(h.fn, h.consts, jnp.asarray(q_pos), jnp.asarray(k_pos),
-                                   q_limit, k_limit, bm, hm, bq, bk)  # fmt: skip
+        tiles, visible = _classify_data(mask_mod, h.fn, h.consts, q_pos, k_pos, q_limit, k_limit,
+                                        bm, hm, bq, bk)  # fmt: skip
         return BlockMask.from_tiles(tiles, visible, mask_mod, tq, tk, bq, bk)
     key = (mask_mod, q_pos.tobytes(), k_pos.tobytes(), q_limit, k_limit, bm, hm, bq, bk)
     try:
@@ -100,7 +100,8 @@ def build(
     if bounded is not None:
         tiles, visible = (np.broadcast_to(x, (bm, hm, *x.shape[2:])).copy() for x in bounded)
     else:
-        tiles, visible = _evaluate_static(h.fn, q_pos, k_pos, q_limit, k_limit, bm, hm, bq, bk)
+        tiles, visible = _evaluate_static(mask_mod, h.fn, q_pos, k_pos, q_limit, k_limit, bm, hm,
+                                          bq, bk)  # fmt: skip
     made = BlockMask.from_tiles(tiles, visible, mask_mod, tq, tk, bq, bk)
     if key is not None:
         _CACHE[key] = made

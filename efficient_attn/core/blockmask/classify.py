@@ -1,9 +1,14 @@
 """Tile classification: which tiles of a mask are empty, partial or full; pairs each sees.
 
-On device (``jax.lax.map`` over query tiles, for masks over traced data), from a
-library mask's :meth:`~efficient_attn.core.mods.Mask.tile_bounds` (only the
-undecided tiles are evaluated, in NumPy where the mask allows), or compiled on
-the CPU in a thread of its own (static masks under ``jit`` or ``shard_map``).
+On device, for masks over traced data: from the mask's runs of visible keys per
+query row (:meth:`~efficient_attn.core.mods.Mask.row_intervals`: documents over
+sorted segment ids, per-example prefixes, causal, windows and their ``&``) by
+prefix sums in O(Tq log Tk + nq nk log bq), else by evaluating every pair
+(``jax.lax.map`` over query tiles; also when the data break the runs' promise,
+e.g. unsorted ids). Static masks: from a library mask's
+:meth:`~efficient_attn.core.mods.Mask.tile_bounds` (only the undecided tiles are
+evaluated, in NumPy where the mask allows), or compiled on the CPU in a thread of
+its own (static masks under ``jit`` or ``shard_map``).
 """
 
 from __future__ import annotations
@@ -48,7 +53,63 @@ def _classify(fn, consts, q_pos, k_pos, q_limit, k_limit, bm, hm, bq, bk):
     return jnp.moveaxis(tiles, 0, 2), jnp.moveaxis(visible, 0, 2)
 
 
-_classify_jit = jax.jit(_classify, static_argnums=(0, 4, 5, 6, 7, 8, 9))
+
+def _from_runs(lo, hi, q_pos, k_pos, q_limit, k_limit, bm, hm, bq, bk):
+    """``(tiles int8, visible int32, monotone)`` from each row's run of visible keys.
+
+    ``lo``/``hi`` broadcastable to ``[Bm, Hm, Tq]``: row ``i`` sees keys ``[lo_i, hi_i)``
+    (indices into ``k_pos``). A tile's visible pairs are ``F(end) - F(start)`` with
+    ``F(x) = sum_i clip(x, lo_i, hi_i)``, and for runs non-decreasing along the tile's
+    rows ``F`` is three prefix sums split at two binary searches: O(nq nk log bq).
+    """
+    nq, nk = q_pos.shape[0] // bq, k_pos.shape[0] // bk
+    shape = (bm, hm, nq * bq)
+    n_valid = jnp.sum(k_pos < k_limit, dtype=jnp.int32)  # keys past k_limit: the padded tail
+    q_ok = q_pos < q_limit  # queries past q_limit: the padded tail, empty runs at the end
+    hi = jnp.where(q_ok, jnp.clip(jnp.broadcast_to(hi, shape), 0, n_valid), n_valid)
+    lo = jnp.where(q_ok, jnp.clip(jnp.broadcast_to(lo, shape), 0, hi), n_valid)
+    lo, hi = lo.astype(jnp.int32), hi.astype(jnp.int32)
+    monotone = jnp.all(lo[..., 1:] >= lo[..., :-1]) & jnp.all(hi[..., 1:] >= hi[..., :-1])
+    lo, hi = lo.reshape(bm, hm, nq, bq), hi.reshape(bm, hm, nq, bq)
+    zero = jnp.zeros((bm, hm, nq, 1), jnp.int32)
+    sum_lo = jnp.concatenate([zero, jnp.cumsum(lo, -1, dtype=jnp.int32)], -1)  # [.., bq + 1]
+    sum_hi = jnp.concatenate([zero, jnp.cumsum(hi, -1, dtype=jnp.int32)], -1)
+    x = jnp.arange(nk + 1, dtype=jnp.int32) * bk  # key tile boundaries
+    search = jax.vmap(lambda a: jnp.searchsorted(a, x, side="right").astype(jnp.int32))
+    below = search(hi.reshape(-1, bq)).reshape(bm, hm, nq, nk + 1)  # rows with hi_i <= x
+    inside = search(lo.reshape(-1, bq)).reshape(bm, hm, nq, nk + 1)  # rows with lo_i <= x
+    f = (jnp.take_along_axis(sum_hi, below, -1) + x * (inside - below)
+         + sum_lo[..., -1:] - jnp.take_along_axis(sum_lo, inside, -1))  # fmt: skip
+    visible = f[..., 1:] - f[..., :-1]
+    tiles = jnp.where(visible == bq * bk, FULL, jnp.where(visible > 0, PARTIAL, EMPTY))
+    return tiles.astype(jnp.int8), visible, monotone
+
+
+def _runs(mask_mod, q_pos, k_pos, q_limit, k_limit, bm, hm):
+    """``mask_mod``'s :meth:`~efficient_attn.core.mods.Mask.row_intervals`, or None."""
+    if not isinstance(mask_mod, Mask):
+        return None
+    b, h = jnp.arange(bm, dtype=jnp.int32), jnp.arange(hm, dtype=jnp.int32)
+    q = jnp.minimum(jnp.asarray(q_pos, jnp.int32), q_limit - 1)
+    k = jnp.minimum(jnp.asarray(k_pos, jnp.int32), k_limit - 1)
+    return mask_mod.row_intervals(b, h, q, k)
+
+
+def _classify_data(mask_mod, fn, consts, q_pos, k_pos, q_limit, k_limit, bm, hm, bq, bk):
+    """On device: from the mask's runs of visible keys where it gives them (and the data
+    keep their promise: sorted ids), else every pair evaluated (:func:`_classify`)."""
+    runs = _runs(mask_mod, q_pos, k_pos, q_limit, k_limit, bm, hm)
+    q_pos, k_pos = jnp.asarray(q_pos), jnp.asarray(k_pos)
+
+    def pairwise():
+        return _classify(fn, consts, q_pos, k_pos, q_limit, k_limit, bm, hm, bq, bk)
+
+    if runs is None:
+        return pairwise()
+    lo, hi, exact = runs
+    tiles, visible, monotone = _from_runs(lo, hi, q_pos, k_pos, q_limit, k_limit, bm, hm, bq, bk)
+    ok = jnp.logical_and(exact, monotone)
+    return jax.lax.cond(ok, lambda: (tiles, visible), pairwise)
 
 
 def _count_tiles(mask_mod, qs, ks, q_limit, k_limit, chunk: int = 64):
@@ -121,8 +182,9 @@ def _bounded_static(mask_mod, q_pos, k_pos, q_limit, k_limit, bq, bk):
     return tiles[None, None], visible[None, None]
 
 
-def _evaluate_static(fn, q_pos, k_pos, q_limit, k_limit, bm, hm, bq, bk):
-    """Classify a static mask on the CPU, in a thread of its own.
+def _evaluate_static(mask_mod, fn, q_pos, k_pos, q_limit, k_limit, bm, hm, bq, bk):
+    """Classify a static mask on the CPU, in a thread of its own (from its runs where it
+    gives them, e.g. concrete segment ids; else every pair).
 
     JAX's trace and mesh contexts are thread-local: a fresh thread evaluates
     the mask as a plain computation even when the caller is tracing under
@@ -131,9 +193,8 @@ def _evaluate_static(fn, q_pos, k_pos, q_limit, k_limit, bm, hm, bq, bk):
 
     def run():
         with jax.default_device(jax.devices("cpu")[0]):
-            tiles, visible = _classify_jit(
-                fn, (), jnp.asarray(q_pos), jnp.asarray(k_pos), q_limit, k_limit, bm, hm, bq, bk
-            )
+            args = (q_pos, k_pos, q_limit, k_limit, bm, hm, bq, bk)
+            tiles, visible = jax.jit(lambda: _classify_data(mask_mod, fn, (), *args))()
             return np.asarray(tiles), np.asarray(visible)
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:

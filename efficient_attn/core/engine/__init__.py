@@ -25,7 +25,7 @@ Modules: ``score`` (:class:`Score`, :data:`DOT`), ``tiling`` (the ``[B, T, N,
 H]`` <-> tile layouts, the static config and the per-tile masks, bias and
 dropout), ``forward`` and ``backward`` (the two loops), ``tiled`` (the
 ``custom_vjp``, :func:`tiled_attention`, :func:`tiled_forward`,
-:func:`tiled_backward`, :func:`merge_partials`, :func:`result`), ``attend``
+:func:`tiled_backward`, :func:`result`), ``attend``
 (:func:`plan_block_mask`, :func:`attend`) and ``ring`` (the ring kernels,
 :func:`flash_ring_kernels`).
 """
@@ -39,7 +39,6 @@ from efficient_attn.core.engine.ring import flash_ring_kernels as flash_ring_ker
 from efficient_attn.core.engine.score import DOT as DOT
 from efficient_attn.core.engine.score import DotScore as DotScore
 from efficient_attn.core.engine.score import Score as Score
-from efficient_attn.core.engine.tiled import merge_partials as merge_partials
 from efficient_attn.core.engine.tiled import result as result
 from efficient_attn.core.engine.tiled import tiled_attention as tiled_attention
 from efficient_attn.core.engine.tiled import tiled_backward as tiled_backward

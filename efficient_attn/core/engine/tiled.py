@@ -1,6 +1,7 @@
 """The differentiable tiled attention: the ``custom_vjp`` tying the forward and the
 backward, the preparation of one call (positions, hoisted mods, tile lists,
-bias, dropout), the ring entry points and the merging of partial results.
+bias, dropout) and the ring entry points (partial results merge with
+:func:`efficient_attn.core.merge.merge_attention`).
 
 Dao 2023, "FlashAttention-2"; Dong et al. 2024, "FlexAttention" (the arrays
 a mod closes over are hoisted into explicit arguments, so gradients reach them).
@@ -162,22 +163,6 @@ def tiled_backward(q, k, v, out, lse, dout, *, scale, block_mask, kv_len=None, s
     grads = _backward(st, res, (dout, jnp.zeros(lse.shape, lse.dtype)))
     dq, dk, dv, dscale, _, dsc = grads[:6]
     return dq, dk, dv, dscale, dsc, sc
-
-
-def merge_partials(
-    out1: jax.Array, lse1: jax.Array, out2: jax.Array, lse2: jax.Array
-) -> tuple[jax.Array, jax.Array]:
-    """Combine attention over two disjoint key sets from their (out, lse) pairs.
-
-    out: [B, T, N, Hv], lse: [B, T, N] (-inf where a row saw no key). Returns
-    the output over the union of keys, in float32 (float64 if either input is
-    float64), and its log-sum-exp.
-    """
-    acc = jnp.promote_types(masking.stat_dtype(out1.dtype), out2.dtype)
-    lse = jnp.logaddexp(lse1, lse2)
-    w1 = jnp.where(lse1 == -jnp.inf, 0.0, jnp.exp(lse1 - lse))[..., None]
-    w2 = jnp.where(lse2 == -jnp.inf, 0.0, jnp.exp(lse2 - lse))[..., None]
-    return w1 * out1.astype(acc) + w2 * out2.astype(acc), lse
 
 
 def result(out_lse: tuple[jax.Array, jax.Array], return_lse: bool, dtype: Any):

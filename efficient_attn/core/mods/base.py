@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 MaskMod = Callable[[Any, Any, Any, Any], Any]
@@ -55,6 +56,23 @@ class Mask:
         None: no bounds (every tile is evaluated)."""
         return None
 
+    def row_intervals(self, b, h, q_idx, kv_idx):
+        """The visible keys of every query row as one run of the key order, or None.
+
+        The data-mask counterpart of :meth:`tile_bounds` (jnp, traced data welcome):
+        ``b [Bm]``, ``h [Hm]``, ``q_idx [Tq]`` and ``kv_idx [Tk]`` are int32 indices
+        (both ascending). Return ``(lo, hi, exact)``: int arrays broadcastable to
+        ``[Bm, Hm, Tq]`` such that query ``q_idx[i]`` sees key ``kv_idx[j]`` iff
+        ``lo[..., i] <= j < hi[..., i]``, non-decreasing along ``i``, and a bool
+        scalar that is False where the data break that promise (e.g. unsorted
+        segment ids). A block mask then classifies every tile from prefix sums of
+        the runs, in O(Tq log Tk + nq nk log bq) instead of evaluating all
+        ``Tq * Tk`` pairs, with the same result (when ``exact`` is False it falls
+        back to evaluating every pair). ``&`` of masks with runs has runs.
+        None (the default): no runs, every pair is evaluated.
+        """
+        return None
+
     def __and__(self, other: MaskMod) -> Mask:
         return and_masks(self, other)
 
@@ -86,6 +104,15 @@ class _AndMasks(Mask):
             functools.reduce(np.logical_and, (b[0] for b in bounds)),
             functools.reduce(np.logical_and, (b[1] for b in bounds)),
         )
+
+    def row_intervals(self, b, h, q_idx, kv_idx):
+        runs = [m.row_intervals(b, h, q_idx, kv_idx) if isinstance(m, Mask) else None
+                for m in self.mods]  # fmt: skip
+        if any(r is None for r in runs):
+            return None
+        lo = functools.reduce(jnp.maximum, (r[0] for r in runs))  # the intersection of runs
+        hi = functools.reduce(jnp.minimum, (r[1] for r in runs))
+        return lo, hi, functools.reduce(jnp.logical_and, (r[2] for r in runs))
 
 
 @_pytree("mods")

@@ -12,10 +12,17 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from efficient_attn.core.mods.base import Mask, _int, _pytree
+
+
+def _count_le(kv_idx, x):
+    """How many of the ascending ``kv_idx [Tk]`` are ``<= x`` (any shape): a run's end."""
+    return jnp.searchsorted(kv_idx, x, side="right").astype(jnp.int32)
+
 
 # ---- masks over indices only ---------------------------------------------------
 
@@ -30,6 +37,9 @@ class Full(Mask):
 
     def tile_bounds(self, q_lo, q_hi, k_lo, k_hi):
         return np.True_, np.True_
+
+    def row_intervals(self, b, h, q_idx, kv_idx):
+        return 0, jnp.shape(kv_idx)[0], True
 
 
 def full_mask() -> Full:
@@ -49,6 +59,9 @@ class Causal(Mask):
 
     def tile_bounds(self, q_lo, q_hi, k_lo, k_hi):
         return k_lo <= q_hi + self.offset, k_hi <= q_lo + self.offset
+
+    def row_intervals(self, b, h, q_idx, kv_idx):
+        return 0, _count_le(kv_idx, q_idx + self.offset), True
 
 
 def causal_mask(offset: int = 0) -> Causal:
@@ -81,6 +94,10 @@ class SlidingWindow(Mask):
         may = (d_hi >= -self.right) & (d_lo <= self.left)
         return may, (d_lo >= -self.right) & (d_hi <= self.left)
 
+    def row_intervals(self, b, h, q_idx, kv_idx):
+        a = q_idx + self.offset
+        return _count_le(kv_idx, a - self.left - 1), _count_le(kv_idx, a + self.right), True
+
 
 def sliding_window(left: int, right: int = 0, *, offset: int = 0) -> SlidingWindow:
     """Keys at most ``left`` positions before and ``right`` after the query (itself included).
@@ -107,6 +124,10 @@ class Chunked(Mask):
         c = self.chunk
         may = (q_lo // c <= k_hi // c) & (k_lo // c <= q_hi // c)
         return may, (q_lo // c == q_hi // c) & (k_lo // c == k_hi // c) & (q_lo // c == k_lo // c)
+
+    def row_intervals(self, b, h, q_idx, kv_idx):
+        start = (q_idx // self.chunk) * self.chunk
+        return _count_le(kv_idx, start - 1), _count_le(kv_idx, start + self.chunk - 1), True
 
 
 def chunked_mask(chunk: int) -> Chunked:
@@ -176,6 +197,9 @@ class PrefixLM(Mask):
     def tile_bounds(self, q_lo, q_hi, k_lo, k_hi):
         return (k_lo <= q_hi) | (k_lo < self.prefix), (k_hi <= q_lo) | (k_hi < self.prefix)
 
+    def row_intervals(self, b, h, q_idx, kv_idx):
+        return 0, _count_le(kv_idx, jnp.maximum(q_idx, self.prefix - 1)), True
+
 
 @_pytree("lengths")
 @dataclasses.dataclass(frozen=True)
@@ -186,6 +210,10 @@ class PrefixLMPerExample(Mask):
 
     def __call__(self, b, h, q_idx, kv_idx):
         return (kv_idx <= q_idx) | (kv_idx < self.lengths[b])
+
+    def row_intervals(self, b, h, q_idx, kv_idx):
+        last = jnp.maximum(q_idx[None, :], jnp.asarray(self.lengths)[b][:, None] - 1)  # [Bm, Tq]
+        return 0, _count_le(kv_idx, last)[:, None, :], True
 
 
 def prefix_lm(prefix: int | Any) -> Mask:
@@ -249,6 +277,16 @@ class Documents(Mask):
 
     def __call__(self, b, h, q_idx, kv_idx):
         return self.q_segment_ids[b, q_idx] == self.kv_segment_ids[b, kv_idx]
+
+    def row_intervals(self, b, h, q_idx, kv_idx):
+        # Sorted ids (packed documents): the keys of query i's document are one run,
+        # found by binary search; unsorted ids are not runs (exact=False).
+        q_ids = jnp.asarray(self.q_segment_ids)[b][:, q_idx]  # [Bm, Tq]
+        kv_ids = jnp.asarray(self.kv_segment_ids)[b][:, kv_idx]  # [Bm, Tk]
+        search = jax.vmap(jnp.searchsorted, in_axes=(0, 0, None))
+        lo, hi = search(kv_ids, q_ids, "left"), search(kv_ids, q_ids, "right")
+        exact = jnp.all(q_ids[:, 1:] >= q_ids[:, :-1]) & jnp.all(kv_ids[:, 1:] >= kv_ids[:, :-1])
+        return lo[:, None, :], hi[:, None, :], exact
 
 
 def document_mask(q_segment_ids: Any, kv_segment_ids: Any = None) -> Documents:
