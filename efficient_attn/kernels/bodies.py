@@ -8,8 +8,10 @@ added to the scaled logits before the ``score_mod``; dropout (inverted,
 counter-based) drops weights after the softmax, whose normaliser and ``lse`` are
 those of the undropped weights; the backward redraws each tile's mask.
 
-Refs: the scalars first (counts ``[B, R]`` and lists ``[R, W]``, partial then
-full, ``kv_len [B]`` and the dropout seed ``[2]`` if any; SMEM on TPU), then the
+Refs: the scalars first (counts ``[B * Hm, R]`` and lists ``[Bm * Hm * R, W]``, partial
+then full: each program reads the lists of its own ``(b, h)`` where the block mask
+differs per example or head, :func:`~efficient_attn.kernels.common.list_rows`;
+``kv_len [B]`` and the dropout seed ``[2]`` if any; SMEM on TPU), then the
 tensors (see each kernel), a traced scale, the bias block, the mods' arrays
 (:func:`~efficient_attn.kernels.common.roles`), and the outputs.
 """
@@ -45,11 +47,12 @@ def forward_kernel(spec: Spec, ids, p_cnt, p_idx, f_cnt, f_idx, *refs):
     bias_ref, ins, (o_ref, lse_ref) = common.split_refs(spec, refs)
     q = q_ref[...]
     bq = spec.bq
+    crow, base = common.list_rows(spec, p_cnt, b, h)
 
     def run(partial, cnt, idx):
         def body(t, carry):
             o, m, l = carry
-            j = idx[i, t]
+            j = idx[common.at(base, i), t]
             tile = TileCtx(spec, b, h, i, j, kv_len, ins, seed)
             rows = rows_ok(kv_len, j, spec.bk)
             s = tile.logits(
@@ -66,7 +69,7 @@ def forward_kernel(spec: Spec, ids, p_cnt, p_idx, f_cnt, f_idx, *refs):
             pv = dot(tile.dropout()(p).astype(v.dtype), v, spec)
             return o * alpha + pv, m_new, l * alpha + p.sum(axis=-1, keepdims=True)
 
-        return lambda carry: jax.lax.fori_loop(0, cnt[b, i], body, carry)
+        return lambda carry: jax.lax.fori_loop(0, cnt[crow, i], body, carry)
 
     carry = (
         jnp.zeros((bq, o_ref.shape[-1]), jnp.float32),
@@ -170,11 +173,20 @@ def dkdv_kernel(spec: Spec, ids, p_cnt, p_idx, f_cnt, f_idx, *refs):
         gg = g if spec.bias[1] else 0
         return bias_ref[gg, pl.ds(aligned(i * bq, bq), bq), :] if spec.bias[2] else bias_ref[gg]
 
+    crow, base = common.list_rows(spec, p_cnt, b, kh, kv_heads=True)
+    # a per-head mask under GQA lists (query tile, query head) pairs ``i * G + g``; else the
+    # query tiles, each run for the G query heads
+    per = 1 if spec.pairs else spec.groups
+
     def run(partial, cnt, idx):
         def body(t, carry):
             dk, dv = carry
-            i = idx[j, jax.lax.div(t, spec.groups)]  # t >= 0: lax, not jnp's floor rules
-            g = jax.lax.rem(t, spec.groups)
+            if spec.pairs:
+                e = idx[common.at(base, j), t]
+                i, g = jax.lax.div(e, spec.groups), jax.lax.rem(e, spec.groups)
+            else:
+                i = idx[common.at(base, j), jax.lax.div(t, spec.groups)]  # t >= 0: lax's rules
+                g = jax.lax.rem(t, spec.groups)
             tile = TileCtx(spec, b, kh * spec.groups + g, i, j, kv_len, ins, seed)
             q = _group_rows(q_ref, g, i * bq, bq, hf)
             do = _group_rows(do_ref, g, i * bq, bq, hf)
@@ -187,7 +199,7 @@ def dkdv_kernel(spec: Spec, ids, p_cnt, p_idx, f_cnt, f_idx, *refs):
             dk = dk + dot(ds.astype(q.dtype), q, spec, trans_a=True)
             return dk, dv
 
-        return lambda carry: jax.lax.fori_loop(0, cnt[b, j] * spec.groups, body, carry)
+        return lambda carry: jax.lax.fori_loop(0, cnt[crow, j] * per, body, carry)
 
     carry = (jnp.zeros(dk_ref.shape, jnp.float32), jnp.zeros(dv_ref.shape, jnp.float32))
     carry = run(True, p_cnt, p_idx)(carry)
@@ -221,11 +233,12 @@ def dq_kernel(spec: Spec, ids, p_cnt, p_idx, f_cnt, f_idx, *refs):
     dscale_ref = outs.pop() if spec.scale is None else None
     dbias_ref = outs[0] if outs else None
     q, do, lse, delta = q_ref[...], do_ref[...], lse_ref[...], delta_ref[...]
+    crow, base = common.list_rows(spec, p_cnt, b, h)
 
     def run(partial, cnt, idx):
         def body(t, carry):
             dq, db = carry
-            j = idx[i, t]
+            j = idx[common.at(base, i), t]
             tile = TileCtx(spec, b, h, i, j, kv_len, ins, seed)
             rows = rows_ok(kv_len, j, spec.bk)
             k = key_rows(k_ref, j, spec.bk, rows)
@@ -236,7 +249,7 @@ def dq_kernel(spec: Spec, ids, p_cnt, p_idx, f_cnt, f_idx, *refs):
                 db = db + jnp.sum(ds, axis=1, keepdims=True)
             return dq + dot(ds.astype(k.dtype), k, spec), db
 
-        return lambda carry: jax.lax.fori_loop(0, cnt[b, i], body, carry)
+        return lambda carry: jax.lax.fori_loop(0, cnt[crow, i], body, carry)
 
     carry = (jnp.zeros(dq_ref.shape, jnp.float32), jnp.zeros((spec.bq, 1), jnp.float32))
     carry = run(True, p_cnt, p_idx)(carry)

@@ -83,6 +83,12 @@ class Spec:
     dropout: float = 0.0
     dropout_broadcast: bool = False
     interpret: bool = False
+    lists: tuple[int, int] = (1, 1)  # the block mask's (Bm, Hm): per-(b, h) tile lists
+
+    @property
+    def pairs(self) -> bool:
+        """The dK/dV lists hold (query tile, query head) pairs: a per-head mask under GQA."""
+        return self.lists[1] > 1 and self.groups > 1
 
     @property
     def bias_dkdv(self) -> bool:
@@ -187,6 +193,28 @@ def rows_ok(kv_len, j, bk: int):
     if kv_len is None:
         return None
     return (j * bk + jax.lax.broadcasted_iota(jnp.int32, (bk, 1), 0)) < kv_len
+
+
+def list_rows(spec: Spec, cnt_ref, b, h, kv_heads: bool = False):
+    """``(count row, first list row)`` of example ``b``, head ``h`` in the scalar inputs.
+
+    Counts are ``[B * Hl, R]`` and lists ``[Bl * Hl * R, W]`` for the block mask's
+    ``(Bl, Hl) = (Bm, Hm)`` (``Hl`` counted in K/V heads with ``kv_heads``), so each
+    program reads its own ``(b mod Bm, h mod Hm)`` lists; a mask shared by the batch and
+    heads (1, 1) reads row ``b`` of the counts and row ``i`` of the lists, as before.
+    """
+    bl, hl = spec.lists
+    if kv_heads and hl > 1:
+        hl //= spec.groups
+    r = cnt_ref.shape[1]
+    if hl == 1:
+        return b, (b * r if bl > 1 else 0)
+    return b * hl + h, ((b * hl if bl > 1 else 0) + h) * r
+
+
+def at(base, i):
+    """List row ``base + i`` (no op for the shared lists' ``base`` 0)."""
+    return i if isinstance(base, int) and base == 0 else base + i
 
 
 def prologue(spec: Spec, b, refs):

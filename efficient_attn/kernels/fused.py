@@ -66,32 +66,51 @@ def _inputs(p: Plan, q, k, v):
 
 
 def _counts(num, idx, tile: int, kv_len, batch: int):
-    """Live entries of each list per example ``[B, R]``: tiles past ``kv_len[b]`` dropped."""
+    """Live entries of each list per example: ``num [Bm, Hm, R]``, ``idx [Bm, Hm, R, W]`` ->
+    ``[B * Hm, R]``, tiles past ``kv_len[b]`` dropped."""
     num, idx = jnp.asarray(num, jnp.int32), jnp.asarray(idx, jnp.int32)
+    hm, r = num.shape[1:]
     if kv_len is None:
-        return jnp.broadcast_to(num, (batch, num.shape[0]))
-    live = (jnp.arange(idx.shape[1]) < num[:, None])[None] & (
-        idx[None] * tile < kv_len[:, None, None]
+        return jnp.broadcast_to(num, (batch, hm, r)).reshape(batch * hm, r)
+    live = (jnp.arange(idx.shape[-1]) < num[..., None]) & (
+        idx * tile < kv_len[:, None, None, None]
     )
-    return live.sum(-1, dtype=jnp.int32)
+    return live.sum(-1, dtype=jnp.int32).reshape(batch * hm, r)
+
+
+def _lists(p: Plan, bm, backward: bool):
+    """``(num, idx)`` partial then full, ``[Bm, Hl, R]`` and ``[Bm, Hl, R, W]``: a program's
+    key tiles (forward, dQ) or query tiles (dK/dV; per K/V head, as (query tile, query head)
+    pairs for a per-head mask under GQA, :func:`efficient_attn.core.blockmask.group_lists`)."""
+    if not backward:
+        names = ("kv_num", "kv_indices", "full_kv_num", "full_kv_indices")
+    elif p.spec.pairs:
+        return _bm.group_lists(bm, p.spec.groups)
+    else:
+        names = ("q_num", "q_indices", "full_q_num", "full_q_indices")
+    return tuple(getattr(bm, n) for n in names)
 
 
 def _scalars(p: Plan, bm, kv_len, seed, backward: bool):
-    """The int32 scalar inputs: counts ``[B, R]`` and lists ``[R, W]`` (partial then full),
-    ``kv_len``, the dropout seed (uint32 bits as int32)."""
-    lists = _bm.union_lists(bm)
-    lists = lists[4:] if backward else lists[:4]
+    """The int32 scalar inputs: counts ``[B * Hm, R]`` and lists ``[Bm * Hm * R, W]``
+    (partial then full; ``(Bm, Hm)``: the block mask's, K/V heads in dK/dV; each program
+    reads its own, :func:`~efficient_attn.kernels.common.list_rows`), ``kv_len``, the
+    dropout seed (uint32 bits as int32)."""
+    lists = _lists(p, bm, backward)
     sp = p.spec
     out = []
     for num, idx in (lists[:2], lists[2:]):
+        idx = jnp.asarray(idx, jnp.int32)
         if backward:
-            j = np.arange(np.shape(num)[0]) * sp.bk
-            cnt = jnp.broadcast_to(jnp.asarray(num, jnp.int32), (p.batch, len(j)))
+            hl, r = np.shape(num)[1:]
+            j = np.arange(r) * sp.bk
+            cnt = jnp.broadcast_to(jnp.asarray(num, jnp.int32), (p.batch, hl, r))
             if kv_len is not None:
-                cnt = jnp.where(j[None] < kv_len[:, None], cnt, 0)
+                cnt = jnp.where(j < kv_len[:, None, None], cnt, 0)
+            cnt = cnt.reshape(p.batch * hl, r)
         else:
             cnt = _counts(num, idx, sp.bk, kv_len, p.batch)
-        out += [cnt, jnp.asarray(idx, jnp.int32)]
+        out += [cnt, idx.reshape(-1, idx.shape[-1])]
     if kv_len is not None:
         out.append(kv_len)
     if sp.dropout:

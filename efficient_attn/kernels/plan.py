@@ -81,6 +81,7 @@ def plan(q, k, v, *, scale, block_mask: _bm.BlockMask, kv_len, score_mod, backen
     :class:`~efficient_attn.core.masking.Dropout` or None. Raises :class:`Unsupported`
     (with the reason) when the kernels cannot run the call.
     """
+    _bm.check_block_mask(block_mask, q.shape[1], k.shape[1], q.shape[0], q.shape[2])
     dtype = jnp.result_type(q)
     if dtype == jnp.float64 and not interpret:
         raise Unsupported("float64 inputs (GPU/TPU kernels run bf16, fp16 and fp32)")
@@ -124,6 +125,7 @@ def plan(q, k, v, *, scale, block_mask: _bm.BlockMask, kv_len, score_mod, backen
         heads_first=BACKENDS[backend].HEADS_FIRST, exact_f32=dtype == jnp.float32, bias=vary,
         dropout=0.0 if dropout is None else dropout.rate,
         dropout_broadcast=dropout is not None and dropout.broadcast, interpret=interpret,
+        lists=tuple(block_mask.tiles.shape[:2]),
     )  # fmt: skip
     if backend == "tpu":
         _check_vmem(cfg, spec, dtype, t_pad, h + hv, bias)

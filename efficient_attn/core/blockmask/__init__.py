@@ -41,6 +41,7 @@ from efficient_attn.core.blockmask.mask import (  # noqa: F401
     PARTIAL,
     BlockMask,
     check_block_mask,
+    group_lists,
     union_lists,
 )
 

@@ -189,6 +189,26 @@ def union_lists(bm: BlockMask) -> tuple[Any, ...]:
     )  # fmt: skip
 
 
+def group_lists(bm: BlockMask, groups: int) -> tuple[Any, ...]:
+    """The transposed tile lists of each K/V head over its ``groups`` query heads' own tiles.
+
+    For a mask that differs per query head (``Hm = N = K * groups``, ``groups > 1``):
+    the dK/dV kernel of K/V head ``c`` visits each (query tile ``i``, query head
+    ``c * groups + g``) pair whose tile is partial (full) for that head. Returns
+    ``(q_num [Bm, K, nk], q_pairs [Bm, K, nk, W], full_q_num, full_q_pairs)``, each pair
+    encoded ``i * groups + g``, ascending.
+    """
+    xp = _xp(bm.tiles)
+    t = xp.asarray(bm.tiles)
+    b, n, nq, nk = t.shape
+    if groups < 1 or n % groups:
+        raise ValueError(f"groups={groups} must divide the block mask's heads {n}")
+    t = xp.transpose(t.reshape(b, n // groups, groups, nq, nk), (0, 1, 4, 3, 2))
+    t = t.reshape(b, n // groups, nk, nq * groups)
+    static = xp is np
+    return (*_lists(t == PARTIAL, xp, static), *_lists(t == FULL, xp, static))
+
+
 def check_block_mask(bm: Any, q_len: int, kv_len: int, batch: int, heads: int) -> BlockMask:
     """``bm`` is a :class:`BlockMask` for this call's sizes, else ``ValueError``."""
     if not isinstance(bm, BlockMask):
