@@ -72,9 +72,7 @@ def _counts(num, idx, tile: int, kv_len, batch: int):
     hm, r = num.shape[1:]
     if kv_len is None:
         return jnp.broadcast_to(num, (batch, hm, r)).reshape(batch * hm, r)
-    live = (jnp.arange(idx.shape[-1]) < num[..., None]) & (
-        idx * tile < kv_len[:, None, None, None]
-    )
+    live = (jnp.arange(idx.shape[-1]) < num[..., None]) & (idx * tile < kv_len[:, None, None, None])
     return live.sum(-1, dtype=jnp.int32).reshape(batch * hm, r)
 
 

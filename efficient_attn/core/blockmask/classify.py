@@ -53,7 +53,6 @@ def _classify(fn, consts, q_pos, k_pos, q_limit, k_limit, bm, hm, bq, bk):
     return jnp.moveaxis(tiles, 0, 2), jnp.moveaxis(visible, 0, 2)
 
 
-
 def _from_runs(lo, hi, q_pos, k_pos, q_limit, k_limit, bm, hm, bq, bk):
     """``(tiles int8, visible int32, monotone)`` from each row's run of visible keys.
 

@@ -1,0 +1,164 @@
+"""Per-(b, h) tile lists in the fused kernels: a mask that differs per example or head.
+
+Each program ``(b, h, tile)`` runs the lists of its own ``(b mod Bm, h mod Hm)``
+(not their union over the batch and heads); the dK/dV kernel of a K/V head runs
+(query tile, query head) pairs of its group under GQA. Interpret mode on the CPU
+(Triton's 16 x 16 tiles, Mosaic's 8 x 128) against the XLA engine and float64;
+the scalar-prefetch counts and lists themselves; lowering for CUDA and TPU.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import efficient_attn as ea
+from efficient_attn.core import blockmask, engine, mods
+from efficient_attn.kernels import fused_attention
+from efficient_attn.kernels.fused import _scalars
+from efficient_attn.kernels.plan import plan
+from tests.conftest import make_qkv, rel_err
+from tests.test_flex import reference64, segments
+from tests.test_pallas import _kernels, _lower
+
+F32_TOL = 2e-5
+#: backend -> (query tile, key tile, Tq, Tk)
+BACKENDS = {"gpu": (16, 16, 40, 45), "tpu": (8, 128, 24, 150)}
+
+
+def _masks(tq, tk):
+    """name -> mask_mod: documents per example (Bm = 2); a window per head and example
+    (Bm = 2, Hm = 4 over 2 K/V heads: the dK/dV kernel's (query tile, head) pairs)."""
+    return {
+        "documents": mods.document_mask(segments(2, tq, 3), segments(2, tk, 3, seed=1)),
+        "heads": lambda b, h, i, j: jnp.abs(i - j + 5 * b) <= 6 * h + 2,
+    }
+
+
+def _block_mask(backend, mask_mod, b=2, n=4):
+    bq, bk, tq, tk = BACKENDS[backend]
+    return engine.plan_block_mask(tq, tk, batch=b, heads=n, causal=False, mask_mod=mask_mod,
+                                  block_q=bq, block_k=bk)  # fmt: skip
+
+
+def _value_and_grads(attn, q, k, v, dout):
+    out, vjp = jax.vjp(attn, q, k, v)
+    return (out, *vjp(dout))
+
+
+#: "heads" varies per example and head; per-example documents alone are also in
+#: test_pallas_mods.py's closures test (fast, both backends), so here they are slow.
+MASK_CASES = [(b, "heads") for b in BACKENDS] + [
+    pytest.param(b, "documents", marks=pytest.mark.slow) for b in BACKENDS
+]
+
+
+@pytest.mark.parametrize(("backend", "mask"), MASK_CASES)
+def test_per_example_and_per_head_masks_match_xla_and_float64(backend, mask):
+    bq, _, tq, tk = BACKENDS[backend]
+    q, k, v = make_qkv(2, tq, tk, 4, 2, 16, seed=21)
+    dout = np.random.default_rng(22).standard_normal(q.shape).astype(np.float32)
+    kv = jnp.asarray([tk, tk - 19])
+    mask_mod = _masks(tq, tk)[mask]
+    bm = _block_mask(backend, mask_mod)
+    assert bm.tiles.shape[:2] == ((2, 1) if mask == "documents" else (2, 4))
+
+    def fused(q, k, v):
+        return fused_attention(q, k, v, scale=0.3, block_mask=bm, kv_len=kv, backend=backend,
+                               interpret=True)[0]  # fmt: skip
+
+    def xla(q, k, v):
+        return engine.attend(q, k, v, causal=False, mask_mod=mask_mod, kv_lengths=kv, scale=0.3,
+                             block_q=bq, block_k=16)[0]  # fmt: skip
+
+    got = jax.jit(lambda *x: _value_and_grads(fused, *x, dout))(q, k, v)
+    ref = jax.jit(lambda *x: _value_and_grads(xla, *x, dout))(q, k, v)
+    with jax.enable_x64(True):
+        x64 = [jnp.asarray(x, jnp.float64) for x in (q, k, v, dout)]
+        r64 = jax.jit(lambda q, k, v, d: _value_and_grads(
+            lambda q, k, v: reference64(q, k, v, mask_mod=mask_mod, kv_lengths=kv, scale=0.3),
+            q, k, v, d))(*x64)  # fmt: skip
+        r64 = [np.asarray(r) for r in r64]
+    for what, g, r, r2 in zip(("out", "dq", "dk", "dv"), got, ref, r64, strict=True):
+        assert rel_err(g, r) < F32_TOL, (what, rel_err(g, r))
+        assert rel_err(g, r2) < F32_TOL, (what, rel_err(g, r2))
+
+
+def test_each_program_runs_only_its_own_tiles():
+    """Example b, head h sees key tile ``b + 2 (h mod 2)`` only (a full tile): the union over
+    the batch and heads would be every key tile, partial. The forward's scalar-prefetch
+    lists name exactly that tile per (b, h, query tile) (none past ``kv_len``), the dK/dV
+    lists the (query tile, query head) pairs of a K/V head that see its key tile; and the
+    kernels agree with float64."""
+    b, n, kh, tq, tk = 2, 4, 2, 32, 64
+    nq, nk = tq // 16, tk // 16
+    q, k, v = make_qkv(b, tq, tk, n, kh, 16, seed=23)
+    mask_mod = lambda b, h, i, j: j // 16 == b + 2 * (h % 2)  # noqa: E731
+    bm = engine.plan_block_mask(tq, tk, batch=b, heads=n, causal=False, mask_mod=mask_mod,
+                                block_q=16, block_k=16)  # fmt: skip
+    assert bm.tiles.shape == (b, n, nq, nk)
+    kv = jnp.asarray([tk, 20])
+    p = plan(q, k, v, scale=0.3, block_mask=bm, kv_len=kv, score_mod=None, backend="gpu",
+             cfg=None, interpret=True)  # fmt: skip
+    p_cnt, _, f_cnt, f_idx, _ = (np.asarray(x) for x in _scalars(p, bm, kv, None, False))
+    assert p_cnt.shape == (b * n, nq) and not p_cnt.any()  # no partial tile anywhere
+    want = np.array([[bb + 2 * (h % 2) for h in range(n)] for bb in range(b)])  # [B, N]
+    live = want * 16 < np.asarray(kv)[:, None]  # example 1 has keys [0, 20): tile 3 is dead
+    np.testing.assert_array_equal(f_cnt.reshape(b, n, nq), np.repeat(live[..., None], nq, -1))
+    assert f_idx.shape == (b * n * nq, 1)  # one tile per program, not the union's four
+    np.testing.assert_array_equal(f_idx.reshape(b, n, nq), np.repeat(want[..., None], nq, -1))
+    # dK/dV: per K/V head c, key tile j: the pairs i * G + g of query heads c * G + g (G = 2)
+    p_cnt, _, f_cnt, f_idx, _ = (np.asarray(x) for x in _scalars(p, bm, kv, None, True))
+    assert not p_cnt.any() and f_cnt.shape == (b * kh, nk)
+    cnt, pairs = f_cnt.reshape(b, kh, nk), f_idx.reshape(b, kh, nk, -1)
+    for bb in range(b):
+        for c in range(kh):
+            for j in range(nk):
+                g = [g for g in range(2) if bb + 2 * g == j]  # h % 2 == g for h = 2c + g
+                alive = j * 16 < kv[bb]
+                assert cnt[bb, c, j] == (nq * len(g) if alive else 0), (bb, c, j)
+                if g and alive:
+                    assert sorted(pairs[bb, c, j, :nq]) == [i * 2 + g[0] for i in range(nq)]
+    dout = np.random.default_rng(24).standard_normal(q.shape).astype(np.float32)
+    got = jax.jit(lambda *x: _value_and_grads(
+        lambda q, k, v: fused_attention(q, k, v, scale=0.3, block_mask=bm, kv_len=kv,
+                                        interpret=True)[0], *x, dout))(q, k, v)  # fmt: skip
+    with jax.enable_x64(True):
+        x64 = [jnp.asarray(x, jnp.float64) for x in (q, k, v, dout)]
+        r64 = jax.jit(lambda q, k, v, d: _value_and_grads(
+            lambda q, k, v: reference64(q, k, v, mask_mod=mask_mod, kv_lengths=kv, scale=0.3),
+            q, k, v, d))(*x64)  # fmt: skip
+    for what, g, r in zip(("out", "dq", "dk", "dv"), got, r64, strict=True):
+        assert rel_err(g, np.asarray(r)) < F32_TOL, (what, rel_err(g, np.asarray(r)))
+
+
+def test_group_lists_rejects_bad_groups():
+    bm = blockmask.block_mask(lambda b, h, i, j: i >= j - h, 32, 32, heads=3, block_q=16,
+                              block_k=16)  # fmt: skip
+    with pytest.raises(ValueError, match="must divide the block mask's heads 3"):
+        blockmask.group_lists(bm, 2)
+    with pytest.raises(ValueError, match="block_mask has batch=1, heads=3"):
+        fused_attention(*make_qkv(1, 32, 32, 4, 2, 16), scale=0.3, block_mask=bm, interpret=True)
+
+
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+def test_per_example_and_per_head_masks_lower_to_the_fused_kernels(platform):
+    """A per-example document closure and a per-head window under GQA (dK/dV over pairs)."""
+    x = jax.ShapeDtypeStruct((2, 1024, 4, 64), jnp.bfloat16)
+    kx = jax.ShapeDtypeStruct((2, 1024, 2, 64), jnp.bfloat16)
+    seg = jax.ShapeDtypeStruct((2, 1024), jnp.int32)
+
+    def attn(q, k, seg):
+        docs = lambda b, h, i, j: seg[b, i] == seg[b, j]  # noqa: E731
+        heads = lambda b, h, i, j: jnp.abs(i - j) <= 128 * h + 100  # noqa: E731
+        return ea.attention(q, k, k, method="blockwise", causal=True,
+                            mask_mod=mods.and_masks(docs, heads))  # fmt: skip
+
+    def loss(q, k, seg):
+        return jnp.sum(attn(q, k, seg).astype(jnp.float32))
+
+    assert _kernels(_lower(attn, (x, kx, seg), platform)) == {"forward"}
+    assert _kernels(_lower(jax.grad(loss, (0, 1)), (x, kx, seg), platform)) == {
+        "forward", "dkdv", "dq"}  # fmt: skip
