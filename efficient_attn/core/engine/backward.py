@@ -28,15 +28,16 @@ def _floating(x) -> bool:
     return jnp.issubdtype(jnp.result_type(x), jnp.floating)
 
 
-def _backward(st: _Static, res, cotangents):
-    """FlashAttention-2 backward from the saved ``out``/``lse``, with the cotangent of ``lse``."""
+def _backward(st: _Static, res, cotangents, offset=None):
+    """FlashAttention-2 backward from the saved ``out``/``lse``, with the cotangent of ``lse``
+    (``offset``: the first example and head of a group, :mod:`.groups`)."""
     (q, k, v, scale, params, score_consts, kv_len, q_pos, k_pos, lists, mask_consts, bias, seed,
      out, lse) = res  # fmt: skip
     dout, dlse = cotangents
     acc = masking.stat_dtype(q.dtype)
     b, _, n, _ = q.shape
     kh = k.shape[2]
-    idx = _head_index(b, kh, n // kh)
+    idx = _head_index(b, kh, n // kh, offset)
     qb = _q_blocks(q, kh, st.bq)
     dob = _q_blocks(jnp.asarray(dout).astype(q.dtype), kh, st.bq)
     lse = jnp.where(lse == -jnp.inf, jnp.inf, lse)  # rows that see nothing: p = 0

@@ -30,12 +30,13 @@ def _live(lst, count, k_first, max_len):
 
 
 def _forward(st: _Static, q, k, v, scale, params, score_consts, kv_len, q_pos, k_pos, lists,
-             mask_consts, bias, seed):  # fmt: skip
-    """Online softmax over the listed tiles: ``(out [B, Tq, N, Hv], lse [B, Tq, N])``."""
+             mask_consts, bias, seed, offset=None):  # fmt: skip
+    """Online softmax over the listed tiles: ``(out [B, Tq, N, Hv], lse [B, Tq, N])``
+    (``offset``: the first example and head of a group, :mod:`.groups`)."""
     acc = masking.stat_dtype(q.dtype)
     b, _, n, _ = q.shape
     kh = k.shape[2]
-    idx = _head_index(b, kh, n // kh)
+    idx = _head_index(b, kh, n // kh, offset)
     qb = _q_blocks(q, kh, st.bq)
     kb, vb = _kv_blocks(k, st.bk), _kv_blocks(v, st.bk)
     k_first = k_pos[:: st.bk]

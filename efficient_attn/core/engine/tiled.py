@@ -19,8 +19,7 @@ import numpy as np
 from efficient_attn.core import blockmask as _bm
 from efficient_attn.core import masking
 from efficient_attn.core import mods as _mods
-from efficient_attn.core.engine.backward import _backward
-from efficient_attn.core.engine.forward import _forward
+from efficient_attn.core.engine.groups import run_backward, run_forward
 from efficient_attn.core.engine.score import DOT, Score
 from efficient_attn.core.engine.tiling import _head_index, _Static
 
@@ -28,19 +27,23 @@ from efficient_attn.core.engine.tiling import _head_index, _Static
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _tiled(st, q, k, v, scale, params, score_consts, kv_len, q_pos, k_pos, lists, mask_consts,
            bias, seed):  # fmt: skip
-    return _forward(st, q, k, v, scale, params, score_consts, kv_len, q_pos, k_pos, lists,
-                    mask_consts, bias, seed)  # fmt: skip
+    return run_forward(st, q, k, v, scale, params, score_consts, kv_len, q_pos, k_pos, lists,
+                       mask_consts, bias, seed)  # fmt: skip
 
 
 def _tiled_fwd(st, q, k, v, scale, params, score_consts, kv_len, q_pos, k_pos, lists, mask_consts,
                bias, seed):  # fmt: skip
     args = (q, k, v, scale, params, score_consts, kv_len, q_pos, k_pos, lists, mask_consts, bias,
             seed)  # fmt: skip
-    out, lse = _forward(st, *args)
+    out, lse = run_forward(st, *args)
     return (out, lse), (*args, out, lse)
 
 
-_tiled.defvjp(_tiled_fwd, _backward)
+_tiled.defvjp(_tiled_fwd, run_backward)
+
+
+_LISTS = ("kv_num", "kv_indices", "full_kv_num", "full_kv_indices", "q_num", "q_indices",
+          "full_q_num", "full_q_indices")  # fmt: skip
 
 
 def _pad_pos(pos, block: int, fill: int):
@@ -64,10 +67,15 @@ def _prepare(q, k, scale, block_mask, score_mod, score, q_pos, k_pos, q_limit, k
     k_limit = tk if k_limit is None else k_limit
     q_pos, k_pos = _pad_pos(q_pos, bq, q_limit), _pad_pos(k_pos, bk, k_limit)
     g = n // kh
-    bi, hi = _head_index(b, kh, g)
+    groups = tuple(block_mask.tiles.shape[:2])
+    dims = (b, kh, g)  # the mods are traced at the shapes of a group's tiles
+    if groups != (1, 1):  # each (b mod Bm, h mod Hm) runs its own lists (groups.py)
+        _bm.check_block_mask(block_mask, tq, tk, b, n)
+        dims = (1 if groups[0] > 1 else b, *((1, 1) if groups[1] > 1 else (kh, g)))
+    bi, hi = _head_index(*dims)
     qi = np.zeros((1, 1, 1, bq, 1), np.int32)
     ki = np.zeros((1, 1, 1, 1, bk), np.int32)
-    tile_shape = (b, kh, g, bq, bk)
+    tile_shape = (*dims, bq, bk)
     mask_fn, mask_consts = None, ()
     if block_mask.mask_mod is not None and not isinstance(block_mask.mask_mod, _mods.Full):
         hm = _bm.hoist("mask_mod", block_mask.mask_mod, bi, hi, qi, ki)
@@ -93,9 +101,13 @@ def _prepare(q, k, scale, block_mask, score_mod, score, q_pos, k_pos, q_limit, k
     rate, shared, seed = 0.0, False, None
     if dropout is not None:
         rate, shared, seed = dropout.rate, dropout.broadcast, dropout.seed
+    if groups == (1, 1):
+        lists = _bm.union_lists(block_mask)  # the shared lists, [R(, W)]
+    else:
+        lists = tuple(getattr(block_mask, name) for name in _LISTS)
     st = _Static(bq, bk, score, mask_fn, score_fn, int(q_limit), int(k_limit), bias_qk, rate,
-                 shared)  # fmt: skip
-    lists = tuple(jnp.asarray(x, jnp.int32) for x in _bm.union_lists(block_mask))
+                 shared, groups)  # fmt: skip
+    lists = tuple(jnp.asarray(x, jnp.int32) for x in lists)
     return (st, jnp.asarray(scale, acc), tuple(score_consts), q_pos, k_pos, lists,
             tuple(mask_consts), bias, seed)  # fmt: skip
 
@@ -145,7 +157,7 @@ def tiled_forward(q, k, v, *, scale, block_mask, kv_len=None, score_mod=None, q_
     st, scale, sc, q_pos, k_pos, lists, mc, _, _ = _prepare(
         q, k, scale, block_mask, score_mod, DOT, q_pos, k_pos, q_limit, k_limit
     )
-    return _forward(st, q, k, v, scale, None, sc, kv_len, q_pos, k_pos, lists, mc, None, None)
+    return run_forward(st, q, k, v, scale, None, sc, kv_len, q_pos, k_pos, lists, mc, None, None)
 
 
 def tiled_backward(q, k, v, out, lse, dout, *, scale, block_mask, kv_len=None, score_mod=None,
@@ -160,7 +172,7 @@ def tiled_backward(q, k, v, out, lse, dout, *, scale, block_mask, kv_len=None, s
         q, k, scale, block_mask, score_mod, DOT, q_pos, k_pos, q_limit, k_limit
     )
     res = (q, k, v, scale_a, None, sc, kv_len, q_pos, k_pos, lists, mc, None, None, out, lse)
-    grads = _backward(st, res, (dout, jnp.zeros(lse.shape, lse.dtype)))
+    grads = run_backward(st, res, (dout, jnp.zeros(lse.shape, lse.dtype)))
     dq, dk, dv, dscale, _, dsc = grads[:6]
     return dq, dk, dv, dscale, dsc, sc
 

@@ -66,13 +66,16 @@ class _Static:
     bias_qk: tuple[bool, bool] = (False, False)  # the bias varies along (queries, keys)
     dropout_rate: float = 0.0
     dropout_broadcast: bool = False
+    groups: tuple[int, int] = (1, 1)  # the block mask's (Bm, Hm) when each runs its own lists
 
 
-def _head_index(b: int, kh: int, g: int):
-    """Index arrays of a tile ``[B, K, G, bq, bk]``: b ``[B,1,1,1,1]``, h ``[1,K,G,1,1]``."""
+def _head_index(b: int, kh: int, g: int, offset=None):
+    """Index arrays of a tile ``[B, K, G, bq, bk]``: b ``[B,1,1,1,1]``, h ``[1,K,G,1,1]``
+    (plus ``offset = (b0, h0)``: a group's first example and query head)."""
     bi = np.arange(b, dtype=np.int32).reshape(b, 1, 1, 1, 1)  # NumPy: constants
     hi = np.arange(kh, dtype=np.int32)[:, None] * g + np.arange(g, dtype=np.int32)
-    return bi, hi.reshape(1, kh, g, 1, 1)
+    hi = hi.reshape(1, kh, g, 1, 1)
+    return (bi, hi) if offset is None else (bi + offset[0], hi + offset[1])
 
 
 class _Tile:
