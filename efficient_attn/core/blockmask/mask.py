@@ -165,7 +165,11 @@ jax.tree_util.register_pytree_node(BlockMask, _flatten, _unflatten)
 
 
 def union_lists(bm: BlockMask) -> tuple[Any, ...]:
-    """The tile lists the engine runs: the union over batch and heads of ``bm``.
+    """The tile lists of ``bm`` shared by the batch and heads: their union.
+
+    The engine and the kernels run each ``(b, h)``'s own lists where ``bm`` has
+    more than one (:mod:`efficient_attn.core.engine.groups`,
+    :func:`efficient_attn.kernels.common.list_rows`); this is for ``(1, 1)``.
 
     A tile is visited when any ``(b, h)`` sees a pair in it, and runs unmasked
     only when it is full for all of them. Returns ``(kv_num [nq], kv_idx

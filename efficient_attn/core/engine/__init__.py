@@ -13,6 +13,9 @@ tiles, where the ``mask_mod`` is evaluated, then the full ones, which run
 without any in-tile mask; empty tiles are never touched. The backward loops
 over key tiles and, inside, over the query tiles that visit them (the
 transposed lists), accumulating dK/dV per key tile and dQ in one O(N) buffer.
+A block mask that differs per example or head runs both loops once per
+``(b mod Bm, h mod Hm)`` over that group's own lists (``groups``), not over
+their union.
 
 A tile's logits are ``score_mod(scale * score(q_i, k_j), b, h, q_idx,
 kv_idx)``; keys at positions ``>= kv_len[b]`` are invisible, and tiles whose
@@ -23,7 +26,8 @@ a zero output and a log-sum-exp of ``-inf`` (one convention for every caller).
 
 Modules: ``score`` (:class:`Score`, :data:`DOT`), ``tiling`` (the ``[B, T, N,
 H]`` <-> tile layouts, the static config and the per-tile masks, bias and
-dropout), ``forward`` and ``backward`` (the two loops), ``tiled`` (the
+dropout), ``forward`` and ``backward`` (the two loops), ``groups`` (the loops
+per group of a per-(b, h) block mask), ``tiled`` (the
 ``custom_vjp``, :func:`tiled_attention`, :func:`tiled_forward`,
 :func:`tiled_backward`, :func:`result`), ``attend``
 (:func:`plan_block_mask`, :func:`attend`) and ``ring`` (the ring kernels,
