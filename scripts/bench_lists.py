@@ -6,14 +6,15 @@ causal packed documents with 4 documents per example at different boundaries.
 its own tiles); "union": the same mask with its tiles merged over the batch into
 one shared classification (``Bm = 1``: a tile is visited if any example sees it
 and full only if full for all), which is what the engine ran before. Forward and
-forward + backward, timed in interleaved rounds after a warm-up
+forward + backward (``--heads``: also a causal window of 512 (h + 1) keys per head,
+``Hm = 4``, against its union over the heads), timed in interleaved rounds after a warm-up
 (:func:`efficient_attn.bench.interleaved_ratios`): medians over rounds.
 
 ``--hlo`` prints a hash of the compiled program of the shared (causal) case
 instead: run it on two checkouts to check the shared-mask path is the same
 program.
 
-    python scripts/bench_lists.py [--repeats 5] [--hlo]
+    python scripts/bench_lists.py [--repeats 5] [--heads] [--hlo]
 """
 
 from __future__ import annotations
@@ -81,23 +82,30 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--hlo", action="store_true")
+    parser.add_argument("--heads", action="store_true", help="also a causal window per head")
     args = parser.parse_args()
     if args.hlo:
         print("shared causal program:", hlo_hash())
         return
     q, k, v = bench.random_inputs(B, T, T, N, N, H)
-    mask = mods.document_mask(segment_ids()) & mods.causal_mask()
-    own = ea.block_mask(mask, T, T, batch=B, block_q=512, block_k=256)
-    merged = union(own)
-    tiles = np.asarray(own.tiles)
-    print(f"tiles per example: {(tiles != 0).sum((1, 2, 3)).tolist()} "
-          f"(full {(tiles == 2).sum((1, 2, 3)).tolist()}); union: "
-          f"{int((np.asarray(merged.tiles) != 0).sum())} (full "
-          f"{int((np.asarray(merged.tiles) == 2).sum())}) of {tiles[0, 0].size}")  # fmt: skip
+    masks = {"documents per example": (mods.document_mask(segment_ids()) & mods.causal_mask(),
+                                       {"batch": B})}  # fmt: skip
+    if args.heads:
+        masks["window per head"] = (lambda b, h, i, j: (i >= j) & (i - j < 512 * (h + 1)),
+                                    {"heads": N})  # fmt: skip
     pairs = []
-    for what, a, b in zip(("forward", "forward + backward"), fns(own), fns(merged), strict=True):
-        pairs.append((what, (bench.compiled(a, q, k, v)[0], (q, k, v)),
-                      (bench.compiled(b, q, k, v)[0], (q, k, v))))  # fmt: skip
+    for name, (mask, dims) in masks.items():
+        own = ea.block_mask(mask, T, T, block_q=512, block_k=256, **dims)
+        merged = union(own)
+        tiles = np.asarray(own.tiles)
+        print(f"{name}: tiles per group {(tiles != 0).sum((2, 3)).ravel().tolist()} "
+              f"(full {(tiles == 2).sum((2, 3)).ravel().tolist()}); union "
+              f"{int((np.asarray(merged.tiles) != 0).sum())} (full "
+              f"{int((np.asarray(merged.tiles) == 2).sum())}) of {tiles[0, 0].size}")  # fmt: skip
+        for what, a, b in zip(("forward", "forward + backward"), fns(own), fns(merged),
+                              strict=True):  # fmt: skip
+            pairs.append((f"{name}, {what}", (bench.compiled(a, q, k, v)[0], (q, k, v)),
+                          (bench.compiled(b, q, k, v)[0], (q, k, v))))  # fmt: skip
     for name, (ratio, ta, tb) in bench.interleaved_ratios(pairs, args.repeats).items():
         print(f"{name}: per-example {ta * 1e3:.0f} ms, union {tb * 1e3:.0f} ms, "
               f"ratio {ratio:.2f} (median of {args.repeats} interleaved rounds)")  # fmt: skip
