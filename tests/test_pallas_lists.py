@@ -125,6 +125,25 @@ def test_each_program_runs_only_its_own_tiles():
                     assert sorted(pairs[bb, c, j, :nq]) == [i * 2 + g[0] for i in range(nq)]
 
 
+def test_group_lists_on_device_equal_the_static_ones():
+    """A per-head mask over traced data (built on device) lists the same pairs as over NumPy."""
+    widths = np.array([3, 9, 17, 40])
+
+    def lists(w):
+        bm = blockmask.block_mask(lambda b, h, i, j: jnp.abs(i - j) <= jnp.asarray(w)[h], 40, 45,
+                                  heads=4, block_q=16, block_k=16)  # fmt: skip
+        return blockmask.group_lists(bm, 2)
+
+    static = lists(widths)
+    traced = [np.asarray(x) for x in jax.jit(lists)(jnp.asarray(widths))]
+    assert isinstance(static[1], np.ndarray) and static[1].shape[:3] == (1, 2, 3)
+    for num, idx in ((0, 1), (2, 3)):
+        np.testing.assert_array_equal(static[num], traced[num])
+        live = np.arange(static[idx].shape[-1]) < static[num][..., None]
+        got = traced[idx][..., : static[idx].shape[-1]]
+        np.testing.assert_array_equal(np.where(live, static[idx], -1), np.where(live, got, -1))
+
+
 def test_group_lists_rejects_bad_groups():
     bm = blockmask.block_mask(lambda b, h, i, j: i >= j - h, 32, 32, heads=3, block_q=16,
                               block_k=16)  # fmt: skip
