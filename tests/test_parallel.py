@@ -215,9 +215,9 @@ def check_meshes_and_errors():
 
 def check_ring_mods():
     """A document mask and learned ALiBi slopes (distinct per head) on 4 devices equal
-    one-device blockwise, gradients of the slopes included: under ring written as plain
-    closures over traced arrays (global positions), under all_to_all as library mods
-    (global head indices)."""
+    one-device blockwise, gradients of the slopes included: written as plain closures over
+    traced arrays under ring (global positions) and all_to_all (global head indices), and
+    as library mods under all_to_all."""
     import jax
     import jax.numpy as jnp
 
@@ -260,7 +260,8 @@ def check_ring_mods():
         return ea.attention(q, k, v, method="blockwise", block_q=8, block_k=8, **kw)
 
     ref_val, ref_grads = run(one, library)
-    cases = [("ring", closures), ("all_to_all", library)]  # all_to_all: slopes[h], global h
+    # all_to_all: slopes[h] at global head indices after the head split
+    cases = [("ring", closures), ("all_to_all", closures), ("all_to_all", library)]
     for strategy, make_mods in cases:
         val, grads = run(split(strategy), make_mods)
         name = f"{strategy} {make_mods.__name__}"
