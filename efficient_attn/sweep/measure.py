@@ -45,6 +45,28 @@ def _available_bytes(device: Any) -> tuple[int | None, str]:
         return None, ""
 
 
+def reset_peak_rss() -> None:
+    """Start the process's peak resident memory afresh (Linux ``clear_refs``; else a no-op),
+    so a worker that measured earlier points reports this point's peak."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident memory since :func:`reset_peak_rss` (``VmHWM``), else since start."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def _reference(point: dict[str, Any], arrays: dict[str, Any], grads: bool) -> dict[str, Any]:
     """Float64 reference output (and gradients), cached on disk under ``cache_dir``."""
     import numpy as np
@@ -156,13 +178,14 @@ def measure_point(point: dict[str, Any], row: dict[str, Any]) -> None:
     import efficient_attn as ea
     from efficient_attn import bench
 
+    reset_peak_rss()
     spec = ea.get_method(point["method"])
     row["resolved_options"] = spec.resolve_options(point["options"])
     b, t, n, kh, h = (point[x] for x in ("batch", "seq_len", "heads", "kv_heads", "head_dim"))
     causal, backward = bool(point["causal"]), point["pass"] == "fwd+bwd"
     seed = int(point["seed"])
     q, k, v = bench.random_inputs(b, t, t, n, kh, h, point["dtype"], seed=seed)
-    dout = jax.random.normal(jax.random.PRNGKey(seed + 1), (b, t, n, h), q.dtype)
+    dout = bench.random_normal((b, t, n, h), q.dtype, seed + 1)
     if point.get("mods", "none") != "none":
         fwd = _mods_fn(point, row, spec)
     elif point.get("strategy") is None:
@@ -227,7 +250,7 @@ def measure_point(point: dict[str, Any], row: dict[str, Any]) -> None:
     row["flops_per_s"] = row["flops"] / (row["time_ms"] / 1e3)
     stats = jax.devices()[0].memory_stats()
     row["peak_bytes"] = None if not stats else stats.get("peak_bytes_in_use")
-    row["host_peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    row["host_peak_rss_bytes"] = peak_rss_bytes()
     outs = result if backward else (result,)
     if not all(bool(np.isfinite(np.asarray(x, np.float32)).all()) for x in outs):
         raise FloatingPointError("the output or its gradients contain NaN or Inf")

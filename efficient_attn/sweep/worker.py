@@ -1,6 +1,13 @@
-"""Measure one sweep point in a fresh process and print its row as JSON.
+"""Measure sweep points in a worker process and print their rows as JSON.
 
-``python -m efficient_attn.sweep.worker < point.json`` reads a point
+``python -m efficient_attn.sweep.worker --serve`` reads points, one JSON line
+each, from stdin and writes each row as one JSON line to stdout as soon as it
+is measured (anything else the point prints goes to stderr); it resets the
+process's peak resident memory before each point, and exits after a point on a
+device that reports its own peak memory (``memory_stats``), so that no row's
+memory includes another point's. :class:`efficient_attn.sweep.pool.WorkerPool`
+runs one such process per method. ``python -m efficient_attn.sweep.worker <
+point.json`` measures one point. A point is
 (:meth:`Point.identity` plus ``repeats``, ``warmup``,
 ``reference_max_elements`` and optionally ``timing_budget_s``,
 ``time_max_elements`` and ``cache_dir``) and prints one JSON row on its last
@@ -20,6 +27,7 @@ this platform, or lacking a feature the point needs); ``oom``; ``error``.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import signal
@@ -110,7 +118,37 @@ def run_point(point: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
+def _device_reports_peak() -> bool:
+    """Whether the device keeps a process-wide peak (``peak_bytes_in_use``) that a later
+    point in this process would inherit (accelerators; a CPU reports none)."""
+    if "jax" not in sys.modules:
+        return False
+    import jax
+
+    stats = jax.devices()[0].memory_stats()
+    return bool(stats) and "peak_bytes_in_use" in stats
+
+
+def serve() -> int:
+    """Measure points read line by line from stdin; one row line each on stdout."""
+    rows = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)  # stray prints (JAX, methods) go to stderr, never between rows
+    for line in sys.stdin:
+        if not line.strip():
+            continue
+        gc.collect()  # the previous point's arrays are gone before this one's peak is taken
+        row = run_point(json.loads(line))
+        last = _device_reports_peak()
+        rows.write(json.dumps({**row, "worker_exit": True} if last else row) + "\n")
+        rows.flush()
+        if last:
+            break
+    return 0
+
+
 def main() -> int:
+    if sys.argv[1:] == ["--serve"]:
+        return serve()
     point = json.loads(sys.stdin.read())
     row = run_point(point)
     sys.stdout.write("\n" + json.dumps(row) + "\n")
