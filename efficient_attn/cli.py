@@ -44,7 +44,10 @@ def _int_list(text: str) -> list[int]:
 
 
 def _methods_table() -> str:
-    rows = ["| method | exact | supports | options | available | description |", "|---" * 6 + "|"]
+    rows = [
+        "| method | family | exact | supports | options | available | description |",
+        "|---" * 7 + "|",
+    ]
     for name in ea.methods():
         m = ea.get_method(name)
         arrays = [
@@ -57,7 +60,7 @@ def _methods_table() -> str:
         opts = ", ".join([*arrays, *sizes, *(f"{k}={v!r}" for k, v in m.options.items())]) or "-"
         reason = m.available()
         rows.append(
-            f"| {name} | {m.exact} | {', '.join(sorted(m.supports))}"
+            f"| {name} | {m.family} | {m.exact} | {', '.join(sorted(m.supports))}"
             f"{' (causal only)' if m.causal_only else ''} | {opts} | "
             f"{'yes' if reason is None else 'no: ' + reason} | {m.description} |"
         )
@@ -266,6 +269,12 @@ run_sweep.add_arguments = _sweep_args
 def _report_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("paths", nargs="+", help="results directories or results*.jsonl files")
     p.add_argument("--out", help="where to write the report (default: the first path)")
+    p.add_argument(
+        "--panels",
+        action="store_true",
+        help="sweeps: also draw each metric with a panel per method family "
+        "(METRIC-families-*.png; dense and xla repeated in every panel)",
+    )
 
 
 @subcommand("report", help="markdown, LaTeX and plots of sweep results (merges several)")
@@ -274,7 +283,15 @@ def run_report(args: argparse.Namespace) -> int:
     from efficient_attn.sweep import report
 
     study = studies.experiment_of(args.paths)
-    written = (studies.write_report if study else report.write_report)(args.paths, args.out)
+    if study and args.panels:
+        raise ValueError(
+            f"--panels draws sweep results by method family; {', '.join(args.paths)} "
+            f"hold the {study} study, whose figures have their own layout"
+        )
+    if study:
+        written = studies.write_report(args.paths, args.out)
+    else:
+        written = report.write_report(args.paths, args.out, panels=args.panels)
     print(f"wrote {len(written)} files; {written[0]}")
     return 0
 

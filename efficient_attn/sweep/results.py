@@ -27,6 +27,8 @@ from typing import Any
 from efficient_attn.sweep.spec import PASSES
 
 RESULTS = "results.jsonl"
+#: The reference methods: crossover lengths are measured against them, family panels repeat them.
+BASELINES: tuple[str, ...] = ("dense", "xla")
 _INF = float("inf")
 
 
