@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -11,8 +12,9 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import efficient_attn as ea
 from efficient_attn import cli
-from efficient_attn.sweep import claims, harness, results, status
+from efficient_attn.sweep import claims, harness, results, runner, spec, status
 
 
 def _write_claim(out: Path, key: str, pid: int, *, age: float = 0.0, **fields) -> Path:
@@ -161,6 +163,9 @@ def test_status_of_done_failed_running_dead_and_left_points(tmp_path, capsys):
         "ETA     0:",
     ]
     assert all(line in text for line in expected), text
+    meta = json.loads((tmp_path / "sweep.json").read_text())
+    results.write_meta(tmp_path, {k: v for k, v in meta.items() if k != "point_list"})
+    assert "left        ?  (no point list" in status.render(status.status(tmp_path))
     assert cli.main(["sweep", "--status", str(tmp_path / "nowhere")]) == 2
     assert "not a directory" in capsys.readouterr().err
 
@@ -202,7 +207,20 @@ timeout_s = 60
 """
 
 
-def test_three_processes_share_a_directory_one_killed_mid_point(tmp_path):
+def test_a_shard_lists_every_point_for_status(tmp_path):
+    preset = tmp_path / "share.toml"
+    preset.write_text(_PRESET)
+    name, data = spec.load_preset(str(preset))
+    sweep = spec.build_sweep(name, data, {"seq_lens": [16, 32]}, ea.methods())
+    env = {"FAKE_LOG": str(tmp_path / "log.tsv"), "FAKE_SLEEP": "0"}
+    command = ("env", *(f"{k}={v}" for k, v in env.items()), sys.executable, "-c", _FAKE_WORKER)
+    outcome = runner.run_sweep(sweep, tmp_path / "out", shard=(1, 2), stream=None, command=command)
+    assert outcome.ran == 3 and outcome.path.name == "results.shard-1-of-2.jsonl"
+    s = status.status(tmp_path / "out")
+    assert (len(s.points), len(s.done), len(s.left)) == (6, 3, 3)
+
+
+def test_three_processes_share_a_directory_one_killed_mid_point(tmp_path, monkeypatch, capsys):
     """Three sweeps on one --out, one SIGKILLed while a point runs; then a re-run: every
     point is recorded exactly once, and only the killed point ran twice."""
     preset, out, log = tmp_path / "share.toml", tmp_path / "out", tmp_path / "log.tsv"
@@ -233,9 +251,12 @@ def test_three_processes_share_a_directory_one_killed_mid_point(tmp_path):
             p.kill()
     assert victim.returncode == -signal.SIGKILL
     assert [p.returncode for p in procs[1:]] == [0, 0], outputs
-    rerun = start(tmp_path / "ready-rerun", 1)
-    _, rerun_err = rerun.communicate(timeout=120)
-    assert rerun.returncode == 0, rerun_err
+    for name in ("FAKE_LOG", "FAKE_SLEEP"):  # the re-run: in this process, same fake worker
+        monkeypatch.setenv(name, env[name])
+    fake = (sys.executable, "-c", _FAKE_WORKER)
+    monkeypatch.setattr(runner, "run_sweep", functools.partial(runner.run_sweep, command=fake))
+    assert cli.main(args) == 0
+    rerun_err = capsys.readouterr().err
     keys = [r["key"] for f in results.results_files(out) for r in results.read_rows(f)]
     assert len(keys) == 12 and len(set(keys)) == 12, Counter(keys)
     runs = Counter(ln.split("\t")[0] for ln in _log_lines(log))

@@ -108,8 +108,9 @@ def _counts(rows: list[dict[str, Any]]) -> str:
 
 def render(s: Status) -> str:
     """The status as a few lines of text."""
-    total = "unknown number of" if s.points is None else str(len(s.points))
-    lines = [f"{s.out_dir}: {s.name!r}, {total} points"]
+    n = len(s.points or ())
+    total = "an unknown number of points" if s.points is None else f"{n} point{'s' * (n != 1)}"
+    lines = [f"{s.out_dir}: {s.name!r}, {total}"]
     lines.append(f"  done    {len(s.done):5d}" + (_counts(s.done) if s.done else ""))
     lines.append(f"  failed  {len(s.failed):5d}" + (_counts(s.failed) if s.failed else ""))
     by = f"  by {s.processes} process{'es' * (s.processes != 1)}" if s.running else ""
