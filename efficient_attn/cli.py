@@ -261,8 +261,9 @@ def run_sweep(args: argparse.Namespace) -> int:
     counts = ", ".join(f"{n} {s}" for s, n in outcome.statuses.most_common()) or "nothing new"
     print(f"ran {outcome.ran} points ({counts}), skipped {outcome.skipped} already done")
     if outcome.elsewhere:
-        print(f"{outcome.elsewhere} still running in other processes: see --status {out}")
-    if shard and shard[1] > 1:
+        print(f"{outcome.elsewhere} still running in other processes (see --status {out}); "
+              "the last to finish writes the report")  # fmt: skip
+    elif shard and shard[1] > 1:
         print(f"shard done; when all shards finish: efficient-attn report {out}")
     elif not args.no_report:
         report.write_report([out])
