@@ -203,6 +203,9 @@ def _sweep_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-report", action="store_true", help="do not write the report")
     p.add_argument("--dry-run", action="store_true", help="print the points and exit")
     p.add_argument("--list", action="store_true", help="list the presets and exit")
+    p.add_argument(
+        "--status", metavar="DIR", help="points done, running (by whom), failed, left; ETA"
+    )
 
 
 @subcommand("sweep", help="scaling sweep of time, memory and error (a preset in experiments/)")
@@ -210,6 +213,11 @@ def run_sweep(args: argparse.Namespace) -> int:
     from efficient_attn import studies
     from efficient_attn.sweep import report, runner, spec
 
+    if args.status:
+        from efficient_attn.sweep import status
+
+        print(status.render(status.status(args.status)))
+        return 0
     if args.list:
         for name, path in {**spec.available_presets(), **studies.available_presets()}.items():
             text = " ".join(str(spec.load_preset(str(path))[1].get("description", "")).split())
@@ -255,7 +263,10 @@ def run_sweep(args: argparse.Namespace) -> int:
         return 130
     counts = ", ".join(f"{n} {s}" for s, n in outcome.statuses.most_common()) or "nothing new"
     print(f"ran {outcome.ran} points ({counts}), skipped {outcome.skipped} already done")
-    if shard and shard[1] > 1:
+    if outcome.elsewhere:
+        print(f"{outcome.elsewhere} still running in other processes (see --status {out}); "
+              "the last to finish writes the report")  # fmt: skip
+    elif shard and shard[1] > 1:
         print(f"shard done; when all shards finish: efficient-attn report {out}")
     elif not args.no_report:
         report.write_report([out])

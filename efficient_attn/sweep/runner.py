@@ -5,7 +5,9 @@ The loop is :func:`efficient_attn.sweep.harness.run_points` (shared with studies
 and the quality grid). Rows go to ``DIR/results.jsonl`` (``DIR/results.shard-I-of-N.jsonl`` for a
 shard, so that array jobs on a shared file system never write one file
 together). A row is written with one ``write`` and an ``fsync``. Re-running
-resumes: points whose key is in any ``DIR/results*.jsonl`` are skipped.
+resumes: points whose key is in any ``DIR/results*.jsonl`` are skipped. Several
+sweeps may run on one directory at once: each point is claimed first, and one
+that another live process holds is left to it (:mod:`efficient_attn.sweep.claims`).
 Unparsable lines (a row torn by a kill) are ignored, and a new row never
 continues a torn line. Float64 references are cached in ``DIR/.cache`` while
 the sweep runs (every method at a shape shares one) and removed at its end.
@@ -22,6 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
+from efficient_attn.sweep import claims
 from efficient_attn.sweep.harness import Executor, Outcome, Progress, run_points
 from efficient_attn.sweep.pool import WORKER, WorkerPool, group_of
 from efficient_attn.sweep.results import (  # noqa: F401  (re-exported: the store)
@@ -125,8 +128,10 @@ def run_sweep(
         new_row=base_row,
         describe=lambda row: row_summary(row).removeprefix("ok "),
         family=_family,
+        timeout_s=sweep.timeout_s,
     )
     shard_text = f" (shard {shard[0]}/{shard[1]})" if shard else ""
+    listed = [{**p.identity(), "label": p.label} for p in sweep.points] if shard else None
     with pool:
         outcome = run_points(
             payloads,
@@ -138,7 +143,9 @@ def run_sweep(
             skip_infeasible=skip_infeasible,
             stream=stream,
             meta=_meta(sweep, meta or {}),
+            all_points=listed,
         )
-    if shard is None or shard[1] == 1:  # shards may still share the float64 references
+    # Shards, and other processes on this directory, may still share the float64 references.
+    if (shard is None or shard[1] == 1) and not claims.live_claims(out_dir):
         shutil.rmtree(out_dir / ".cache", ignore_errors=True)
     return outcome
