@@ -172,11 +172,13 @@ def test_status_of_done_failed_running_dead_and_left_points(tmp_path, capsys):
 
 _FAKE_WORKER = """
 import json, os, sys, time
-p = json.loads(sys.stdin.read())
-with open(os.environ["FAKE_LOG"], "a") as f:
-    f.write(p["key"] + "\\t" + str(os.getppid()) + "\\n")
-time.sleep(float(os.environ["FAKE_SLEEP"]))
-print(json.dumps({**p, "status": "ok", "message": "", "time_ms": 1.0, "worker_s": 0.0}))
+for line in sys.stdin:
+    p = json.loads(line)
+    with open(os.environ["FAKE_LOG"], "a") as f:
+        f.write(p["key"] + "\\t" + str(os.getppid()) + "\\n")
+    time.sleep(float(os.environ["FAKE_SLEEP"]))
+    row = {**p, "status": "ok", "message": "", "time_ms": 1.0, "worker_s": 0.0}
+    print(json.dumps(row), flush=True)
 """
 
 # ``efficient-attn sweep ARGS`` with the fake worker, started together: each waits until
