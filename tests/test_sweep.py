@@ -195,8 +195,8 @@ def test_timeouts_exits_and_infeasible_lengths(tmp_path):
         assert "shorter length 16" in rows[("xla", t)]["message"]
 
 
-def test_a_method_s_points_share_one_worker_process(tmp_path):
-    """Consecutive points of a method run in one worker; each method gets its own."""
+def test_points_share_one_worker_process(tmp_path):
+    """Points on one device count run in one worker, a method's points together."""
     sweep = _sweep(TINY, tmp_path, methods=["dense", "blockwise"], passes=["fwd"], seq_lens=[8, 16])
     command = (
         sys.executable,
@@ -206,8 +206,8 @@ def test_a_method_s_points_share_one_worker_process(tmp_path):
     outcome = runner.run_sweep(sweep, tmp_path / "out", stream=None, command=command)
     rows = runner.read_rows(outcome.path)
     assert [r["method"] for r in rows] == ["dense", "dense", "blockwise", "blockwise"]
-    pids = {m: {r["worker_pid"] for r in rows if r["method"] == m} for m in ("dense", "blockwise")}
-    assert len(pids["dense"]) == len(pids["blockwise"]) == 1 and pids["dense"] != pids["blockwise"]
+    assert len({r["worker_pid"] for r in rows}) == 1
+    assert [pool_mod.group_of(p) for p in ({"devices": None}, {"devices": 4})] == [1, 4]
 
 
 def test_real_worker_serves_points_with_their_own_peak_memory(tmp_path):
@@ -223,6 +223,7 @@ def test_real_worker_serves_points_with_their_own_peak_memory(tmp_path):
         assert pool.proc.pid == pid  # the same process measured both
     assert first["status"] == second["status"] == "ok", (first["message"], second["message"])
     assert second["host_peak_rss_bytes"] < first["host_peak_rss_bytes"]
+    assert 0 <= second["host_rss_increase_bytes"] < first["host_rss_increase_bytes"]
 
 
 def test_append_never_glues_a_row_onto_a_torn_line(tmp_path):

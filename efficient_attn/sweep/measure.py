@@ -6,9 +6,12 @@ than ``timing_budget_s / repeats``; the row records how many). Where
 ``B * N * Tq * Tk`` exceeds a nonzero ``time_max_elements`` the point is only
 compiled: memory is recorded, time and error are null (``time_note`` says why).
 Memory is XLA's compiled temp + argument + output bytes, plus the device's
-measured peak where it reports one. ``rel_error`` compares the output (and
-for ``fwd+bwd`` the gradients) with float64 exact attention from
-:mod:`efficient_attn.core.reference` where that reference is affordable
+measured peak where it reports one, and on the host the worker's peak resident
+memory during the point (``host_peak_rss_bytes``: the process's, so it includes
+the interpreter, JAX and what earlier points in the worker retained) and its
+increase over the point's start (``host_rss_increase_bytes``: the point's own).
+``rel_error`` compares the output (and for ``fwd+bwd`` the gradients) with
+float64 exact attention from :mod:`efficient_attn.core.reference` where that reference is affordable
 (cached on disk under ``cache_dir``).
 
 A point with ``mods`` runs with its mask and score mods (a tiled method gets
@@ -55,16 +58,26 @@ def reset_peak_rss() -> None:
         pass
 
 
-def peak_rss_bytes() -> int:
-    """Peak resident memory since :func:`reset_peak_rss` (``VmHWM``), else since start."""
+def _status_bytes(field: str) -> int | None:
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return None
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident memory since :func:`reset_peak_rss` (``VmHWM``), else since start."""
+    peak = _status_bytes("VmHWM")
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def rss_bytes() -> int | None:
+    """Resident memory now (``VmRSS``; None where /proc is missing)."""
+    return _status_bytes("VmRSS")
 
 
 def _reference(point: dict[str, Any], arrays: dict[str, Any], grads: bool) -> dict[str, Any]:
@@ -179,6 +192,7 @@ def measure_point(point: dict[str, Any], row: dict[str, Any]) -> None:
     from efficient_attn import bench
 
     reset_peak_rss()
+    rss_at_start = rss_bytes()
     spec = ea.get_method(point["method"])
     row["resolved_options"] = spec.resolve_options(point["options"])
     b, t, n, kh, h = (point[x] for x in ("batch", "seq_len", "heads", "kv_heads", "head_dim"))
@@ -251,6 +265,8 @@ def measure_point(point: dict[str, Any], row: dict[str, Any]) -> None:
     stats = jax.devices()[0].memory_stats()
     row["peak_bytes"] = None if not stats else stats.get("peak_bytes_in_use")
     row["host_peak_rss_bytes"] = peak_rss_bytes()
+    if rss_at_start is not None:  # this point's own: not the interpreter, JAX or earlier points
+        row["host_rss_increase_bytes"] = row["host_peak_rss_bytes"] - rss_at_start
     outs = result if backward else (result,)
     if not all(bool(np.isfinite(np.asarray(x, np.float32)).all()) for x in outs):
         raise FloatingPointError("the output or its gradients contain NaN or Inf")

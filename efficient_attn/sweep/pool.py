@@ -1,12 +1,12 @@
-"""Worker processes that measure consecutive points of one method, one point at a time.
+"""Worker processes that measure consecutive points, one point at a time.
 
-A fresh Python process per point spends most of its life importing JAX and
-compiling the same small helper programs; a process per *method* pays that
-once for all of the method's points. :class:`WorkerPool` keeps at most one
-worker alive: it sends each point as one JSON line on the worker's stdin and
-reads its row back as one JSON line on stdout (other stdout lines are
-ignored), starting a new worker when the method (or the device count) changes,
-when a worker died, or when a worker chose to exit after its point. A point
+A fresh Python process per point spends most of its life importing JAX (about
+2 s on a 2-core CPU, more than most points take to compile and time); a worker
+that serves consecutive points pays that once. :class:`WorkerPool` keeps at
+most one worker alive: it sends each point as one JSON line on the worker's
+stdin and reads its row back as one JSON line on stdout (other stdout lines are
+ignored), starting a new worker when the device count changes, when a worker
+died, or when a worker chose to exit after its point. A point
 that times out kills its worker's process group; a worker that crashes, is
 killed or exits without a row still becomes a row for the point in flight, and
 the next point gets a new worker. The worker resets the process's peak
@@ -53,13 +53,14 @@ def parse_row(line: str) -> dict[str, Any] | None:
     return row if isinstance(row, dict) and "status" in row else None
 
 
-def group_of(payload: dict[str, Any]) -> tuple[str, int]:
-    """Points of one group share a worker process: the same method on the same device count."""
-    return str(payload.get("method")), int(payload.get("devices") or 1)
+def group_of(payload: dict[str, Any]) -> int:
+    """Points of one group may share a worker process: those on the same device count (a
+    process's device count is fixed when JAX starts)."""
+    return int(payload.get("devices") or 1)
 
 
 class WorkerPool:
-    """At most one live worker process, reused for consecutive points of one group.
+    """At most one live worker process, reused for consecutive points on one device count.
 
     ``execute(payload)`` returns the point's row (never raises for a failing
     point); ``close()`` ends the live worker. Use it as a context manager.
@@ -72,7 +73,7 @@ class WorkerPool:
         self.command = list(command)
         self.one_shot = one_shot  # a worker that reads all of stdin, measures one point, exits
         self.proc: subprocess.Popen | None = None
-        self.group: tuple[str, int] | None = None
+        self.group: int | None = None
         self._stderr: Any = None
         self._buffer = b""
 
@@ -82,12 +83,12 @@ class WorkerPool:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
-    def _start(self, group: tuple[str, int]) -> None:
+    def _start(self, group: int) -> None:
         self.close()
         self._stderr = tempfile.TemporaryFile()  # noqa: SIM115  (closed by close())
         self.proc = subprocess.Popen(
             self.command,
-            env=device_env(group[1]),
+            env=device_env(group),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self._stderr,

@@ -1,5 +1,5 @@
-"""Run a sweep: one worker process per method (:mod:`efficient_attn.sweep.pool`), each
-row appended as it finishes.
+"""Run a sweep: points measured one at a time in a long-lived worker process
+(:mod:`efficient_attn.sweep.pool`), each row appended as it finishes.
 
 The loop is :func:`efficient_attn.sweep.harness.run_points` (shared with studies
 and the quality grid). Rows go to ``DIR/results.jsonl`` (``DIR/results.shard-I-of-N.jsonl`` for a
@@ -97,7 +97,7 @@ def run_sweep(
     command: Sequence[str] = WORKER,
     meta: dict[str, Any] | None = None,
 ) -> Outcome:
-    """Run the (shard of the) sweep's points not yet in ``out_dir``, a worker per method.
+    """Run the (shard of the) sweep's points not yet in ``out_dir`` in a long-lived worker.
 
     ``retry_errors`` also re-runs points whose latest row is an ``error``
     (the new row supersedes it in reports). With ``skip_infeasible``, a point
@@ -120,8 +120,12 @@ def run_sweep(
         }
         for p in points
     ]
-    order = {g: i for i, g in reversed(list(enumerate(map(group_of, payloads))))}
-    payloads.sort(key=lambda p: order[group_of(p)])  # a method's points share one worker
+    # Points on one device count share a worker, and a method's points run together.
+    first = {}
+    for i, p in enumerate(payloads):
+        first.setdefault(group_of(p), i)
+        first.setdefault((group_of(p), p["method"]), i)
+    payloads.sort(key=lambda p: (first[group_of(p)], first[(group_of(p), p["method"])]))
     pool = WorkerPool(sweep.timeout_s, command)
     executor = Executor(
         execute=pool.execute,

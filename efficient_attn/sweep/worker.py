@@ -5,9 +5,10 @@ each, from stdin and writes each row as one JSON line to stdout as soon as it
 is measured (anything else the point prints goes to stderr); it resets the
 process's peak resident memory before each point, and exits after a point on a
 device that reports its own peak memory (``memory_stats``), so that no row's
-memory includes another point's. :class:`efficient_attn.sweep.pool.WorkerPool`
-runs one such process per method. ``python -m efficient_attn.sweep.worker <
-point.json`` measures one point. A point is
+memory includes another point's; when the method changes it also drops JAX's
+caches of compiled programs and hands freed heap back to the system.
+:class:`efficient_attn.sweep.pool.WorkerPool` runs one such process per device
+count. ``python -m efficient_attn.sweep.worker < point.json`` measures one point. A point is
 (:meth:`Point.identity` plus ``repeats``, ``warmup``,
 ``reference_max_elements`` and optionally ``timing_budget_s``,
 ``time_max_elements`` and ``cache_dir``) and prints one JSON row on its last
@@ -129,15 +130,36 @@ def _device_reports_peak() -> bool:
     return bool(stats) and "peak_bytes_in_use" in stats
 
 
+def _release_memory(clear_caches: bool) -> None:
+    """Free what earlier points left: their arrays, optionally JAX's compiled-program caches,
+    and the heap pages glibc keeps after a free (``malloc_trim``), so the next point's
+    peak resident memory starts near the process's baseline."""
+    gc.collect()
+    if clear_caches and "jax" in sys.modules:
+        import jax
+
+        jax.clear_caches()
+        gc.collect()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc
+
+
 def serve() -> int:
     """Measure points read line by line from stdin; one row line each on stdout."""
     rows = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)  # stray prints (JAX, methods) go to stderr, never between rows
+    method = None
     for line in sys.stdin:
         if not line.strip():
             continue
-        gc.collect()  # the previous point's arrays are gone before this one's peak is taken
-        row = run_point(json.loads(line))
+        point = json.loads(line)
+        _release_memory(clear_caches=point.get("method") != method)
+        method = point.get("method")
+        row = run_point(point)
         last = _device_reports_peak()
         rows.write(json.dumps({**row, "worker_exit": True} if last else row) + "\n")
         rows.flush()
