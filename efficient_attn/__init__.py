@@ -15,6 +15,7 @@ from efficient_attn.core.recurrent import step as linear_step
 from efficient_attn.core.reference import numpy_reference, numpy_reference_grads
 from efficient_attn.core.registry import (
     BASIC_FEATURES,
+    FAMILIES,
     FEATURES,
     MOD_FEATURES,
     ArrayOption,
@@ -33,6 +34,7 @@ from efficient_attn.parallel import sequence_parallel_attention
 
 __all__ = [
     "BASIC_FEATURES",
+    "FAMILIES",
     "FEATURES",
     "MOD_FEATURES",
     "ArrayOption",

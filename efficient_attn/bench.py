@@ -41,12 +41,24 @@ def random_inputs(
     dtype: Any = jnp.float32,
     seed: int = 0,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Random normal q [B,Tq,N,H], k [B,Tk,K,H], v [B,Tk,K,H]."""
-    kq, kk, kv = jax.random.split(jax.random.PRNGKey(seed), 3)
-    q = jax.random.normal(kq, (batch, q_len, heads, head_dim), dtype)
-    k = jax.random.normal(kk, (batch, kv_len, kv_heads, head_dim), dtype)
-    v = jax.random.normal(kv, (batch, kv_len, kv_heads, head_dim), dtype)
-    return q, k, v
+    """Random normal q [B,Tq,N,H], k [B,Tk,K,H], v [B,Tk,K,H] (drawn on the host: see
+    :func:`random_normal`)."""
+    rng = np.random.default_rng(seed)
+    return tuple(
+        random_normal((batch, length, h, head_dim), dtype, rng)
+        for length, h in ((q_len, heads), (kv_len, kv_heads), (kv_len, kv_heads))
+    )
+
+
+def random_normal(shape: tuple[int, ...], dtype: Any, seed: int | np.random.Generator) -> jax.Array:
+    """Standard normal values drawn with NumPy and placed on the device in ``dtype``.
+
+    Host-side, so making inputs compiles no XLA program (``jax.random`` compiles one per
+    shape, about half a second on a CPU: more than many measured points take).
+    """
+    rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+    x = rng.standard_normal(shape, dtype=np.float32).astype(jnp.dtype(dtype))
+    return jax.device_put(x)
 
 
 def with_arrays(

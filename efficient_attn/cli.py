@@ -44,7 +44,10 @@ def _int_list(text: str) -> list[int]:
 
 
 def _methods_table() -> str:
-    rows = ["| method | exact | supports | options | available | description |", "|---" * 6 + "|"]
+    rows = [
+        "| method | family | exact | supports | options | available | description |",
+        "|---" * 7 + "|",
+    ]
     for name in ea.methods():
         m = ea.get_method(name)
         arrays = [
@@ -57,7 +60,7 @@ def _methods_table() -> str:
         opts = ", ".join([*arrays, *sizes, *(f"{k}={v!r}" for k, v in m.options.items())]) or "-"
         reason = m.available()
         rows.append(
-            f"| {name} | {m.exact} | {', '.join(sorted(m.supports))}"
+            f"| {name} | {m.family} | {m.exact} | {', '.join(sorted(m.supports))}"
             f"{' (causal only)' if m.causal_only else ''} | {opts} | "
             f"{'yes' if reason is None else 'no: ' + reason} | {m.description} |"
         )
@@ -200,6 +203,9 @@ def _sweep_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-report", action="store_true", help="do not write the report")
     p.add_argument("--dry-run", action="store_true", help="print the points and exit")
     p.add_argument("--list", action="store_true", help="list the presets and exit")
+    p.add_argument(
+        "--status", metavar="DIR", help="points done, running (by whom), failed, left; ETA"
+    )
 
 
 @subcommand("sweep", help="scaling sweep of time, memory and error (a preset in experiments/)")
@@ -207,6 +213,11 @@ def run_sweep(args: argparse.Namespace) -> int:
     from efficient_attn import studies
     from efficient_attn.sweep import report, runner, spec
 
+    if args.status:
+        from efficient_attn.sweep import status
+
+        print(status.render(status.status(args.status)))
+        return 0
     if args.list:
         for name, path in {**spec.available_presets(), **studies.available_presets()}.items():
             text = " ".join(str(spec.load_preset(str(path))[1].get("description", "")).split())
@@ -252,7 +263,10 @@ def run_sweep(args: argparse.Namespace) -> int:
         return 130
     counts = ", ".join(f"{n} {s}" for s, n in outcome.statuses.most_common()) or "nothing new"
     print(f"ran {outcome.ran} points ({counts}), skipped {outcome.skipped} already done")
-    if shard and shard[1] > 1:
+    if outcome.elsewhere:
+        print(f"{outcome.elsewhere} still running in other processes (see --status {out}); "
+              "the last to finish writes the report")  # fmt: skip
+    elif shard and shard[1] > 1:
         print(f"shard done; when all shards finish: efficient-attn report {out}")
     elif not args.no_report:
         report.write_report([out])
@@ -266,6 +280,12 @@ run_sweep.add_arguments = _sweep_args
 def _report_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("paths", nargs="+", help="results directories or results*.jsonl files")
     p.add_argument("--out", help="where to write the report (default: the first path)")
+    p.add_argument(
+        "--panels",
+        action="store_true",
+        help="sweeps: also draw each metric with a panel per method family "
+        "(METRIC-families-*.png; dense and xla repeated in every panel)",
+    )
 
 
 @subcommand("report", help="markdown, LaTeX and plots of sweep results (merges several)")
@@ -274,7 +294,15 @@ def run_report(args: argparse.Namespace) -> int:
     from efficient_attn.sweep import report
 
     study = studies.experiment_of(args.paths)
-    written = (studies.write_report if study else report.write_report)(args.paths, args.out)
+    if study and args.panels:
+        raise ValueError(
+            f"--panels draws sweep results by method family; {', '.join(args.paths)} "
+            f"hold the {study} study, whose figures have their own layout"
+        )
+    if study:
+        written = studies.write_report(args.paths, args.out)
+    else:
+        written = report.write_report(args.paths, args.out, panels=args.panels)
     print(f"wrote {len(written)} files; {written[0]}")
     return 0
 

@@ -3,25 +3,63 @@
 from __future__ import annotations
 
 import os
+import pathlib
+import subprocess
+import sys
 
-# The suite is dominated by XLA compiling many small programs: skip LLVM's expensive
-# optimisation passes (about 25% less wall time). HLO, and so results and compiled memory
-# analysis, are unchanged; nothing here times anything (benchmarks live in scripts/).
-# Sweep workers started by the tests inherit the flags.
+# The suite is dominated by XLA compiling many small programs. Skip LLVM's expensive
+# optimisation passes (about 25% less wall time), and emit fusions with XLA's older
+# elemental emitters rather than its MLIR fusion emitters (about half the compile time
+# again, measured on the engine's forward+backward programs). Results agree to float
+# rounding, which the tests' tolerances allow; nothing here times anything (benchmarks
+# live in scripts/). Sweep workers started by the tests inherit the flags.
+_FLAGS = ["--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true"]
+_FUSION_FLAG = "--xla_cpu_use_fusion_emitters=false"
+
+
+def _fusion_flag_known() -> bool:
+    """Whether this jaxlib's XLA knows :data:`_FUSION_FLAG` (an unknown flag aborts XLA):
+    asked once of a child process, the answer handed down to xdist workers."""
+    known = os.environ.get("EFFICIENT_ATTN_TEST_FUSION_FLAG")
+    if known is None:
+        probe = "import jax; jax.devices()"
+        env = {**os.environ, "XLA_FLAGS": _FUSION_FLAG, "JAX_PLATFORMS": "cpu"}
+        done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True)
+        known = os.environ["EFFICIENT_ATTN_TEST_FUSION_FLAG"] = str(int(done.returncode == 0))
+    return known == "1"
+
+
+if _FUSION_FLAG not in os.environ.get("XLA_FLAGS", "") and _fusion_flag_known():
+    _FLAGS.append(_FUSION_FLAG)
 os.environ["XLA_FLAGS"] = " ".join(
     [
         os.environ.get("XLA_FLAGS", ""),
-        "--xla_backend_optimization_level=0",
-        "--xla_llvm_disable_expensive_passes=true",
+        *(f for f in _FLAGS if f not in os.environ.get("XLA_FLAGS", "")),
     ]
 ).strip()
 
+import jax
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, settings
 
 import efficient_attn as ea
 from efficient_attn import bench
+
+# JAX's persistent compilation cache: two thirds of the suite's time is XLA compiling, and a
+# re-run after a small change recompiles only what the change touched. Shared by the xdist
+# workers and the sweep/study worker processes the tests start (they inherit the variables).
+# EFFICIENT_ATTN_TEST_CACHE=off turns it off; a path moves it.
+_CACHE = os.environ.setdefault(
+    "EFFICIENT_ATTN_TEST_CACHE", str(pathlib.Path(__file__).parent.parent / ".cache" / "jax-tests")
+)
+if _CACHE != "off":
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE)
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+    jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 settings.register_profile(
     "ci",

@@ -180,3 +180,30 @@ def test_kv_lengths_may_be_traced():
     f = jax.jit(lambda lengths: ea.attention(q, k, v, method="blockwise", kv_lengths=lengths))
     ref, _ = ea.numpy_reference(q, k, v, kv_lengths=np.array([5, 13]))
     np.testing.assert_allclose(np.asarray(f(jnp.array([5, 13]))), ref, rtol=2e-5, atol=2e-6)
+
+
+def test_eager_calls_run_one_cached_program_and_see_arrays_changed_in_place():
+    """An eager call compiles the method once per shape and options (kept in
+    ``core.eager``'s cache); NumPy arrays are keyed by contents, so one changed in
+    place is seen; a call closing over a plain function is never kept."""
+    from efficient_attn.core import eager
+
+    q, k, v = make_qkv(batch=2, q_len=9, kv_len=9, heads=2, kv_heads=2, head_dim=8)
+    lengths = np.array([9, 4])
+    kw = {"method": "dense", "kv_lengths": lengths}
+    before = len(eager._CACHE)
+    first = np.asarray(ea.attention(q, k, v, **kw))
+    again = np.asarray(ea.attention(q + 1.0, k, v, **kw))
+    assert len(eager._CACHE) == before + 1  # the second call reused the first's program
+    assert not np.allclose(first, again)
+    lengths[1] = 9  # in place: a new key, and the result of a call with [9, 9]
+    np.testing.assert_allclose(
+        np.asarray(ea.attention(q, k, v, **kw)),
+        np.asarray(ea.attention(q, k, v, method="dense", kv_lengths=np.array([9, 9]))),
+    )
+    jitted = jax.jit(lambda q: ea.attention(q, k, v, **kw))(q)
+    np.testing.assert_allclose(np.asarray(jitted), np.asarray(ea.attention(q, k, v, **kw)))
+    size = len(eager._CACHE)
+    window = lambda b, h, i, j: jnp.abs(i - j) <= 2  # noqa: E731
+    ea.attention(q, k, v, method="dense", mask_mod=window)
+    assert len(eager._CACHE) == size

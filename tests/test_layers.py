@@ -190,7 +190,7 @@ def test_few_loose_top_level_modules():
 def test_public_names():
     """``import efficient_attn as ea`` keeps its public names; ``__all__`` is exact."""
     expected = {
-        "ArrayOption", "BASIC_FEATURES", "BlockMask", "FEATURES", "LinearState",
+        "ArrayOption", "BASIC_FEATURES", "BlockMask", "FAMILIES", "FEATURES", "LinearState",
         "MOD_FEATURES", "Method", "Native", "Recurrent", "TokenProjection", "attention",
         "attention_weights", "block_mask", "dot_product_attention", "get_method",
         "init_arrays", "linear_init_state", "linear_step", "merge_attention", "methods", "mods",

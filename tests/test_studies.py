@@ -59,6 +59,10 @@ def test_decode_unsupported_rows_and_refused_flags(tmp_path, capsys):
     assert row["status"] == "unsupported" and "not available" in row["message"]
     assert row["time_ms"] is None and row["cache_bytes"] is None
     assert "n/a" in (out / "report.md").read_text()
+    capsys.readouterr()
+    assert cli.main(["sweep", "--status", str(out)]) == 0  # a study directory's status
+    text = capsys.readouterr().out
+    assert "'decode', 1 point" in text and "done        1  (unsupported 1)" in text, text
     for flag, expected in (
         (["--passes", "fwd"], "--passes not used by study 'decode'"),
         (["--no-causal"], "--causal not used"),

@@ -13,6 +13,7 @@ import pytest
 import efficient_attn as ea
 import efficient_attn.sweep
 from efficient_attn import cli
+from efficient_attn.sweep import pool as pool_mod
 from efficient_attn.sweep import report, runner, spec, worker
 
 ROW_FIELDS = {
@@ -161,15 +162,17 @@ def test_worker_unsupported_feature_and_reference_limit():
 
 
 _FAKE_WORKER = """
-import json, sys, time
-p = json.loads(sys.stdin.read())
-if p["seq_len"] == 64:
-    time.sleep(60)
-if p["seq_len"] == 32:
-    sys.exit(3)
-status = "oom" if p["method"] == "xla" else "ok"
-print("noise on stdout")
-print(json.dumps({**p, "status": status, "message": "RESOURCE_EXHAUSTED" * (status == "oom")}))
+import json, os, sys, time
+for line in sys.stdin:
+    p = json.loads(line)
+    if p["seq_len"] == 64:
+        time.sleep(60)
+    if p["seq_len"] == 32:
+        sys.exit(3)
+    status = "oom" if p["method"] == "xla" else "ok"
+    print("noise on stdout")
+    row = {**p, "status": status, "message": "RESOURCE_EXHAUSTED" * (status == "oom")}
+    print(json.dumps({**row, "worker_pid": os.getpid()}), flush=True)
 """
 
 
@@ -190,6 +193,37 @@ def test_timeouts_exits_and_infeasible_lengths(tmp_path):
     for t in (32, 64):
         assert rows[("xla", t)]["status"] == "oom" and rows[("xla", t)]["skipped"]
         assert "shorter length 16" in rows[("xla", t)]["message"]
+
+
+def test_points_share_one_worker_process(tmp_path):
+    """Points on one device count run in one worker, a method's points together."""
+    sweep = _sweep(TINY, tmp_path, methods=["dense", "blockwise"], passes=["fwd"], seq_lens=[8, 16])
+    command = (
+        sys.executable,
+        "-c",
+        _FAKE_WORKER.replace("== 64", "== -1").replace("== 32", "== -1"),
+    )
+    outcome = runner.run_sweep(sweep, tmp_path / "out", stream=None, command=command)
+    rows = runner.read_rows(outcome.path)
+    assert [r["method"] for r in rows] == ["dense", "dense", "blockwise", "blockwise"]
+    assert len({r["worker_pid"] for r in rows}) == 1
+    assert [pool_mod.group_of(p) for p in ({"devices": None}, {"devices": 4})] == [1, 4]
+
+
+def test_real_worker_serves_points_with_their_own_peak_memory(tmp_path):
+    """``worker --serve``: one row line per point; the second, smaller point's host peak is its
+    own (the peak is reset between points), not the first's."""
+    big = spec.Point("dense", {}, 512, 2, 4, 4, 64, "float32", True, "fwd+bwd")
+    small = spec.Point("dense", {}, 8, 1, 2, 2, 4, "float32", True, "fwd")
+    extra = {"repeats": 1, "warmup": 1, "reference_max_elements": 0}
+    with pool_mod.WorkerPool(120) as pool:
+        first = pool.execute({**big.identity(), **extra})
+        pid = pool.proc.pid
+        second = pool.execute({**small.identity(), **extra})
+        assert pool.proc.pid == pid  # the same process measured both
+    assert first["status"] == second["status"] == "ok", (first["message"], second["message"])
+    assert second["host_peak_rss_bytes"] < first["host_peak_rss_bytes"]
+    assert 0 <= second["host_rss_increase_bytes"] < first["host_rss_increase_bytes"]
 
 
 def test_append_never_glues_a_row_onto_a_torn_line(tmp_path):

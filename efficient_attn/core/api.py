@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from efficient_attn.core import masking
+from efficient_attn.core import eager, masking
 from efficient_attn.core.batching import Batch
 from efficient_attn.core.blockmask import BlockMask, check_block_mask
 from efficient_attn.core.registry import HEAD_DIM, Method, get_method, methods, methods_supporting
@@ -318,9 +318,10 @@ def attention(
     spec, shapes, kv_lengths, scale, opts, kw = prepare(
         query, key, value, method, causal, kv_lengths, scale, options, mods
     )
-    res = spec.fn(
-        query, key, value, causal=bool(causal), kv_lengths=kv_lengths, scale=scale, **kw, **opts
-    )
+    res = eager.compiled_call(
+        spec.fn, query, key, value, causal=bool(causal), kv_lengths=kv_lengths, scale=scale,
+        **kw, **opts,
+    )  # fmt: skip
     out, lse = res if return_lse else (res, None)
     expected = (shapes.batch, shapes.q_len, shapes.heads, shapes.value_dim)
     if out.shape != expected:

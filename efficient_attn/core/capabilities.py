@@ -1,7 +1,8 @@
-"""What a method declares beside its function: features, array options, decoding form.
+"""What a method declares beside its function: family, features, array options, decoding form.
 
 The records :func:`efficient_attn.core.registry.register_method` takes:
-:data:`FEATURES` (what a method supports; the API raises ``ValueError`` when a
+:data:`FAMILIES` (the kind of attention a method is: reports colour and group
+methods by it), :data:`FEATURES` (what a method supports; the API raises ``ValueError`` when a
 call needs one it does not declare), :class:`ArrayOption` (an array a method
 requires, e.g. ``additive``'s learned projections, with its shape and
 initialiser; *per-token* arrays, shape starting ``("B", "T", ...)``, are
@@ -13,8 +14,38 @@ decoding) and :class:`Native` (a method that *is* a library's attention).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+import types
+from collections.abc import Callable, Mapping
 from typing import Any
+
+#: Families of methods, name -> heading in reports (figures colour and group methods by
+#: family). ``register_method(family=...)`` takes a name; :func:`default_family` derives one.
+FAMILIES: Mapping[str, str] = types.MappingProxyType(
+    {
+        "full": "full attention",  # every query-key pair: softmax (dense, flash, kernels), additive
+        "sparse": "sparse attention",  # a fixed pattern of pairs: local, strided, bigbird
+        "linear": "feature-map linear",  # phi(q) phi(k)^T, no decay: linear_*, performer
+        "gated": "gated / delta rule",  # decaying or delta-rule recurrences: retnet, gla, deltanet
+        "other": "other",  # none of these (and result rows of methods no longer registered)
+    }
+)
+
+
+def default_family(*, exact: bool, sparse: bool, causal_only: bool, recurrent: bool) -> str:
+    """The family of a method registered without ``family=``, from what it declares.
+
+    Exact methods are full attention; a method with a sparsity ``pattern`` is
+    sparse; a causal-only recurrence is gated; another method with a recurrent
+    form is feature-map linear; anything else is ``"other"``.
+    """
+    if exact:
+        return "full"
+    if sparse:
+        return "sparse"
+    if causal_only:
+        return "gated"
+    return "linear" if recurrent else "other"
+
 
 #: Features a method may support. The API raises ``ValueError`` when a call
 #: needs a feature the method does not declare, so nothing is silently ignored.

@@ -15,7 +15,9 @@ learned :class:`TokenProjection`. Methods that are causal recurrences
 The API checks shapes, dtypes, ``kv_lengths``, option names and array shapes
 before a method is called, so a method only has to compute.
 
-The capability records (:data:`FEATURES`, :class:`ArrayOption`,
+Each method belongs to one of the :data:`FAMILIES` (``family=``; derived from
+what it declares when not given), by which reports colour and group methods.
+The capability records (:data:`FAMILIES`, :data:`FEATURES`, :class:`ArrayOption`,
 :class:`TokenProjection`, :class:`Recurrent`, :class:`Native`) are defined in
 :mod:`efficient_attn.core.capabilities` and re-exported here.
 """
@@ -32,6 +34,7 @@ import numpy as np
 from efficient_attn.core.capabilities import _FEATURE_KWARGS, _STANDARD_KWARGS
 from efficient_attn.core.capabilities import BASIC_FEATURES as BASIC_FEATURES
 from efficient_attn.core.capabilities import BOUND_DIMS as BOUND_DIMS
+from efficient_attn.core.capabilities import FAMILIES as FAMILIES
 from efficient_attn.core.capabilities import FEATURES as FEATURES
 from efficient_attn.core.capabilities import HEAD_DIM as HEAD_DIM
 from efficient_attn.core.capabilities import MOD_FEATURES as MOD_FEATURES
@@ -39,6 +42,7 @@ from efficient_attn.core.capabilities import ArrayOption as ArrayOption
 from efficient_attn.core.capabilities import Native as Native
 from efficient_attn.core.capabilities import Recurrent as Recurrent
 from efficient_attn.core.capabilities import TokenProjection as TokenProjection
+from efficient_attn.core.capabilities import default_family as default_family
 
 
 def _default_scale(head_dim: int) -> float:
@@ -83,6 +87,9 @@ class Method:
       native: for wrappers of a library's attention (``xla``, ``cudnn``),
         what :func:`efficient_attn.dot_product_attention` calls instead of
         translating its arguments into mods (:class:`Native`), or None.
+      family: one of :data:`FAMILIES` (``"full"``, ``"sparse"``, ``"linear"``,
+        ``"gated"``, ``"other"``): the kind of attention, by which reports
+        colour and group methods.
     """
 
     name: str
@@ -102,6 +109,7 @@ class Method:
     causal_only: bool = False
     recurrent: Recurrent | None = None
     native: Native | None = None
+    family: str = "other"
 
     def resolve_options(self, given: Mapping[str, Any]) -> dict[str, Any]:
         """Defaults overridden by ``given``; unknown names raise ``ValueError``.
@@ -183,6 +191,7 @@ def register_method(
     causal_only: bool = False,
     recurrent: Recurrent | None = None,
     native: Native | None = None,
+    family: str | None = None,
     replace: bool = False,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorator registering ``fn(q, k, v, *, causal, kv_lengths, scale, **options)``.
@@ -213,11 +222,25 @@ def register_method(
       causal_only: the method is a causal recurrence (needs ``causal=True``).
       recurrent: its token-by-token form for decoding (:class:`Recurrent`).
       native: the library call the drop-in makes for a wrapper (:class:`Native`).
+      family: one of :data:`FAMILIES`; default :func:`default_family` of the
+        above (exact -> ``"full"``, a ``pattern`` -> ``"sparse"``, causal-only
+        -> ``"gated"``, a ``recurrent`` form -> ``"linear"``, else ``"other"``).
       replace: allow re-registering an existing name.
     """
     unknown = sorted(set(supports) - set(FEATURES))
     if unknown:
         raise ValueError(f"unknown feature(s) {unknown}; valid features: {', '.join(FEATURES)}")
+    if family is None:
+        family = default_family(
+            exact=exact,
+            sparse=pattern is not None,
+            causal_only=causal_only,
+            recurrent=recurrent is not None,
+        )
+    elif family not in FAMILIES:
+        raise ValueError(
+            f"method {name!r}: unknown family={family!r}; valid families: {', '.join(FAMILIES)}"
+        )
     if not exact and weights is None:
         raise ValueError(f"approximate method {name!r} must provide weights=")
     arrays, sizes = dict(arrays or {}), dict(sizes or {})
@@ -253,6 +276,7 @@ def register_method(
             causal_only=causal_only,
             recurrent=recurrent,
             native=native,
+            family=family,
         )
         return fn
 

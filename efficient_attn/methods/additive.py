@@ -124,6 +124,7 @@ def additive_reference(
 @register_method(
     "additive",
     exact=False,
+    family="full",
     weights=additive_weights,
     arrays=ARRAYS,
     sizes={"A": 64},

@@ -61,7 +61,7 @@ def _native(implementation: str) -> Native:
     return Native(fn, _JAX_NN_ARGS)
 
 
-@register_method("xla", exact=True, native=_native("xla"))
+@register_method("xla", exact=True, family="full", native=_native("xla"))
 def xla(q, k, v, *, causal: bool, kv_lengths: jax.Array | None, scale: float) -> jax.Array:
     """``jax.nn.dot_product_attention(implementation="xla")``: JAX's unfused baseline.
 
@@ -79,7 +79,9 @@ def _cudnn_available() -> str | None:
     return None
 
 
-@register_method("cudnn", exact=True, available=_cudnn_available, native=_native("cudnn"))
+@register_method(
+    "cudnn", exact=True, family="full", available=_cudnn_available, native=_native("cudnn")
+)
 def cudnn(q, k, v, *, causal: bool, kv_lengths: jax.Array | None, scale: float) -> jax.Array:
     """``jax.nn.dot_product_attention(implementation="cudnn")``: cuDNN flash attention (GPU).
 
@@ -102,7 +104,11 @@ def _gpu_only(what: str):
 
 
 @register_method(
-    "pallas_mha", exact=True, supports=("causal", "grad"), available=_gpu_only("pallas_mha")
+    "pallas_mha",
+    exact=True,
+    family="full",
+    supports=("causal", "grad"),
+    available=_gpu_only("pallas_mha"),
 )
 def pallas_mha(
     q: jax.Array,
@@ -156,7 +162,7 @@ def _tokamax_available() -> str | None:
 
 
 @register_method(
-    "tokamax", exact=True, supports=("causal", "kv_lengths", "gqa", "grad"),
+    "tokamax", exact=True, family="full", supports=("causal", "kv_lengths", "gqa", "grad"),
     available=_tokamax_available,
 )  # fmt: skip
 def tokamax_attention(

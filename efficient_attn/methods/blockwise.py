@@ -18,7 +18,7 @@ from efficient_attn.core.engine.ring import flash_ring_kernels
 from efficient_attn.core.registry import FEATURES, positive_int, register_method
 
 
-@register_method("blockwise", exact=True, supports=FEATURES, ring=flash_ring_kernels)
+@register_method("blockwise", exact=True, family="full", supports=FEATURES, ring=flash_ring_kernels)
 def blockwise(
     q: jax.Array,
     k: jax.Array,

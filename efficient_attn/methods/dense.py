@@ -64,7 +64,9 @@ def dense_weights(
     return masking.safe_softmax(logits, mask).reshape(b, n, tq, -1)
 
 
-@register_method("dense", exact=True, weights=dense_weights, supports=FEATURES, ring=_ring_kernels)
+@register_method(
+    "dense", exact=True, family="full", weights=dense_weights, supports=FEATURES, ring=_ring_kernels
+)
 def dense(
     q: jax.Array,
     k: jax.Array,

@@ -380,6 +380,7 @@ def register(rule: Rule, kernel: Kernel, fn: Callable[..., jax.Array]) -> None:
     register_method(
         rule.name,
         exact=False,
+        family="gated",
         supports=("causal", "kv_lengths", "gqa", "grad"),
         weights=weights_of(rule, kernel),
         arrays=arrays_of(rule),

@@ -291,6 +291,7 @@ def _recurrent_form(method: str) -> Recurrent:
 @register_method(
     "linear_elu",
     exact=False,
+    family="linear",
     weights=_weights_of("linear_elu"),
     recurrent=_recurrent_form("linear_elu"),
 )
@@ -315,6 +316,7 @@ def linear_elu(
 @register_method(
     "linear_relu",
     exact=False,
+    family="linear",
     weights=_weights_of("linear_relu"),
     recurrent=_recurrent_form("linear_relu"),
 )
@@ -341,6 +343,7 @@ def linear_relu(
 @register_method(
     "linear_softmax",
     exact=False,
+    family="linear",
     weights=_weights_of("linear_softmax"),
     recurrent=_recurrent_form("linear_softmax"),
 )
@@ -366,6 +369,7 @@ def linear_softmax(
 @register_method(
     "performer",
     exact=False,
+    family="linear",
     weights=_weights_of("performer"),
     recurrent=_recurrent_form("performer"),
 )

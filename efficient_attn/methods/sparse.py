@@ -125,6 +125,7 @@ def _register(name: str):
     return register_method(
         name,
         exact=False,
+        family="sparse",
         weights=_weights(name),
         pattern=_pattern(name),
         supports=SPARSE_FEATURES,

@@ -148,7 +148,10 @@ def run_from_args(name: str, data: Mapping[str, Any], args: Any) -> int:
         return 130
     counts = ", ".join(f"{n} {s}" for s, n in outcome.statuses.most_common()) or "nothing new"
     print(f"ran {outcome.ran} points ({counts}), skipped {outcome.skipped} already done")
-    if not args.no_report:
+    if outcome.elsewhere:
+        print(f"{outcome.elsewhere} still running in other processes (see --status {out}); "
+              "the last to finish writes the report")  # fmt: skip
+    elif not args.no_report:
         write_report([out])
         rows = runner.merge_rows([out])
         print(f"report: {out / 'report.md'}\n\n{study.summary(rows)}")

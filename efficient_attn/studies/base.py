@@ -175,6 +175,7 @@ def run_points(
         execute=execute,
         new_row=lambda payload, status, message: new_row(study, payload, status, message),
         describe=study.describe,
+        timeout_s=float(settings["timeout_s"]),
     )
     return harness.run_points(
         points,

@@ -9,6 +9,8 @@ from typing import Any
 import matplotlib
 from matplotlib.figure import Figure
 
+from efficient_attn.sweep.styles import family_legend, styles
+
 _COLORS = matplotlib.colormaps["tab10"].colors
 _MARKERS = "osD^v<>pPhX*"
 
@@ -116,25 +118,23 @@ def decode_plot(rows: Sequence[dict[str, Any]], stem: Path, title: str) -> list[
         return []
     fig = Figure(figsize=(12.0, 4.2), layout="constrained")
     axes = fig.subplots(1, 2)
-    methods = list(dict.fromkeys(r["method"] for r in ok))
+    methods = styles({r["method"]: r["method"] for r in ok})  # colour, marker: by family
     kv = sorted({r["kv_heads"] for r in ok}, reverse=True)
-    styles = ("-", "--", ":", "-.")
+    dashes = ("-", "--", ":", "-.")  # by K/V heads
     lengths = sorted({r["seq_len"] for r in ok})
     lines: dict[tuple, list[dict]] = {}
-    for r in ok:
+    for r in sorted(ok, key=lambda r: list(methods).index(r["method"])):
         lines.setdefault((r["method"], r["kv_heads"], r["attention"]), []).append(r)
+    entries = []
     for (method, k, kind), line in lines.items():
         line.sort(key=lambda r: r["seq_len"])
-        i, j = methods.index(method), kv.index(k)
-        style = dict(
-            color=_COLORS[i % len(_COLORS)],
-            ls=styles[j % len(styles)],
-            marker=_MARKERS[i % len(_MARKERS)],
-            ms=4,
-        )
+        m = methods[method]
+        style = dict(color=m.color, ls=dashes[kv.index(k) % len(dashes)], marker=m.marker, ms=4)
         xs = [r["seq_len"] for r in line]
-        axes[0].plot(xs, [r["time_ms"] for r in line], label=f"{method} K={k} ({kind})", **style)
+        label = f"{method} K={k} ({kind})"
+        (handle,) = axes[0].plot(xs, [r["time_ms"] for r in line], label=label, **style)
         axes[1].plot(xs, [r["cache_bytes"] / 2**20 for r in line], **style)
+        entries.append((handle, label, m.family))
     for ax, label in zip(axes, ("time per token (ms, median)", "cache / state (MiB)"), strict=True):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
@@ -143,7 +143,8 @@ def decode_plot(rows: Sequence[dict[str, Any]], stem: Path, title: str) -> list[
         ax.set_xlabel("context length (tokens)")
         ax.set_ylabel(label)
         ax.grid(True, which="major", alpha=0.3)
-    axes[0].legend(fontsize=7, ncols=2)
+    ncols = 1 if len(entries) <= 20 else 2
+    family_legend(fig, entries, fontsize=7, ncols=ncols, loc="outside right upper")
     fig.suptitle(f"Decoding one token against a KV cache ({title})", fontsize=9)
     return _save(fig, stem)
 
@@ -156,18 +157,20 @@ def zoology_plot(best: dict, stem: Path, source: str) -> list[Path]:
     panels = sorted({k[:2] for k in best})
     if not panels:
         return []
-    methods = list(dict.fromkeys(k[2] for k in best))
+    methods = styles({k[2]: k[2] for k in best})  # colour, marker, dash: by family
     fig = Figure(figsize=(3.2 * len(panels), 3.2), layout="constrained")
     axes = fig.subplots(1, len(panels), squeeze=False, sharey=True)[0]
+    entries = {}
     for ax, (t, p) in zip(axes, panels, strict=True):
-        for m in methods:
+        for m, style in methods.items():
             pts = sorted(
                 (d, v)
                 for (tt, pp, mm, d), v in best.items()
                 if (tt, pp, mm) == (t, p, m) and isinstance(v, float)
             )
             if pts:
-                ax.plot(*zip(*pts, strict=True), marker="o", ms=4, label=m)
+                (handle,) = ax.plot(*zip(*pts, strict=True), **style.kwargs(), ms=4, label=m)
+                entries.setdefault(m, (handle, m, style.family))
         widths = sorted({k[3] for k in best if k[:2] == (t, p)})
         ax.set_xscale("log", base=2)
         ax.set_xticks(widths, [str(d) for d in widths])
@@ -177,7 +180,7 @@ def zoology_plot(best: dict, stem: Path, source: str) -> list[Path]:
         ax.set_xlabel("model dimension")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("MQAR accuracy")
-    axes[-1].legend(fontsize=7, loc="lower right")
+    family_legend(axes[-1], list(entries.values()), fontsize=7, loc="lower right")
     fig.suptitle(f"MQAR accuracy vs width, Zoology's layout ({source.split(',')[0]})", fontsize=9)
     paths = [stem.with_suffix(".png"), stem.with_suffix(".pdf")]
     for path in paths:

@@ -204,22 +204,29 @@ def _plot(out: Path, tables) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from efficient_attn.sweep.styles import family_legend, styles
+
     n = max(len(tables), 1)
     fig, axes = plt.subplots(1, n, figsize=(5 * n, 3.8), squeeze=False)
+    methods = styles({m: m for _, acc in tables.values() for m in acc})  # colour by family
+    entries = {}
     for ax, ((task, axis), (values, acc)) in zip(axes[0], tables.items(), strict=False):
         for method, by_value in acc.items():
             xs = [v for v in values if by_value.get(v) is not None]
-            ax.plot(xs, [by_value[v] for v in xs], marker="o", label=method)
+            style = methods[method]
+            (line,) = ax.plot(xs, [by_value[v] for v in xs], **style.kwargs(), label=method)
+            entries.setdefault(method, (line, method, style.family))
         ax.set_xscale("log", base=2)
         ax.set_xlabel(axis.replace("_", " "))
         ax.set_ylabel("held-out accuracy")
         ax.set_ylim(-0.02, 1.02)
         ax.set_title(task)
         ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=7, loc="lower left")
     fig.tight_layout()
+    ordered = [entries[m] for m in methods if m in entries]
+    family_legend(axes[0][-1], ordered, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     for ext in ("png", "pdf"):
-        fig.savefig(out / f"accuracy.{ext}", dpi=150)
+        fig.savefig(out / f"accuracy.{ext}", dpi=150, bbox_inches="tight")
     plt.close(fig)
 
 

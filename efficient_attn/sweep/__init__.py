@@ -5,7 +5,8 @@
 their values. ``worker`` measures one point in a fresh process (``measure``
 holds the measurements, ``protocol`` the row fields and provenance it shares
 with the parent), ``harness`` is the one resumable point loop (sweeps, studies
-and the quality grid run through it), ``runner`` runs a sweep with it,
+and the quality grid run through it; ``claims`` lets several processes share one
+directory, ``status`` reports on one), ``runner`` runs a sweep with it,
 ``results`` is the store (``results.jsonl``) and the data model that
 ``report`` (markdown, LaTeX) and ``plots`` both read.
 """

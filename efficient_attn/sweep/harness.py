@@ -16,6 +16,11 @@ Sweeps (:func:`efficient_attn.sweep.runner.run_sweep`), studies
   ``fsync`` as each point finishes, so a killed run loses at most the point in
   flight and re-running skips every key already written (``retry_errors``:
   except errors);
+* several processes may share one directory (terminals, array jobs without
+  ``--shard``): a point is claimed before it runs (:mod:`efficient_attn.sweep.claims`),
+  live claims are left to their process, dead ones taken over, and a point is
+  never recorded twice; ``DIR/sweep.json`` lists the points for
+  ``efficient-attn sweep --status DIR`` (:mod:`efficient_attn.sweep.status`);
 * a point whose family ran out of memory or time at a shorter length is
   recorded with that status, without running (``skip_infeasible``).
 """
@@ -23,6 +28,7 @@ Sweeps (:func:`efficient_attn.sweep.runner.run_sweep`), studies
 from __future__ import annotations
 
 import dataclasses
+import functools
 import sys
 import time
 from collections import Counter
@@ -30,7 +36,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from efficient_attn.sweep import results
+from efficient_attn.sweep import claims, results
 from efficient_attn.sweep.worker import environment, utc_now
 
 
@@ -42,6 +48,7 @@ class Outcome:
     ran: int
     skipped: int
     statuses: Counter
+    elsewhere: int = 0  # points left running in other processes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,18 +60,37 @@ class Executor:
       new_row: ``new_row(point, status, message) -> row`` with the point's identity.
       describe: ``describe(row) -> str``: a few words on a finished row (progress log).
       family: ``family(point or row) -> str | None``: points that differ only in length.
+      timeout_s: the longest a point may run (None: no limit); a claim whose heartbeat
+        stopped for this plus :data:`efficient_attn.sweep.claims.STALE_MARGIN_S` is dead.
     """
 
     execute: Callable[[dict[str, Any]], dict[str, Any]]
     new_row: Callable[[dict[str, Any], str, str], dict[str, Any]]
     describe: Callable[[dict[str, Any]], str]
     family: Callable[[Mapping[str, Any]], str | None] = lambda d: d.get("family")
+    timeout_s: float | None = None
 
 
-def _fmt_duration(seconds: float) -> str:
+def fmt_duration(seconds: float) -> str:
     seconds = round(seconds)
     h, rest = divmod(seconds, 3600)
     return f"{h}:{rest // 60:02d}:{rest % 60:02d}" if h else f"{rest // 60}:{rest % 60:02d}"
+
+
+def estimate(seconds: Mapping[int, Sequence[float]], lengths: Sequence[int]) -> float | None:
+    """Seconds to run points of ``lengths``, given the seconds points took per length.
+
+    The mean per point at each length; at a longer length, the fastest point's time
+    (start-up) plus the rest scaled linearly from the longest seen. None without data.
+    """
+    seconds = {t: s for t, s in seconds.items() if s}
+    if not seconds:
+        return None
+    mean = {t: sum(s) / len(s) for t, s in seconds.items()}
+    longest = max(mean)
+    fixed = min(min(s) for s in seconds.values())
+    work = mean[longest] - fixed
+    return sum(mean.get(t, fixed + work * t / max(longest, 1)) for t in lengths)
 
 
 class Progress:
@@ -82,18 +108,8 @@ class Progress:
         self.seconds: dict[int, list[float]] = {}
 
     def eta(self, done: int) -> float | None:
-        """Remaining seconds: the mean per point at each length; at a longer length, the
-        fastest point's time (start-up) plus the rest scaled linearly from the longest seen."""
-        if not self.seconds:
-            return None
-        mean = {t: sum(s) / len(s) for t, s in self.seconds.items()}
-        longest = max(mean)
-        fixed = min(min(s) for s in self.seconds.values())
-        work = mean[longest] - fixed
-        return sum(
-            mean.get(t, fixed + work * t / max(longest, 1))
-            for t in (int(p.get("seq_len") or 0) for p in self.points[done:])
-        )
+        """Remaining seconds of the points after the first ``done`` (:func:`estimate`)."""
+        return estimate(self.seconds, [int(p.get("seq_len") or 0) for p in self.points[done:]])
 
     def _bar(self, done: int) -> str:
         total = len(self.points)
@@ -101,8 +117,8 @@ class Progress:
         eta = self.eta(done)
         return (
             f"[{'#' * filled}{'.' * (self.width - filled)}] {done}/{total} "
-            f"{_fmt_duration(time.perf_counter() - self.start)} elapsed, "
-            f"ETA {'?' if eta is None else _fmt_duration(eta)}"
+            f"{fmt_duration(time.perf_counter() - self.start)} elapsed, "
+            f"ETA {'?' if eta is None else fmt_duration(eta)}"
         )
 
     def started(self, index: int, point: Mapping[str, Any]) -> None:
@@ -147,6 +163,17 @@ def _summary(row: dict[str, Any], describe: Callable[[dict[str, Any]], str]) -> 
     return f"ok {describe(row)}"
 
 
+def _changed(out_dir: Path, key: str, before: dict[str, Any] | None) -> bool:
+    """Whether ``key``'s latest row is no longer ``before``: another process recorded it."""
+    return results.latest_rows(out_dir).get(key) != before
+
+
+def _point_list(points: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """What ``--status`` needs of each point: key, label and length."""
+    fields = ("key", "label", "seq_len")
+    return [{k: p[k] for k in fields if p.get(k) is not None} for p in points]
+
+
 def run_points(
     points: Sequence[dict[str, Any]],
     out_dir: str | Path,
@@ -158,21 +185,29 @@ def run_points(
     skip_infeasible: bool = True,
     stream: TextIO | None = sys.stderr,
     meta: dict[str, Any] | None = None,
+    all_points: Sequence[dict[str, Any]] | None = None,
 ) -> Outcome:
     """Run the points whose key has no row in ``out_dir`` yet; one row each, as it finishes.
 
-    ``name`` heads the progress log; ``meta`` is written to ``DIR/sweep.json``.
+    Several processes may run on one ``out_dir``: each point is claimed first
+    (:mod:`efficient_attn.sweep.claims`); points a live process holds are left
+    to it, dead claims are taken over, and a point recorded by another process
+    since this one listed the directory is not run (checked after claiming, and
+    again under the results file's lock before appending).
+
+    ``name`` heads the progress log; ``meta`` and the point list (``all_points``,
+    default ``points``: key, label, length) are written to ``DIR/sweep.json``.
     Rows without ``env`` get the environment of the last row that had one.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    latest = results.latest_rows(out_dir)
-    done = {k for k, r in latest.items() if not (retry_errors and r["status"] == "error")}
-    failed = _infeasible_families(latest, executor.family) if skip_infeasible else {}
+    listed = results.latest_rows(out_dir)
+    done = {k for k, r in listed.items() if not (retry_errors and r["status"] == "error")}
     todo = [p for p in points if p["key"] not in done]
+    claims.remove_dead(out_dir, done)  # left by processes killed after recording
     path = out_dir / results_file
-    if meta is not None:
-        results.write_meta(out_dir, meta)
+    point_list = _point_list(points if all_points is None else all_points)
+    results.write_meta(out_dir, {**(meta or {"name": name}), "point_list": point_list})
     if stream is not None:
         stream.write(
             f"{name}: {len(points)} points, {len(points) - len(todo)} already in {out_dir}, "
@@ -181,31 +216,76 @@ def run_points(
     progress = Progress(todo, stream)
     fallback_env = environment(devices=False)
     statuses: Counter = Counter()
-    for i, point in enumerate(todo):
-        progress.started(i, point)
-        start = time.perf_counter()
-        family = executor.family(point) if skip_infeasible else None
-        shorter = failed.get(family) if family else None
-        if shorter is not None and shorter["seq_len"] < point["seq_len"]:
-            first = (str(shorter.get("message") or "").splitlines() or [""])[0][:300]
-            row = executor.new_row(
-                point,
-                shorter["status"],
-                f"not run: this method was infeasible at the shorter length "
-                f"{shorter['seq_len']} ({shorter['status']}: {first})",
-            )
-            row["skipped"] = True
-        else:
-            row = executor.execute(point)
-            if family and results.infeasible(row):
-                failed.setdefault(family, row)
-        if row.get("env"):
-            fallback_env = row["env"]
-        else:
-            row["env"] = {**fallback_env, "date": utc_now()}
-        results.append_row(path, row)
-        statuses[row["status"]] += 1
-        summary = _summary(row, executor.describe) if stream is not None else ""
-        progress.finished(i, point, summary, time.perf_counter() - start)
+    ran = 0
+    pending = list(todo)
+    with claims.Claims(out_dir, (executor.timeout_s or 0) + claims.STALE_MARGIN_S) as held:
+        while pending:
+            busy = []
+            for point in pending:
+                key = point["key"]
+                got = held.acquire(key, point.get("label", ""))
+                if got is None:  # a live process runs it
+                    busy.append(point)
+                    continue
+                latest = results.latest_rows(out_dir)
+                if latest.get(key) != listed.get(key):  # another process recorded it meanwhile
+                    held.release(key)
+                    continue
+                # the bar counts the points recorded by any process since this one started
+                resolved = sum(latest.get(p["key"]) != listed.get(p["key"]) for p in todo)
+                if got.took_over is not None and stream is not None:
+                    old, erase = got.took_over, "\r\033[K" if progress.tty else ""
+                    stream.write(f"{erase}took over {point['label']} from {old.host} "
+                                 f"pid {old.pid} ({got.reason})\n")  # fmt: skip
+                progress.started(resolved, point)
+                start = time.perf_counter()
+                failed = _infeasible_families(latest, executor.family) if skip_infeasible else {}
+                row = _run_one(point, executor, failed.get(executor.family(point) or ""))
+                if row.get("env"):
+                    fallback_env = row["env"]
+                else:
+                    row["env"] = {**fallback_env, "date": utc_now()}
+                recorded = results.append_row(
+                    path, row, unless=functools.partial(_changed, out_dir, key, listed.get(key))
+                )
+                held.release(key)
+                if recorded:
+                    ran += 1
+                    statuses[row["status"]] += 1
+                summary = _summary(row, executor.describe) if stream is not None else ""
+                if not recorded:
+                    summary = "not recorded: another process recorded this point meanwhile"
+                progress.finished(resolved, point, summary, time.perf_counter() - start)
+            if len(busy) == len(pending):  # nothing claimable: the rest runs elsewhere
+                break
+            pending = busy
     progress.close()
-    return Outcome(path=path, ran=len(todo), skipped=len(points) - len(todo), statuses=statuses)
+    if pending and stream is not None:
+        stream.write(
+            f"{len(pending)} point{'s' * (len(pending) > 1)} running in other processes "
+            f"(efficient-attn sweep --status {out_dir})\n"
+        )
+    return Outcome(
+        path=path,
+        ran=ran,
+        skipped=len(points) - ran - len(pending),
+        statuses=statuses,
+        elsewhere=len(pending),
+    )
+
+
+def _run_one(
+    point: dict[str, Any], executor: Executor, shorter: dict[str, Any] | None
+) -> dict[str, Any]:
+    """The point's row: measured, or infeasible without running (``shorter`` failed)."""
+    if shorter is None or shorter["seq_len"] >= point["seq_len"]:
+        return executor.execute(point)
+    first = (str(shorter.get("message") or "").splitlines() or [""])[0][:300]
+    row = executor.new_row(
+        point,
+        shorter["status"],
+        f"not run: this method was infeasible at the shorter length "
+        f"{shorter['seq_len']} ({shorter['status']}: {first})",
+    )
+    row["skipped"] = True
+    return row

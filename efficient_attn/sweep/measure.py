@@ -6,9 +6,12 @@ than ``timing_budget_s / repeats``; the row records how many). Where
 ``B * N * Tq * Tk`` exceeds a nonzero ``time_max_elements`` the point is only
 compiled: memory is recorded, time and error are null (``time_note`` says why).
 Memory is XLA's compiled temp + argument + output bytes, plus the device's
-measured peak where it reports one. ``rel_error`` compares the output (and
-for ``fwd+bwd`` the gradients) with float64 exact attention from
-:mod:`efficient_attn.core.reference` where that reference is affordable
+measured peak where it reports one, and on the host the worker's peak resident
+memory during the point (``host_peak_rss_bytes``: the process's, so it includes
+the interpreter, JAX and what earlier points in the worker retained) and its
+increase over the point's start (``host_rss_increase_bytes``: the point's own).
+``rel_error`` compares the output (and for ``fwd+bwd`` the gradients) with
+float64 exact attention from :mod:`efficient_attn.core.reference` where that reference is affordable
 (cached on disk under ``cache_dir``).
 
 A point with ``mods`` runs with its mask and score mods (a tiled method gets
@@ -43,6 +46,38 @@ def _available_bytes(device: Any) -> tuple[int | None, str]:
         return int(info["MemAvailable"].split()[0]) * 1024, "host (MemAvailable)"
     except (OSError, KeyError, ValueError):
         return None, ""
+
+
+def reset_peak_rss() -> None:
+    """Start the process's peak resident memory afresh (Linux ``clear_refs``; else a no-op),
+    so a worker that measured earlier points reports this point's peak."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def _status_bytes(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident memory since :func:`reset_peak_rss` (``VmHWM``), else since start."""
+    peak = _status_bytes("VmHWM")
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def rss_bytes() -> int | None:
+    """Resident memory now (``VmRSS``; None where /proc is missing)."""
+    return _status_bytes("VmRSS")
 
 
 def _reference(point: dict[str, Any], arrays: dict[str, Any], grads: bool) -> dict[str, Any]:
@@ -156,13 +191,15 @@ def measure_point(point: dict[str, Any], row: dict[str, Any]) -> None:
     import efficient_attn as ea
     from efficient_attn import bench
 
+    reset_peak_rss()
+    rss_at_start = rss_bytes()
     spec = ea.get_method(point["method"])
     row["resolved_options"] = spec.resolve_options(point["options"])
     b, t, n, kh, h = (point[x] for x in ("batch", "seq_len", "heads", "kv_heads", "head_dim"))
     causal, backward = bool(point["causal"]), point["pass"] == "fwd+bwd"
     seed = int(point["seed"])
     q, k, v = bench.random_inputs(b, t, t, n, kh, h, point["dtype"], seed=seed)
-    dout = jax.random.normal(jax.random.PRNGKey(seed + 1), (b, t, n, h), q.dtype)
+    dout = bench.random_normal((b, t, n, h), q.dtype, seed + 1)
     if point.get("mods", "none") != "none":
         fwd = _mods_fn(point, row, spec)
     elif point.get("strategy") is None:
@@ -227,7 +264,9 @@ def measure_point(point: dict[str, Any], row: dict[str, Any]) -> None:
     row["flops_per_s"] = row["flops"] / (row["time_ms"] / 1e3)
     stats = jax.devices()[0].memory_stats()
     row["peak_bytes"] = None if not stats else stats.get("peak_bytes_in_use")
-    row["host_peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    row["host_peak_rss_bytes"] = peak_rss_bytes()
+    if rss_at_start is not None:  # this point's own: not the interpreter, JAX or earlier points
+        row["host_rss_increase_bytes"] = row["host_peak_rss_bytes"] - rss_at_start
     outs = result if backward else (result,)
     if not all(bool(np.isfinite(np.asarray(x, np.float32)).all()) for x in outs):
         raise FloatingPointError("the output or its gradients contain NaN or Inf")

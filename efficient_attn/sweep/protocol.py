@@ -37,6 +37,7 @@ MEASUREMENTS: tuple[str, ...] = (
     "compiled_peak_bytes",
     "peak_bytes",
     "host_peak_rss_bytes",
+    "host_rss_increase_bytes",
     "block_density",
     "block_mask_build_ms",
     "useful_flops_fwd",

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from efficient_attn.sweep.results import (  # noqa: F401  (re-exported: the data model)
+    BASELINES,
     ERROR,
     MEMORY,
     MOD_METRICS,
@@ -38,7 +39,6 @@ from efficient_attn.sweep.results import (  # noqa: F401  (re-exported: the data
     variant,
 )
 
-BASELINES: tuple[str, ...] = ("dense", "xla")
 FIT_POINTS = 3
 _MARK = {"oom": "OOM", "error": "error", "unsupported": "n/a"}
 _INF = math.inf
@@ -280,8 +280,14 @@ def header_lines(
     ]
 
 
-def write_report(paths: Sequence[str | Path], out_dir: str | Path | None = None) -> list[Path]:
-    """Merge the results under ``paths`` and write report.md, .tex tables and plots."""
+def write_report(
+    paths: Sequence[str | Path], out_dir: str | Path | None = None, *, panels: bool = False
+) -> list[Path]:
+    """Merge the results under ``paths`` and write report.md, .tex tables and plots.
+
+    ``panels``: also draw each plotted metric with a panel per method family
+    (``METRIC-families-PANEL.png``; dense and xla repeated in every panel).
+    """
     rows = merge_rows(paths)
     if not rows:
         raise ValueError(f"no result rows in {', '.join(map(str, paths))}")
@@ -327,9 +333,12 @@ def write_report(paths: Sequence[str | Path], out_dir: str | Path | None = None)
                 if plots and not metric.optional
                 else []
             )
+            if figure and panels:
+                by_family = out / f"{metric.name}-families-{slug}"
+                figure += plots.family_panels_plot(data, metric, by_family, device)
             written += figure
-            if figure:
-                md += [f"![{metric.name}]({figure[0].name})", ""]
+            for f in (f for f in figure if f.suffix == ".png"):
+                md += [f"![{metric.name}]({f.name})", ""]
             per_device = data.panel.strategy and metric is MEMORY
             name = metric.caption + (" per device" if per_device else "")
             md += [f"**{name}** ({metric.unit})", "", markdown_table(header, body), ""]

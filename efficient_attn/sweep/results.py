@@ -3,11 +3,12 @@
 Store: rows are JSON objects, one per line, in ``DIR/results.jsonl``
 (``DIR/results.shard-I-of-N.jsonl`` for a shard). Every row has a ``key`` (the
 point's stable identity) and a ``status`` (``ok``, ``unsupported``, ``oom``,
-``error``). A row is appended with one ``write`` and an ``fsync``
-(:func:`append_row`); unparsable lines (a row torn by a kill) are skipped and
-a new row never continues a torn line; when several rows share a key the
-latest wins (:func:`latest_rows`). ``DIR/sweep.json`` holds the run's
-settings and command (:func:`write_meta`, :func:`sweep_meta`).
+``error``). A row is appended with one ``write`` and an ``fsync`` under an
+``fcntl`` lock (:func:`append_row`: writers in several processes never
+interleave); unparsable lines (a row torn by a kill) are skipped and a new row
+never continues a torn line; when several rows share a key the latest wins
+(:func:`latest_rows`). ``DIR/sweep.json`` holds the run's settings, command and
+point list (:func:`write_meta`, :func:`sweep_meta`).
 
 Data model of the sweep's rows (:func:`group`): a :class:`Panel` is the
 settings one table or figure shares, a :class:`PanelData` its variants x
@@ -18,8 +19,10 @@ both read these; neither imports the other.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
 import os
+import socket
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,6 +30,8 @@ from typing import Any
 from efficient_attn.sweep.spec import PASSES
 
 RESULTS = "results.jsonl"
+#: The reference methods: crossover lengths are measured against them, family panels repeat them.
+BASELINES: tuple[str, ...] = ("dense", "xla")
 _INF = float("inf")
 
 
@@ -63,11 +68,21 @@ def read_rows(path: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
-def append_row(path: str | Path, row: dict[str, Any]) -> None:
-    """Append ``row`` as one line with a single ``write``, then ``fsync``."""
+def append_row(
+    path: str | Path, row: dict[str, Any], unless: Callable[[], bool] | None = None
+) -> bool:
+    """Append ``row`` as one line with a single ``write``, then ``fsync``; False if not written.
+
+    The file is locked (``fcntl``, exclusive) from the torn-line check to the ``fsync``, so
+    writers in several processes never interleave. ``unless()``, called under the lock,
+    returning True skips the write (the harness: another process recorded the point).
+    """
     data = (json.dumps(row, allow_nan=False) + "\n").encode()
     fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
     try:
+        fcntl.lockf(fd, fcntl.LOCK_EX)
+        if unless is not None and unless():
+            return False
         size = os.fstat(fd).st_size
         if size and os.pread(fd, 1, size - 1) != b"\n":
             data = b"\n" + data  # the last line was torn: never glue a row onto it
@@ -75,8 +90,9 @@ def append_row(path: str | Path, row: dict[str, Any]) -> None:
         while written < len(data):  # regular files write fully; be safe anyway
             written += os.write(fd, data[written:])
         os.fsync(fd)
+        return True
     finally:
-        os.close(fd)
+        os.close(fd)  # closing drops the lock
 
 
 def latest_rows(out_dir: str | Path) -> dict[str, dict[str, Any]]:
@@ -91,7 +107,7 @@ def latest_rows(out_dir: str | Path) -> dict[str, dict[str, Any]]:
 def write_meta(out_dir: str | Path, meta: dict[str, Any]) -> None:
     """``out_dir/sweep.json``, replaced atomically."""
     out_dir = Path(out_dir)
-    tmp = out_dir / f".sweep.json.{os.getpid()}"
+    tmp = out_dir / f".sweep.json.{socket.gethostname()}.{os.getpid()}"
     tmp.write_text(json.dumps(meta, indent=1) + "\n")
     os.replace(tmp, out_dir / "sweep.json")
 

@@ -1,6 +1,14 @@
-"""Measure one sweep point in a fresh process and print its row as JSON.
+"""Measure sweep points in a worker process and print their rows as JSON.
 
-``python -m efficient_attn.sweep.worker < point.json`` reads a point
+``python -m efficient_attn.sweep.worker --serve`` reads points, one JSON line
+each, from stdin and writes each row as one JSON line to stdout as soon as it
+is measured (anything else the point prints goes to stderr); it resets the
+process's peak resident memory before each point, and exits after a point on a
+device that reports its own peak memory (``memory_stats``), so that no row's
+memory includes another point's; when the method changes it also drops JAX's
+caches of compiled programs and hands freed heap back to the system.
+:class:`efficient_attn.sweep.pool.WorkerPool` runs one such process per device
+count. ``python -m efficient_attn.sweep.worker < point.json`` measures one point. A point is
 (:meth:`Point.identity` plus ``repeats``, ``warmup``,
 ``reference_max_elements`` and optionally ``timing_budget_s``,
 ``time_max_elements`` and ``cache_dir``) and prints one JSON row on its last
@@ -20,6 +28,7 @@ this platform, or lacking a feature the point needs); ``oom``; ``error``.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import signal
@@ -110,7 +119,58 @@ def run_point(point: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
+def _device_reports_peak() -> bool:
+    """Whether the device keeps a process-wide peak (``peak_bytes_in_use``) that a later
+    point in this process would inherit (accelerators; a CPU reports none)."""
+    if "jax" not in sys.modules:
+        return False
+    import jax
+
+    stats = jax.devices()[0].memory_stats()
+    return bool(stats) and "peak_bytes_in_use" in stats
+
+
+def _release_memory(clear_caches: bool) -> None:
+    """Free what earlier points left: their arrays, optionally JAX's compiled-program caches,
+    and the heap pages glibc keeps after a free (``malloc_trim``), so the next point's
+    peak resident memory starts near the process's baseline."""
+    gc.collect()
+    if clear_caches and "jax" in sys.modules:
+        import jax
+
+        jax.clear_caches()
+        gc.collect()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc
+
+
+def serve() -> int:
+    """Measure points read line by line from stdin; one row line each on stdout."""
+    rows = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)  # stray prints (JAX, methods) go to stderr, never between rows
+    method = None
+    for line in sys.stdin:
+        if not line.strip():
+            continue
+        point = json.loads(line)
+        _release_memory(clear_caches=point.get("method") != method)
+        method = point.get("method")
+        row = run_point(point)
+        last = _device_reports_peak()
+        rows.write(json.dumps({**row, "worker_exit": True} if last else row) + "\n")
+        rows.flush()
+        if last:
+            break
+    return 0
+
+
 def main() -> int:
+    if sys.argv[1:] == ["--serve"]:
+        return serve()
     point = json.loads(sys.stdin.read())
     row = run_point(point)
     sys.stdout.write("\n" + json.dumps(row) + "\n")
