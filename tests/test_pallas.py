@@ -214,10 +214,12 @@ def test_default_implementation_lowers_mosaic_kernels_for_tpu():
         assert _kernels(bwd) == {"forward", "dkdv", "dq"}, mask
     x = jax.ShapeDtypeStruct((1, 1024, 4, 64), jnp.bfloat16)
     before = len(dispatch.fallbacks())
-    table = mods.relative_position_bias(np.zeros((4, 17), np.float32))  # a gather: not in Mosaic
-    text = _lower(lambda q: ea.attention(q, q, q, method="blockwise", score_mod=table), (x,),
-                  "tpu")  # fmt: skip
-    assert "tpu_custom_call" not in text
+    for size, mosaic in ((17, True), (129, False)):  # a gather: selects from a small table
+        table = mods.relative_position_bias(np.zeros((4, size), np.float32))
+        text = _lower(lambda q, t=table: ea.attention(q, q, q, method="blockwise", score_mod=t),
+                      (x,), "tpu")  # fmt: skip
+        assert ("tpu_custom_call" in text) == mosaic, size
+    assert len(dispatch.fallbacks()) == before + 1
     assert "Mosaic has no gather" in dispatch.fallbacks()[before]
 
 

@@ -17,6 +17,7 @@ import pytest
 
 import efficient_attn as ea
 from efficient_attn.core import blockmask, engine, masking, mods
+from efficient_attn.core.engine.groups import own_lists
 from efficient_attn.kernels import fused_attention
 from efficient_attn.kernels.fused import _scalars
 from efficient_attn.kernels.plan import plan
@@ -192,7 +193,10 @@ def test_xla_engine_groups_equal_its_union_loops():
     mask_mod = _masks(40, 45)["heads"]
     own = engine.plan_block_mask(40, 45, batch=2, heads=4, causal=False, mask_mod=mask_mod,
                                  block_q=16, block_k=16)  # fmt: skip
-    assert own.tiles.shape[:2] == (2, 4)
+    assert own.tiles.shape[:2] == (2, 4) and own_lists(own) and not own_lists(_union(own))
+    stripes = blockmask.block_mask(lambda b, h, i, j: (i + j + h) % 2 == 0, 32, 32, heads=2,
+                                   block_q=16, block_k=16)  # fmt: skip
+    assert not own_lists(stripes)  # every tile partial for every head: nothing to save
     bias = jnp.asarray(np.random.default_rng(26).standard_normal((2, 1, 40, 45)), jnp.float32)
     slopes = jnp.asarray(mods.alibi_slopes(4))
     dout = np.random.default_rng(27).standard_normal(q.shape).astype(np.float32)

@@ -90,22 +90,27 @@ def test_closures_match_library_mods_and_float64(backend):
         assert rel_err(g, r) < F32_TOL, (what, rel_err(g, r))
 
 
-def test_gathered_table_closure_on_triton_and_not_on_mosaic():
-    """A relative-position table read at ``[h, q - k]`` (a pointer gather; its gradient added
-    atomically on Triton); Mosaic has no gather, so the TPU kernels refuse it."""
-    q, k, v = make_qkv(1, TQ, 29, 2, 1, 16, seed=4)
+@pytest.mark.parametrize("backend", list(BACKENDS))
+def test_gathered_table_closure_on_both_kernels(backend):
+    """A relative-position table read at ``[h, q - k]``: a pointer gather on Triton (its
+    gradient added atomically); on Mosaic (no gather) the small table sits in SMEM and is
+    read by one select per entry (its gradient a per-program partial sum). A table with
+    more entries than Mosaic selects among is refused there."""
+    tk = BACKENDS[backend][2]
+    q, k, v = make_qkv(1, TQ, tk, 2, 1, 16, seed=4)
     table = jnp.asarray(np.random.default_rng(5).standard_normal((2, 9)), jnp.float32)
     dout = np.random.default_rng(6).standard_normal(q.shape).astype(np.float32)
 
-    def score(table):
-        return lambda s, b, h, i, j: s + table[h, jnp.clip(j - i, -4, 4) + 4]
+    def score(table, m=4):
+        return lambda s, b, h, i, j: s + table[h, jnp.clip(j - i, -m, m) + m]
 
     got = jax.jit(
         lambda *x: _value_and_grads(
-            lambda q, k, v, t: _fused("gpu", q, k, v, score_mod=score(t)), *x, dout
+            lambda q, k, v, t: _fused(backend, q, k, v, score_mod=score(t)), *x, dout
         )
     )(q, k, v, table)
-    lib = jax.jit(lambda *x: _fused("gpu", *x[:3], score_mod=mods.relative_position_bias(x[3])))(
+    lib = jax.jit(lambda *x: _fused(backend, *x[:3],
+                                    score_mod=mods.relative_position_bias(x[3])))(
         q, k, v, table)  # fmt: skip
     with jax.enable_x64(True):
         x64 = [jnp.asarray(x, jnp.float64) for x in (q, k, v, table, dout)]
@@ -117,8 +122,10 @@ def test_gathered_table_closure_on_triton_and_not_on_mosaic():
     assert rel_err(got[0], lib) < F32_TOL
     for what, g, r in zip(("out", "dq", "dk", "dv", "dtable"), got, ref, strict=True):
         assert rel_err(g, np.asarray(r)) < F32_TOL, (what, rel_err(g, np.asarray(r)))
-    with pytest.raises(Unsupported, match=r"on TPU score_mod's array of shape \(2, 9\) is read"):
-        _fused("tpu", *make_qkv(1, TQ, 150, 2, 1, 16), score_mod=score(table))
+    if backend == "tpu":
+        wide = jnp.zeros((2, 65), jnp.float32)
+        with pytest.raises(Unsupported, match=r"shape \(2, 65\) .* at most 64 entries"):
+            _fused("tpu", q, k, v, score_mod=score(wide, 32))
 
 
 BIASES = {  # name -> (shape, causal, kv_lengths): None stands for Tk

@@ -12,7 +12,9 @@ values):
   (segment ids, per-token biases): the tile's column ``[bq, 1]`` or row ``[1, bk]``,
   ``bq + bk`` loads;
 * ``point``: every index a scalar (``slopes[h]``, ``prefix[b]``): one load (SMEM on TPU);
-* ``gather``: other point gathers (``table[h, q - k]``): a pointer gather (Triton only);
+* ``gather``: other point gathers (``table[h, q - k]``): a pointer gather on Triton; on
+  Mosaic (no gather) a table of at most ``SELECT_LIMIT`` entries along its gathered axes,
+  in SMEM, read by one select per entry;
 * ``slice`` and ``whole``: a slice, or any other use of the array (Triton only).
 
 Gradients of the float arrays a ``score_mod`` closes over (:class:`Layout` ``grad``):
@@ -50,6 +52,10 @@ CALLS = {"pjit": "jaxpr", "jit": "jaxpr", "closed_call": "call_jaxpr", "core_cal
          "checkpoint": "jaxpr"}  # fmt: skip
 #: Most elements of an array read through SMEM on TPU.
 SMEM_LIMIT = 4096
+#: Most entries a gather from an SMEM table selects among on TPU (one select each per tile).
+SELECT_LIMIT = 64
+#: Index tags of a gather's gathered (non-scalar) axes.
+GATHERED = ("vector", "q", "k")
 #: Index arguments of a mask_mod / score_mod (after the score).
 _ARGS = ("b", "h", "q", "k")
 
@@ -329,15 +335,24 @@ def _as_gather(r: Read) -> Read:
     return dataclasses.replace(r, kind="gather")
 
 
+def selects(r: Read, shape) -> int:
+    """Entries a gather from a small SMEM table selects among (its gathered axes' sizes)."""
+    return math.prod(shape[a] for a, (tag, _) in enumerate(r.index) if tag in GATHERED)
+
+
 def _tpu_layout(name, shape, dtype, reads, diff, batch) -> Layout:
     what = f"{name}'s array of shape {shape}"
     kinds = {r.kind for r in reads}
     views = [r for r in reads if r.kind == "view"]
     axes = {r.axis for r in views}
-    if not kinds <= {"view", "point", "whole"} or ("whole" in kinds and math.prod(shape) != 1):
+    small = math.prod(shape) <= SMEM_LIMIT and all(
+        selects(r, shape) <= SELECT_LIMIT for r in reads if r.kind == "gather")  # fmt: skip
+    if not kinds <= {"view", "point", "whole", "gather"} or ("whole" in kinds and math.prod(
+            shape) != 1) or ("gather" in kinds and not small):  # fmt: skip
         raise Unsupported(
-            f"on TPU {what} is read other than as arr[.., q_idx] / arr[.., kv_idx] or at scalar "
-            "indices (Mosaic has no gather)"
+            f"on TPU {what} is read other than as arr[.., q_idx] / arr[.., kv_idx], at scalar "
+            f"indices or as a table of at most {SELECT_LIMIT} entries along its gathered axes "
+            "(Mosaic has no gather)"
         )
     if views and kinds != {"view"}:
         raise Unsupported(f"on TPU {what} is read both as a view and at scalar indices")

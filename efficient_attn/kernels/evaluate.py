@@ -186,7 +186,7 @@ class Reader:
             x = refs["smem"][_flat(idx, lay.shape)] if lay.smem else refs["whole"][_at(idx)]
         elif read.kind == "gather":
             idx = self._gather_index(read, env, idx, lay)
-            x = refs["whole"][idx]
+            x = self._select(read, idx, lay, refs["smem"]) if lay.smem else refs["whole"][idx]
         elif read.kind == "slice":
             x, out = refs["whole"][_slices(idx, read.sizes, lay.shape)], read.sizes
         else:
@@ -207,6 +207,29 @@ class Reader:
                 out.append(idx[a])
         return tuple(out)
 
+    def _select(self, read, idx, lay, ref, cot=None):
+        """Mosaic's gather from a small SMEM table: one select per entry along the gathered
+        axes (:func:`~efficient_attn.kernels.closures.selects`). With ``cot``: add its sums
+        where each entry was read into ``ref`` (a per-program gradient copy ``[1, size]``)."""
+        axes = [a for a, (tag, _) in enumerate(read.index) if tag in cl.GATHERED]
+        strides = [math.prod(lay.shape[a + 1 :]) for a in range(len(lay.shape))]
+        base = _flat([0 if a in axes else x for a, x in enumerate(idx)], lay.shape)
+
+        def body(e, x):
+            hit, at, rest = None, base, e
+            for a in reversed(axes):
+                n = lay.shape[a]
+                entry, rest = jax.lax.rem(rest, n), jax.lax.div(rest, n)
+                at = at + entry * strides[a]
+                hit = idx[a] == entry if hit is None else hit & (idx[a] == entry)
+            if cot is None:
+                return jnp.where(hit, ref[at], x)
+            ref[0, at] = ref[0, at] + jnp.sum(jnp.where(hit, cot, 0.0))
+            return x
+
+        init = jnp.zeros(read.out, ref.dtype)
+        return jax.lax.fori_loop(0, cl.selects(read, lay.shape), body, init)
+
     # ---- gradients ---------------------------------------------------------------------
 
     def add_grads(self, keys, cots) -> None:
@@ -221,6 +244,8 @@ class Reader:
                 row = jnp.sum(cot.reshape(self.tile.shape), axis=0, keepdims=True)
                 at = (*lead, slice(None), slice(None))
                 ref[at] = ref[at] + row
+            elif lay.grad == "partial" and read.kind == "gather":  # Mosaic's SMEM table
+                self._select(read, idx, lay, ref, cot.reshape(read.out))
             elif lay.grad == "partial":
                 at = (0, _flat(idx, lay.shape)) if lay.smem else _at(idx)
                 ref[at] = ref[at] + jnp.sum(cot)

@@ -8,8 +8,8 @@ operand at 4k tokens and head_dim 128 in bf16; raise ``vmem_limit_bytes`` in the
 config for long rows). Grids: forward and dQ ``(B, N, nq)`` (K/V stay resident
 while the query tiles of a head run), dK/dV ``(B, K, nk)``. The mods' arrays
 (Mosaic has no gather): views as a column ``[Tq_pad, 1]`` / row ``[1, Tk_pad]``
-per example, arrays read at scalar indices in SMEM
-(:mod:`efficient_attn.kernels.closures`).
+per example, arrays read at scalar indices in SMEM, small tables a mod gathers from in
+SMEM too, read by one select per entry (:mod:`efficient_attn.kernels.closures`).
 """
 
 from __future__ import annotations

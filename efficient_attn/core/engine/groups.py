@@ -8,14 +8,17 @@ its own tiles, and its full tiles run unmasked, where the union over the batch
 and heads visits a tile any of them sees and masks it unless it is full for all.
 (A ``vmap`` over the groups would run every group for as many steps as the
 longest list: no fewer tiles than the union.) Shared masks ``(1, 1)`` never come
-here: their loops are the engine's own.
+here: their loops are the engine's own; nor static masks whose groups would save
+little (:func:`own_lists`).
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from efficient_attn.core import blockmask as _bm
 from efficient_attn.core import masking
 from efficient_attn.core.engine.backward import _backward
 from efficient_attn.core.engine.forward import _forward
@@ -136,6 +139,26 @@ def grouped_backward(st: _Static, res, cotangents):
     dbias = None if bias is None else dbias.astype(bias.dtype)
     return (gr.join(dq), dk.astype(k.dtype), dv.astype(v.dtype), dscale, dparams, dconsts,
             *nones, dbias, None)  # fmt: skip
+
+
+def own_lists(bm: _bm.BlockMask) -> bool:
+    """Whether the engine runs ``bm``'s per-(b, h) lists (one loop per group) or their union.
+
+    Shared masks: the union (their one list). A mask classified on device (data): its own
+    lists. A static mask: its own lists when a group's mean cost (tiles visited, a partial
+    one counted twice: it evaluates the mask) is under 0.9 of the union's: otherwise the
+    union costs the same work in fewer, larger steps.
+    """
+    if tuple(bm.tiles.shape[:2]) == (1, 1):
+        return False
+    if not bm.static:
+        return True
+    t = np.asarray(bm.tiles)
+    seen, full = t != _bm.EMPTY, t == _bm.FULL
+    own = (2 * seen.sum((2, 3)) - full.sum((2, 3))).mean()
+    union_seen = seen.any((0, 1))
+    union = 2 * union_seen.sum() - (union_seen & full.all((0, 1))).sum()
+    return bool(own < 0.9 * union)
 
 
 def run_forward(st: _Static, *args):

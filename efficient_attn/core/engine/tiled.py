@@ -19,7 +19,7 @@ import numpy as np
 from efficient_attn.core import blockmask as _bm
 from efficient_attn.core import masking
 from efficient_attn.core import mods as _mods
-from efficient_attn.core.engine.groups import run_backward, run_forward
+from efficient_attn.core.engine.groups import own_lists, run_backward, run_forward
 from efficient_attn.core.engine.score import DOT, Score
 from efficient_attn.core.engine.tiling import _head_index, _Static
 
@@ -67,7 +67,7 @@ def _prepare(q, k, scale, block_mask, score_mod, score, q_pos, k_pos, q_limit, k
     k_limit = tk if k_limit is None else k_limit
     q_pos, k_pos = _pad_pos(q_pos, bq, q_limit), _pad_pos(k_pos, bk, k_limit)
     g = n // kh
-    groups = tuple(block_mask.tiles.shape[:2])
+    groups = tuple(block_mask.tiles.shape[:2]) if own_lists(block_mask) else (1, 1)
     dims = (b, kh, g)  # the mods are traced at the shapes of a group's tiles
     if groups != (1, 1):  # each (b mod Bm, h mod Hm) runs its own lists (groups.py)
         _bm.check_block_mask(block_mask, tq, tk, b, n)
