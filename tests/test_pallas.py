@@ -165,7 +165,8 @@ def test_selection_errors_and_fallbacks():
 
 
 def _lower(fn, args, platform: str) -> str:
-    return jax.jit(fn).trace(*args).lower(lowering_platforms=(platform,)).as_text()
+    with dispatch.kernel_branches("all"):  # the suite traces "present" (conftest)
+        return jax.jit(fn).trace(*args).lower(lowering_platforms=(platform,)).as_text()
 
 
 def _kernels(text: str) -> set[str]:
@@ -320,3 +321,19 @@ def test_local_runs_the_kernels():
     assert rel_err(got(q, k, v), ref) < F32_TOL
     x = jax.ShapeDtypeStruct((1, 4096, 4, 64), jnp.bfloat16)
     assert _kernels(_lower(lambda q: ea.attention(q, q, q, **kw), (x,), "cuda")) == {"forward"}
+
+
+def test_kernel_branches_present_traces_the_xla_engine_alone_on_a_cpu():
+    q = jax.ShapeDtypeStruct((1, 64, 2, 64), jnp.bfloat16)
+
+    def traced(mode):  # a new function per mode: jit does not retrace one it has seen
+        with dispatch.kernel_branches(mode):
+            f = jax.jit(lambda q: ea.attention(q, q, q, method="blockwise", causal=True))
+            return f.trace(q)
+
+    assert "platform_index" in str(traced("all").jaxpr)
+    present = traced("present")
+    assert "platform_index" not in str(present.jaxpr)
+    assert "triton" not in present.lower(lowering_platforms=("cuda",)).as_text()
+    with pytest.raises(ValueError, match="valid modes: all, present"):
+        dispatch.kernel_branches("some").__enter__()

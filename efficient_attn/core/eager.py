@@ -38,6 +38,13 @@ CACHE_MAX_BYTES = 1 << 22
 SMALL_BYTES = 1 << 16
 
 _CACHE: collections.OrderedDict[Any, Callable] = collections.OrderedDict()
+_CONTEXT: list[Callable[[], Any]] = []
+
+
+def register_trace_context(read: Callable[[], Any]) -> None:
+    """Make ``read()`` (hashable) part of every cache key: a setting of a higher layer that
+    changes what a call traces (e.g. :func:`efficient_attn.kernels.kernel_branches`)."""
+    _CONTEXT.append(read)
 
 
 def _small_contents(x: jax.Array) -> jax.Array | np.ndarray:
@@ -78,7 +85,7 @@ def _key(fn: Callable, kwargs: dict[str, Any]) -> tuple[Any, tuple] | None:
                 return None
             parts.append((type(x), x))
     try:
-        key = (fn, treedef, tuple(parts))
+        key = (fn, treedef, tuple(parts), tuple(read() for read in _CONTEXT))
         hash(key)
     except TypeError:
         return None

@@ -9,7 +9,7 @@ says why ``"auto"`` ran a call on the XLA engine.
 
 from efficient_attn.kernels.common import Unsupported
 from efficient_attn.kernels.config import GPU_HOPPER, TPU_V5E, TPU_V6E, TileConfig, default_config
-from efficient_attn.kernels.dispatch import IMPLEMENTATIONS, attend, fallbacks
+from efficient_attn.kernels.dispatch import IMPLEMENTATIONS, attend, fallbacks, kernel_branches
 from efficient_attn.kernels.fused import fused_attention
 
 __all__ = [
@@ -23,4 +23,5 @@ __all__ = [
     "default_config",
     "fallbacks",
     "fused_attention",
+    "kernel_branches",
 ]

@@ -12,17 +12,28 @@ of two) is re-planned from its ``mask_mod`` at the config's tiles. ``"pallas"``
 requires the kernel (``ValueError`` with the reason otherwise); ``"xla"`` never
 uses it. ``interpret=True`` runs the kernels on any device (Pallas'
 interpreter), for tests on a CPU.
+
+Tracing ``"auto"`` traces every branch, so that a program traced on a CPU still
+lowers for CUDA or TPU (``jit(f).trace(...).lower(lowering_platforms=("cuda",))``);
+on a CPU that is about half the tracing time of a tiled method's forward and
+backward. :func:`kernel_branches` (or ``EFFICIENT_ATTN_KERNEL_BRANCHES``)
+``"present"`` traces only the XLA engine in a process whose default backend is
+the CPU; the default, ``"all"``, keeps every branch.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
+import contextvars
 import logging
+import os
+from collections.abc import Iterator
 from typing import Any
 
 import jax
 
-from efficient_attn.core import engine
+from efficient_attn.core import eager, engine
 from efficient_attn.kernels import fused
 from efficient_attn.kernels.common import Unsupported
 from efficient_attn.kernels.config import TileConfig, default_config
@@ -36,6 +47,35 @@ _ENGINE_DEFAULTS = dict.fromkeys(
     ("mask_mod", "score_mod", "block_mask", "pattern", "params", "bias", "dropout")
 ) | {"score": engine.DOT}
 _FALLBACKS: collections.deque = collections.deque(maxlen=64)
+#: Which branches an ``"auto"`` call traces: ``"all"`` or ``"present"`` (see the module).
+BRANCH_MODES = ("all", "present")
+BRANCHES_ENV = "EFFICIENT_ATTN_KERNEL_BRANCHES"
+_BRANCHES: contextvars.ContextVar[str | None] = contextvars.ContextVar("branches", default=None)
+
+
+def _branch_mode() -> str:
+    mode = _BRANCHES.get() or os.environ.get(BRANCHES_ENV) or "all"
+    if mode not in BRANCH_MODES:
+        raise ValueError(f"{BRANCHES_ENV}={mode!r}; valid values: {', '.join(BRANCH_MODES)}")
+    return mode
+
+
+eager.register_trace_context(_branch_mode)
+
+
+@contextlib.contextmanager
+def kernel_branches(mode: str) -> Iterator[None]:
+    """Within the block, ``implementation="auto"`` traces ``mode``'s branches: ``"all"``
+    (lowerable for any platform) or ``"present"`` (on a CPU-only process, the XLA engine
+    alone: faster to trace, lowerable for the CPU only). Set it before a function is
+    first traced: ``jax.jit`` does not retrace a function when it changes."""
+    if mode not in BRANCH_MODES:
+        raise ValueError(f"kernel_branches({mode!r}); valid modes: {', '.join(BRANCH_MODES)}")
+    token = _BRANCHES.set(mode)
+    try:
+        yield
+    finally:
+        _BRANCHES.reset(token)
 
 
 def fallbacks() -> tuple[str, ...]:
@@ -167,4 +207,6 @@ def attend(
             raise ValueError(f"implementation='pallas' cannot run this call: {e}") from None
     if interpret:
         return or_xla("gpu", True)(q, k, v)
+    if _branch_mode() == "present" and jax.default_backend() == "cpu":
+        return xla(q, k, v)
     return jax.lax.platform_dependent(q, k, v, cuda=or_xla("gpu"), tpu=or_xla("tpu"), default=xla)
