@@ -23,10 +23,13 @@ SCALE = 0.3
 
 
 def _env(devices: int | None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
+    env = {k: v for k, v in os.environ.items() if k != "JAX_NUM_CPU_DEVICES"}
     env["JAX_PLATFORMS"] = "cpu"
+    # The suite's compile flags (conftest) stay; the device count is this process's own.
+    flags = [f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f]
     if devices is not None:
-        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+        flags.append(f"--xla_force_host_platform_device_count={devices}")
+    env["XLA_FLAGS"] = " ".join(flags)
     return env
 
 
