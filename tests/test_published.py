@@ -32,6 +32,8 @@ TINY = {
         "methods": ["dense"],
         "seq_pairs": [[16, 2]],
         "d_models": [8],
+        "headline": [16, 2],
+        "headline_seeds": [0, 1],
         "train": {**_TRAIN, "vocab_size": 16},
     },
 }
@@ -69,10 +71,12 @@ def test_preset_end_to_end_at_a_tiny_size(preset, tmp_path, in_process):
     elif preset == "listops":
         assert "| linear_elu | Linear Trans. |" in md and "| 16.13 |" in md
         assert rows[0]["tokens_per_s"] > 0 and rows[0]["flop_utilisation"] > 0
+        assert 0.1 <= rows[0]["majority_accuracy"] <= 1 and "| majority label (baseline) |" in md
     else:
         assert (out / "zoology_mqar.png").stat().st_size > 0
         assert "## Sequence 16, 2 key-value pairs" in md and "| d_model 8 |" in md
-        assert [(r["seq_len"], r["num_pairs"], r["d_model"]) for r in rows] == [(16, 2, 8)]
+        assert [(r["seq_len"], r["num_pairs"], r["seed"]) for r in rows] == [(16, 2, 0), (16, 2, 1)]
+        assert "seeds [0, 1] (one value per seed, `a / b`)" in md
     assert studies.run(name, data, out, stream=None).ran == 0  # resumed: nothing left
 
 
@@ -103,6 +107,42 @@ def test_bad_listops_preset_settings_are_errors(tmp_path):
             lra.listops_points(bad, tmp_path)
     with pytest.raises(ValueError, match="seq_pairs entry"):
         zoology.points({**zoology.SETTINGS, "seq_pairs": [[64]]}, tmp_path)
+    with pytest.raises(ValueError, match=r"headline=\[32, 2\] must be one of seq_pairs"):
+        zoology.points({**zoology.SETTINGS, "headline": [32, 2]}, tmp_path)
+
+
+def _trained_row(method, accuracy, status="ok", **fields):
+    return {"method": method, "status": status, "accuracy": accuracy, **fields}
+
+
+def test_zoology_cells_take_the_best_rate_per_seed_and_show_every_seed():
+    cell = {"seq_len": 256, "num_pairs": 16, "d_model": 64}
+    rows = [
+        _trained_row("dense", 0.5, **cell, seed=0, learning_rate=1e-3),
+        _trained_row("dense", 0.99, **cell, seed=0, learning_rate=1e-2),
+        _trained_row("dense", 0.97, **cell, seed=1, learning_rate=1e-3),
+        _trained_row("dense", None, "error", **cell, seed=1, learning_rate=1e-2),
+        _trained_row("performer", None, "timeout", **cell, seed=0, learning_rate=1e-3),
+    ]
+    assert zoology.best_by_seed(rows)[(256, 16, "dense", 64)] == {0: 0.99, 1: 0.97}
+    assert zoology.best_accuracy(rows)[(256, 16, "dense", 64)] == pytest.approx(0.98)
+    assert zoology.best_accuracy(rows)[(256, 16, "performer", 64)] == "timeout"
+    header, body = zoology.table(rows, 256, 16)
+    assert header == ["method", "d_model 64"]
+    assert body == [["dense", "0.990 / 0.970"], ["performer", "timeout"]]
+
+
+def test_listops_report_prints_the_majority_baseline():
+    rows = [
+        _trained_row("dense", 0.40, majority_accuracy=0.17, tokens_per_s=1.0),
+        _trained_row("linear_elu", 0.18, majority_accuracy=0.19, tokens_per_s=1.0),
+    ]
+    _, body = lra.listops_table(rows)
+    assert body[-1] == ["majority label (baseline)", "–", "18.00", "–", "–", "–"]
+    text = lra.listops_summary(rows)
+    assert "the most frequent label scores 18.0%" in text
+    assert "Dense attention is +22.0 points from that baseline" in text
+    assert "1 of 2 runs score more than 5 points above it" in text
 
 
 def test_a_killed_run_resumes_without_repeating_or_losing_a_row(tmp_path):

@@ -13,6 +13,7 @@ import efficient_attn as ea
 from efficient_attn.nn import DecoderLM, ModelConfig, MultiHeadAttention
 from efficient_attn.tasks import LongRange, Mqar, make_task
 from efficient_attn.train import TrainConfig, Trainer, masked_metrics, train
+from efficient_attn.train.loop import steps_per_dispatch
 from tests.conftest import method_params
 
 
@@ -86,6 +87,47 @@ def test_model_with_every_method_trains(method):
         assert np.isfinite(float(metrics["loss"]))
     after = float(masked_metrics(trainer.model.apply(state["params"], batch.inputs), batch)[0])
     assert after < before
+
+
+@pytest.mark.parametrize(
+    ("intervals", "expected"),
+    [
+        ((50, 250, 100, 1000), 50),
+        ((2, 6, 4, 12), 2),
+        ((500, 500, 500, 1000), 100),
+        ((3, 7, 5, 9), 1),
+    ],
+)
+def test_steps_per_dispatch_divides_every_interval(intervals, expected):
+    log, ev, ckpt, steps = intervals
+    config = TrainConfig(log_every=log, eval_every=ev, checkpoint_every=ckpt, steps=steps)
+    assert steps_per_dispatch(config) == expected
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [{"task": "mqar", "num_pairs": 2}, {"task": "listops", "max_depth": 3, "min_length": 4}],
+    ids=["device-batches", "host-batches"],
+)
+def test_a_block_of_steps_equals_the_steps_one_by_one(fields):
+    """train_block's scan (batches made in it, or stacked from the host) is the step loop."""
+    config = TrainConfig(seq_len=16, d_model=16, num_layers=1, batch_size=4, warmup_steps=1,
+                         **fields)  # fmt: skip
+    trainer = Trainer(config, "/nonexistent")
+    state = trainer.init_state()
+    one_by_one = jax.tree.map(jnp.copy, state)
+    losses = []
+    for step in range(3, 6):
+        one_by_one, metrics = trainer.train_step(one_by_one, trainer.batch(step))
+        losses.append(float(metrics["loss"]))
+    blocked, metrics = trainer.train_block(state, 3, 3)
+    np.testing.assert_allclose(np.asarray(metrics["loss"]), losses, rtol=1e-5)
+    pairs = zip(jax.tree_util.tree_leaves_with_path(blocked), jax.tree.leaves(one_by_one),
+                strict=True)  # fmt: skip
+    for (path, a), b in pairs:
+        if "'key']['bias']" in jax.tree_util.keystr(path):
+            continue  # softmax ignores it: its gradient is rounding noise, which Adam scales up
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
 
 
 def _tiny(**kw) -> TrainConfig:

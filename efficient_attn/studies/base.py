@@ -250,6 +250,7 @@ TRAINED_MEASUREMENTS: tuple[str, ...] = (
     "matmul_flop_s",
     "flop_utilisation",
     "curve",
+    "majority_accuracy",
 )
 
 

@@ -52,6 +52,9 @@ SETTINGS: dict[str, Any] = {
     "d_models": PAPER_GRID["d_models"],
     "learning_rates": [1e-3],
     "seeds": [0],
+    # the headline cell [seq_len, num_pairs] (None: none) runs with ``headline_seeds``
+    "headline": None,
+    "headline_seeds": [0, 1],
     "train": {},
     "options": {},
 }
@@ -76,63 +79,83 @@ def points(settings: Mapping[str, Any], out_dir: Path) -> list[dict[str, Any]]:
     rates = rates if isinstance(rates, list) else [rates]
     if not rates or not all(isinstance(r, int | float) and r > 0 for r in rates):
         raise ValueError(f"learning_rates={rates!r} must be positive numbers")
+    cells = _seq_pairs(settings["seq_pairs"])
+    headline = settings["headline"]
+    if headline is not None:
+        (headline,) = _seq_pairs([headline])
+        if headline not in cells:
+            raise ValueError(f"headline={list(headline)} must be one of seq_pairs {cells}")
+    seeds = int_list("seeds", settings["seeds"], minimum=0)
+    extra = int_list("headline_seeds", settings["headline_seeds"], minimum=0)
     out = []
-    for (t, p), d, lr, seed, m in itertools.product(
-        _seq_pairs(settings["seq_pairs"]),
-        int_list("d_models", settings["d_models"]),
-        rates,
-        int_list("seeds", settings["seeds"], minimum=0),
-        methods,
+    for (t, p), d, lr, m in itertools.product(
+        cells, int_list("d_models", settings["d_models"]), rates, methods
     ):
-        table = {"task": "mqar", **dict(settings["train"])}
-        config = train_config(
-            table,
-            seq_len=t,
-            num_pairs=p,
-            d_model=d,
-            learning_rate=float(lr),
-            seed=seed,
-            method=m,
-            options=dict(settings["options"].get(m, {})),
-        )
-        if config.task != "mqar":
-            raise ValueError(f"[train] task={config.task!r}: this study trains task 'mqar'")
-        out.append(
-            trained_point(
-                "zoology_mqar",
-                f"zoology_mqar|{m}|L{t}|P{p}|D{d}|lr{lr:g}|seed{seed}",
-                f"{m} L={t} pairs={p} d_model={d} lr={lr:g}",
-                config,
-                out_dir,
-                method=m,
-                seq_len=t,
-                num_pairs=p,
-                d_model=d,
-                learning_rate=float(lr),
-                seed=seed,
-            )
-        )
+        for seed in extra if (t, p) == headline else seeds:
+            out.append(_point(settings, t, p, d, lr, seed, m, out_dir))
     return out
 
 
-def best_accuracy(rows: list[dict[str, Any]]) -> dict[tuple[int, int, str, int], float | str]:
-    """(seq_len, pairs, method, d_model) -> best accuracy over learning rates and seeds
-    (a status string where no run finished)."""
-    best: dict[tuple[int, int, str, int], float | str] = {}
+def _point(settings, t, p, d, lr, seed, m, out_dir) -> dict[str, Any]:
+    table = {"task": "mqar", **dict(settings["train"])}
+    config = train_config(
+        table,
+        seq_len=t,
+        num_pairs=p,
+        d_model=d,
+        learning_rate=float(lr),
+        seed=seed,
+        method=m,
+        options=dict(settings["options"].get(m, {})),
+    )
+    if config.task != "mqar":
+        raise ValueError(f"[train] task={config.task!r}: this study trains task 'mqar'")
+    return trained_point(
+        "zoology_mqar",
+        f"zoology_mqar|{m}|L{t}|P{p}|D{d}|lr{lr:g}|seed{seed}",
+        f"{m} L={t} pairs={p} d_model={d} lr={lr:g} seed={seed}",
+        config,
+        out_dir,
+        method=m,
+        seq_len=t,
+        num_pairs=p,
+        d_model=d,
+        learning_rate=float(lr),
+        seed=seed,
+    )
+
+
+def best_by_seed(rows: list[dict[str, Any]]) -> dict[tuple[int, int, str, int], dict[int, Any]]:
+    """(seq_len, pairs, method, d_model) -> {seed: best accuracy over learning rates (a
+    status string where no run of that seed finished)}."""
+    best: dict[tuple[int, int, str, int], dict[int, Any]] = {}
     for r in rows:
-        key = (r["seq_len"], r["num_pairs"], r["method"], r["d_model"])
+        seeds = best.setdefault((r["seq_len"], r["num_pairs"], r["method"], r["d_model"]), {})
+        prev = seeds.get(r["seed"])
         if r["status"] == "ok":
-            prev = best.get(key)
-            best[key] = max(r["accuracy"], prev) if isinstance(prev, float) else r["accuracy"]
-        else:
-            best.setdefault(key, r["status"])
+            seeds[r["seed"]] = (
+                max(r["accuracy"], prev) if isinstance(prev, float) else r["accuracy"]
+            )
+        elif prev is None:
+            seeds[r["seed"]] = r["status"]
     return best
+
+
+def best_accuracy(rows: list[dict[str, Any]]) -> dict[tuple[int, int, str, int], float | str]:
+    """(seq_len, pairs, method, d_model) -> the mean over seeds of the best accuracy over
+    learning rates (a status string where no run finished)."""
+    out: dict[tuple[int, int, str, int], float | str] = {}
+    for key, seeds in best_by_seed(rows).items():
+        done = [v for v in seeds.values() if isinstance(v, float)]
+        out[key] = sum(done) / len(done) if done else next(iter(seeds.values()))
+    return out
 
 
 def table(
     rows: list[dict[str, Any]], seq_len: int, pairs: int
 ) -> tuple[list[str], list[list[str]]]:
-    best = best_accuracy(rows)
+    """One row per method, one column per width; several seeds: each seed's best, `a / b`."""
+    best = best_by_seed(rows)
     widths = sorted({k[3] for k in best if k[:2] == (seq_len, pairs)})
     methods = list(dict.fromkeys(r["method"] for r in rows))
     header = ["method", *(f"d_model {d}" for d in widths)]
@@ -140,8 +163,9 @@ def table(
     for m in methods:
         cells = []
         for d in widths:
-            v = best.get((seq_len, pairs, m, d))
-            cells.append("" if v is None else v if isinstance(v, str) else f"{v:.3f}")
+            seeds = best.get((seq_len, pairs, m, d), {})
+            texts = [v if isinstance(v, str) else f"{v:.3f}" for _, v in sorted(seeds.items())]
+            cells.append(" / ".join(texts))
         body.append([m, *cells])
     return header, body
 
@@ -189,9 +213,13 @@ def report(rows: list[dict[str, Any]], out: Path) -> tuple[list[str], list[str],
     tex = []
     for t, p in sorted({(r["seq_len"], r["num_pairs"]) for r in rows}):
         header, body = table(rows, t, p)
+        seeds = sorted({r["seed"] for r in rows if (r["seq_len"], r["num_pairs"]) == (t, p)})
         md += [
             "",
             f"## Sequence {t}, {p} key-value pairs",
+            "",
+            f"Best held-out accuracy over the learning rates; seeds {seeds}"
+            + (" (one value per seed, `a / b`)." if len(seeds) > 1 else "."),
             "",
             sweep_report.markdown_table(header, body),
         ]

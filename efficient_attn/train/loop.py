@@ -45,6 +45,10 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
     path.write_text("".join(f"{line}\n" for line in keep))
 
 
+#: Most optimizer steps in one dispatch (:func:`steps_per_dispatch`).
+MAX_STEPS_PER_DISPATCH = 100
+
+
 class _Bar:
     """A one-line training progress bar on stderr: step, loss, accuracy, ETA."""
 
@@ -69,6 +73,14 @@ class _Bar:
     def close(self) -> None:
         if self.enabled:
             sys.stderr.write("\n")
+
+
+def steps_per_dispatch(config: TrainConfig, cap: int = MAX_STEPS_PER_DISPATCH) -> int:
+    """Optimizer steps per dispatch: the largest divisor (at most ``cap``) of every interval
+    the host acts on (logging, evaluation, checkpoints, the last step), so a block never
+    straddles one and one compiled block serves the whole run."""
+    g = math.gcd(config.log_every, config.eval_every, config.checkpoint_every, config.steps)
+    return max(d for d in range(1, min(g, cap) + 1) if g % d == 0)
 
 
 def train(
@@ -105,29 +117,37 @@ def train(
         _write_json(out / "config.json", config_json)
         metrics_path.write_text("")
     start = int(state["step"])
+    n = steps_per_dispatch(config)
     bar = _Bar(config.steps, start, progress)
     t0 = time.perf_counter()
-    step_fn, flops_per_step = None, None
+    flops_per_step = None
     step_s, data_s = [], []
+    step = start
+    batches = trainer.block_batches(step, n) if step < config.steps else None
     with metrics_path.open("a") as log:
-        for step in range(start, config.steps):
+        while step < config.steps:
             if stop_after is not None and step - start >= stop_after:
                 manager.close()
                 bar.close()
                 return {}
-            t_data = time.perf_counter()
-            batch = jax.block_until_ready(trainer.batch(step))
+            if flops_per_step is None:  # XLA's count of one step (a scan's counts its body once)
+                flops_per_step = compiled_flops(
+                    trainer.train_step.lower(state, trainer.batch(step))
+                )
             t_step = time.perf_counter()
-            if step_fn is None:  # compile once, ahead of time, to read its FLOPs
-                step_fn = trainer.train_step.lower(state, batch).compile()
-                flops_per_step = compiled_flops(step_fn)
-            state, metrics = jax.block_until_ready(step_fn(state, batch))
-            if step > start:  # the first step's time is mostly compilation
-                data_s.append(t_step - t_data)
-                step_s.append(time.perf_counter() - t_step)
-            done = step + 1
+            state, metrics = trainer.train_block(state, step, n, batches)  # dispatched
+            done = step + n
+            t_data = time.perf_counter()  # the next block's host batches, built meanwhile
+            batches = trainer.block_batches(done, n) if done < config.steps else None
+            data_done = time.perf_counter()
+            metrics = jax.device_get(metrics)  # waits for the block
+            if step > start:  # the first block's time is mostly compilation
+                step_s.append((time.perf_counter() - t_step) / n)
+                if trainer.host:
+                    data_s.append((data_done - t_data) / n)
+            step = done
             if done % config.log_every == 0 or done == config.steps:
-                row = {"step": done, **{k: float(v) for k, v in metrics.items()}}
+                row = {"step": done, **{k: float(v[-1]) for k, v in metrics.items()}}
                 row["wall_s"] = time.perf_counter() - t0
                 if done % config.eval_every == 0 or done == config.steps:
                     row.update(trainer.evaluate(state["params"]))
@@ -147,7 +167,7 @@ def train(
         "config": config_json,
         "train_wall_s": time.perf_counter() - t0,
         "resumed_from": start,
-        **throughput(config, step_s, data_s, flops_per_step),
+        **throughput(config, step_s, data_s, flops_per_step, n),
     }
     final["accuracy_metric"] = (
         "eval_greedy_accuracy" if "eval_greedy_accuracy" in final else "eval_accuracy"

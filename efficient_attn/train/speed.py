@@ -19,7 +19,8 @@ from efficient_attn.train.config import TrainConfig
 
 
 def compiled_flops(exe: Any) -> float | None:
-    """FLOPs of one call of a compiled executable by XLA's cost analysis (None if unknown)."""
+    """FLOPs of one call of a lowered or compiled function by XLA's cost analysis (None if
+    unknown)."""
     try:
         cost = exe.cost_analysis()
     except Exception:  # some backends do not implement it
@@ -37,9 +38,16 @@ def _matmul_rate(n: int) -> float:
 
 
 def throughput(
-    config: TrainConfig, step_s: list[float], data_s: list[float], flops_per_step: float | None
+    config: TrainConfig,
+    step_s: list[float],
+    data_s: list[float],
+    flops_per_step: float | None,
+    steps_per_dispatch: int = 1,
 ) -> dict[str, Any]:
-    """Tokens/s and FLOP utilisation of the run against a matmul timed now, in this process."""
+    """Tokens/s and FLOP utilisation of the run against a matmul timed now, in this process.
+
+    ``step_s``: seconds per step of each timed dispatch (its time over its steps);
+    ``data_s``: the same for building host batches (empty where the device makes them)."""
     if not step_s:
         return {"tokens_per_s": None, "step_ms_median": None, "flop_utilisation": None}
     step = float(np.median(step_s))
@@ -49,8 +57,9 @@ def throughput(
     return {
         "tokens_per_s": config.batch_size * config.seq_len / step,
         "step_ms_median": 1e3 * step,
-        "data_ms_median": 1e3 * float(np.median(data_s)),
-        "timed_steps": len(step_s),
+        "data_ms_median": 1e3 * float(np.median(data_s)) if data_s else 0.0,
+        "timed_steps": len(step_s) * steps_per_dispatch,
+        "steps_per_dispatch": steps_per_dispatch,
         "flops_per_step": flops_per_step,
         "achieved_flop_s": achieved,
         "matmul_flop_s": matmul,
