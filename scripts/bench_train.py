@@ -69,7 +69,7 @@ def main() -> None:
     n = args.steps
     rows = []
     for name, fields in CONFIGS.items():
-        config = TrainConfig(d_model=64, batch_size=16, steps=10**6, **fields)
+        config = TrainConfig(**{"d_model": 64, "batch_size": 16, "steps": 10**6, **fields})
         trainer = Trainer(config, "/nonexistent")
         state = trainer.init_state()
         flops = compiled_flops(trainer.train_step.lower(state, trainer.batch(0)))
