@@ -21,6 +21,7 @@ from jax.experimental import pallas as pl
 from jax.extend import core as jcore
 
 from efficient_attn.kernels import closures as cl
+from efficient_attn.kernels import layouts
 
 
 def _get(env, v):
@@ -29,7 +30,7 @@ def _get(env, v):
 
 def _needs(read: cl.Read) -> list:
     """The vars a read needs from the environment (scalar indices; a gather's index arrays)."""
-    keep = ("b", "scalar", "vector") if read.kind == "gather" else ("b", "scalar")
+    keep = ("b", "h", "scalar", "vector") if read.kind == "gather" else ("b", "h", "scalar")
     return [v for tag, v in read.index if tag in keep and isinstance(v, jcore.Var)]
 
 
@@ -103,7 +104,7 @@ class Reader:
     """Loads a tile's reads of a closure's arrays from their refs, and adds their gradients.
 
     ``refs``: per array, ``{role: ref}`` (roles ``"whole"``, ``"smem"``, ``"col"``,
-    ``"row"``); ``grads``: per array with a gradient, its output ref; ``tile``: the
+    ``"row"``, ``"tile"``); ``grads``: per array with a gradient, its output ref; ``tile``: the
     :class:`~efficient_attn.kernels.common.TileCtx`. :meth:`record` evaluates the mod
     once, keeping every load; :meth:`replay` evaluates it on those values (the float
     ones replaced by arguments: the inputs of a ``jax.vjp``).
@@ -150,7 +151,7 @@ class Reader:
     def _scalars(self, read: cl.Read, env, shape):
         out = []
         for a, (tag, v) in enumerate(read.index):
-            if tag in ("b", "scalar"):
+            if tag in ("b", "h", "scalar"):
                 out.append(_clamp(_get(env, v), shape[a]))
             else:
                 out.append(v if tag == "static" else None)
@@ -180,6 +181,8 @@ class Reader:
         if read.kind == "view":
             ref, index, shape = self._view(read, idx)
             x = ref[index].reshape(shape)
+        elif read.kind == "tile":  # Mosaic: a dense table's slab
+            x = layouts.slab_tile(self.tile, lay.tile.vary, refs["tile"])
         elif read.kind == "point" or (read.kind == "whole" and lay.smem):
             idx = [0] * len(lay.shape) if read.kind == "whole" else idx
             out = lay.shape if read.kind == "whole" else out
@@ -244,6 +247,10 @@ class Reader:
                 row = jnp.sum(cot.reshape(self.tile.shape), axis=0, keepdims=True)
                 at = (*lead, slice(None), slice(None))
                 ref[at] = ref[at] + row
+            elif lay.grad == "tile":  # the dK/dV kernel's column slab
+                g = jax.lax.rem(self.tile.h, self.tile.spec.groups)
+                ds = cot.reshape(self.tile.shape)
+                layouts.add_to_column_slab(self.tile.spec, lay.tile.vary, ref, g, self.tile.i, ds)
             elif lay.grad == "partial" and read.kind == "gather":  # Mosaic's SMEM table
                 self._select(read, idx, lay, ref, cot.reshape(read.out))
             elif lay.grad == "partial":

@@ -1,0 +1,232 @@
+"""How a hoisted mod's arrays enter each backend's kernels: a :class:`~.closures.Layout` each.
+
+Triton takes the array itself (loads and pointer gathers). Mosaic has no gather:
+views travel as a column ``[Tq_pad, 1]`` / row ``[1, Tk_pad]`` copy, arrays read at
+scalar indices and small tables in SMEM (:mod:`efficient_attn.kernels.closures`),
+and an array read as a dense table ``arr[.., q_idx, .., kv_idx]`` (its other axes at
+``b``, ``h`` or constants: a dense mask ``m[b, h, q_idx, kv_idx]``, the drop-in's
+boolean ``mask=``, a float table in a ``score_mod``) as a :class:`Table`: gathered
+once outside the kernels into the dense bias's layout ``[B|1, N|1, Tq_pad, Tk_pad]``
+and blocked as the bias is (:func:`efficient_attn.kernels.extras.bias_block`): a query
+tile's row slab ``[bq, Tk_pad]`` (forward, dQ), a key tile's column slab
+``[G|1, Tq_pad, bk]`` (dK/dV); its gradient a per-program column buffer like the
+bias's, summed outside and carried back to the array through the gather's VJP.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+
+from efficient_attn.kernels.closures import (
+    SELECT_LIMIT,
+    SMEM_LIMIT,
+    Closure,
+    Layout,
+    Read,
+    Unsupported,
+    selects,
+)
+
+
+def aligned(start, n: int):
+    """``start`` (a multiple of ``n``), with that fact given to the compiler when traced."""
+    return start if isinstance(start, int) else pl.multiple_of(start, n)
+
+
+# ---- dense tables on Mosaic ------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Table:
+    """An array read as ``arr[.., q_idx, .., kv_idx]``: per axis ``("q"|"k"|"b"|"h", None)``
+    or ``("static", value)``; ``vary``: along ``(B, N, Tq, Tk)``, as ``Spec.bias``."""
+
+    index: tuple
+    vary: tuple[bool, bool, bool, bool]
+
+
+def table_of(reads: list[Read], shape) -> Table | None:
+    """A :class:`Table` if every read gathers ``[.., q_idx, .., kv_idx]`` at the same other
+    indices (``b``, ``h``, constants), else None."""
+    patterns = {tuple((t, v if t == "static" else None) for t, v in r.index) for r in reads}
+    if not reads or any(r.kind != "gather" for r in reads) or len(patterns) != 1:
+        return None
+    index = patterns.pop()
+    tags = [t for t, _ in index]
+    if sorted(t for t in tags if t in ("q", "k")) != ["k", "q"] or not set(tags) <= {
+            "q", "k", "b", "h", "static"}:  # fmt: skip
+        return None
+    vb, vn = (any(t == w and n > 1 for t, n in zip(tags, shape, strict=True)) for w in "bh")
+    return Table(index, (vb, vn, True, True))
+
+
+def canonical(x, t: Table, batch: int, heads: int, t_pad, limits):
+    """``x`` gathered into ``[B|1, N|1, Tq_pad, Tk_pad]``: position ``p`` holds what the tile
+    reads there (positions clamped to the lengths, then to the array, as the kernels do)."""
+    pos = {
+        "b": jnp.arange(batch if t.vary[0] else 1).reshape(-1, 1, 1, 1),
+        "h": jnp.arange(heads if t.vary[1] else 1).reshape(1, -1, 1, 1),
+        "q": jnp.minimum(jnp.arange(t_pad[0]), limits[0] - 1).reshape(1, 1, -1, 1),
+        "k": jnp.minimum(jnp.arange(t_pad[1]), limits[1] - 1).reshape(1, 1, 1, -1),
+    }
+    idx = tuple(v if tag == "static" else jnp.minimum(pos[tag], n - 1)
+                for (tag, v), n in zip(t.index, x.shape, strict=True))  # fmt: skip
+    out = jnp.asarray(x)[idx]
+    return jnp.broadcast_to(out, (out.shape[0], out.shape[1], *t_pad))
+
+
+def canonical_grad(x, t: Table, batch: int, heads: int, t_pad, limits, g):
+    """The cotangent of ``x`` from that of its :func:`canonical` table ``g``."""
+    x = jnp.asarray(x, g.dtype)
+    _, vjp = jax.vjp(lambda a: canonical(a, t, batch, heads, t_pad, limits), x)
+    return vjp(g)[0]
+
+
+def row_slab_tile(spec, vary, ref, j):
+    """Key tile ``j`` ``[bq|1, bk|1]`` of a query tile's slab ``[bq|1, Tk_pad|1]``."""
+    return ref[:, pl.ds(aligned(j * spec.bk, spec.bk), spec.bk)] if vary[3] else ref[...]
+
+
+def column_slab_tile(spec, vary, ref, g, i):
+    """Query tile ``i`` ``[bq|1, bk|1]`` of group head ``g`` of a key tile's slab
+    ``[G|1, Tq_pad|1, bk|1]``."""
+    gg = g if vary[1] else 0
+    return ref[gg, pl.ds(aligned(i * spec.bq, spec.bq), spec.bq), :] if vary[2] else ref[gg]
+
+
+def add_to_column_slab(spec, vary, ref, g, i, ds) -> None:
+    """Add a tile's ``ds`` to a key tile's column slab (summed over what it broadcasts)."""
+    gg = g if vary[1] else 0
+    if vary[2]:
+        at = (gg, pl.ds(aligned(i * spec.bq, spec.bq), spec.bq), slice(None))
+        ref[at] = ref[at] + ds
+    else:
+        ref[gg] = ref[gg] + jnp.sum(ds, axis=0, keepdims=True)
+
+
+def slab_tile(tile, vary, ref):
+    """The tile's ``[bq, bk]`` of a table's slab, in the dK/dV kernel or another."""
+    if tile.dkdv:
+        return column_slab_tile(tile.spec, vary, ref, jax.lax.rem(tile.h, tile.spec.groups),
+                                tile.i)  # fmt: skip
+    return row_slab_tile(tile.spec, vary, ref, tile.j)
+
+
+# ---- the layouts -------------------------------------------------------------------------
+
+
+def plan_layouts(c: Closure, backend: str, batch: int, t_pad: tuple[int, int],
+                 limits: tuple[int, int], grads: bool) -> Closure:  # fmt: skip
+    """``c`` with a :class:`Layout` per array for ``backend``: ``t_pad`` the padded
+    ``(Tq, Tk)``, ``limits`` the real ones; ``grads``: the arrays need gradients (a
+    score_mod's traced float arrays). Raises :class:`Unsupported` for reads the backend
+    cannot make."""
+    reads = dict(c.reads)
+    for key, r in reads.items():  # a view needs every position it reads inside the array
+        if r.kind == "view":
+            length = limits[0] if r.side == "q" else limits[1]
+            if np.shape(c.arrays[r.array])[r.axis] < length:
+                reads[key] = _as_gather(r)
+    layouts = []
+    for n, x in enumerate(c.arrays):
+        mine = {k: r for k, r in reads.items() if r.array == n}
+        kinds = {r.kind for r in mine.values()}
+        shape, dtype = tuple(np.shape(x)), jnp.result_type(x)
+        diff = grads and jnp.issubdtype(dtype, jnp.floating) and isinstance(x, jax.core.Tracer)
+        if backend == "gpu":
+            views = [r for r in mine.values() if r.kind == "view"]
+            axes = {r.axis for r in views}
+            if views and not (kinds <= {"view", "point", "gather"} and len(axes) == 1):
+                reads.update({k: _as_gather(r) for k, r in mine.items() if r.kind == "view"})
+                kinds = (kinds - {"view"}) | {"gather"}
+                views = []
+            layouts.append(_gpu_layout(shape, dtype, kinds, views, diff, t_pad))
+        else:
+            table = _table(shape, list(mine.values()))
+            if table is not None:
+                reads.update({k: dataclasses.replace(r, kind="tile") for k, r in mine.items()})
+                layouts.append(Layout(shape, dtype, _store(dtype), False, False, None, None,
+                                      False, None, "tile" if diff else None, table))  # fmt: skip
+                continue
+            layouts.append(_tpu_layout(c.name, shape, dtype, list(mine.values()), diff, batch))
+    return dataclasses.replace(c, reads=reads, layouts=tuple(layouts))
+
+
+def _gpu_layout(shape, dtype, kinds, views, diff, t_pad) -> Layout:
+    pad = None
+    if views:
+        axis = views[0].axis
+        pad = max([t_pad[0] if r.side == "q" else t_pad[1] for r in views] + [shape[axis]])
+    grad = None
+    if diff:
+        if kinds == {"view"} and all(r.side == "k" for r in views):
+            grad = "row"
+        elif kinds == {"point"}:
+            grad = "partial"
+        else:
+            grad = "atomic"
+    store = jnp.int32 if dtype == jnp.bool_ else dtype
+    return Layout(shape, dtype, store, True, False, None, None, False, pad, grad)
+
+
+def _as_gather(r: Read) -> Read:
+    """A view read as a general gather (its positions as index arrays)."""
+    return dataclasses.replace(r, kind="gather")
+
+
+def _tpu_layout(name, shape, dtype, reads, diff, batch) -> Layout:
+    what = f"{name}'s array of shape {shape}"
+    kinds = {r.kind for r in reads}
+    views = [r for r in reads if r.kind == "view"]
+    axes = {r.axis for r in views}
+    small = math.prod(shape) <= SMEM_LIMIT and all(
+        selects(r, shape) <= SELECT_LIMIT for r in reads if r.kind == "gather")  # fmt: skip
+    if not kinds <= {"view", "point", "whole", "gather"} or ("whole" in kinds and math.prod(
+            shape) != 1) or ("gather" in kinds and not small):  # fmt: skip
+        raise Unsupported(
+            f"on TPU {what} is read other than as arr[.., q_idx] / arr[.., kv_idx], at scalar "
+            f"indices or as a table of at most {SELECT_LIMIT} entries along its gathered axes "
+            "(Mosaic has no gather)"
+        )
+    if views and kinds != {"view"}:
+        raise Unsupported(f"on TPU {what} is read both as a view and at scalar indices")
+    if len(axes) > 1:
+        raise Unsupported(f"on TPU {what} is read as views along several axes")
+    smem = not views
+    if smem and math.prod(shape) > SMEM_LIMIT:
+        raise Unsupported(f"on TPU {what} read at scalar indices exceeds {SMEM_LIMIT} elements")
+    axis = axes.pop() if views else None
+    sides = {r.side for r in views}
+    per_example = bool(views) and axis != 0 and shape[0] == batch and all(
+        r.index[0][0] == "b" for r in views)  # fmt: skip
+    grad = None
+    if diff:
+        if smem:
+            grad = "partial"
+        elif sides == {"k"}:
+            grad = "row"
+        else:
+            raise Unsupported(f"on TPU the gradient of {what} read as a query view")
+    return Layout(shape, dtype, _store(dtype), False, smem, axis if "q" in sides else None,
+                  axis if "k" in sides else None, per_example, None, grad)  # fmt: skip
+
+
+def _store(dtype):
+    """Mosaic's dtype of an array's kernel input: 32-bit (float64 in interpret mode)."""
+    if dtype == jnp.float64:
+        return dtype
+    return jnp.float32 if jnp.issubdtype(dtype, jnp.floating) else jnp.int32
+
+
+def _table(shape, reads) -> Table | None:
+    """A dense table of a mod on Mosaic: read as a :class:`Table` and too large for the SMEM
+    selects (a small one is read by one select per entry)."""
+    small = math.prod(shape) <= SMEM_LIMIT and all(
+        selects(r, shape) <= SELECT_LIMIT for r in reads)  # fmt: skip
+    return None if small else table_of(reads, shape)
