@@ -19,14 +19,12 @@ from tests.conftest import make_qkv, rel_err
 from tests.test_flex import reference64
 from tests.test_pallas_mods import BACKENDS, F32_TOL, TQ, _fused, _lowered_kernels, _value_and_grads
 
-TK = BACKENDS["tpu"][2]
 
-
-def _check(q, k, v, floats, masks, dout, kw_of, causal=False):
-    """The TPU kernel (interpreted) against float64: values and gradients (in q, k, v and
+def _check(backend, q, k, v, floats, masks, dout, kw_of, causal=False):
+    """A kernel (interpreted) against float64: values and gradients (in q, k, v and
     ``floats``; ``kw_of(floats, masks)``: the mods, ``masks`` traced too)."""
     got = jax.jit(lambda q, k, v, f, m: _value_and_grads(
-        lambda q, k, v, f: _fused("tpu", q, k, v, causal=causal, **kw_of(f, m)), q, k, v, f,
+        lambda q, k, v, f: _fused(backend, q, k, v, causal=causal, **kw_of(f, m)), q, k, v, f,
         dout))(q, k, v, floats, masks)  # fmt: skip
     with jax.enable_x64(True):
         x64 = [jnp.asarray(x, jnp.float64) for x in (q, k, v, dout)]
@@ -39,31 +37,36 @@ def _check(q, k, v, floats, masks, dout, kw_of, causal=False):
         assert rel_err(g, np.asarray(r)) < F32_TOL, (n, rel_err(g, np.asarray(r)))
 
 
-def test_dense_mask_closure_and_float_table_on_the_mosaic_kernels():
+@pytest.mark.parametrize("backend", list(BACKENDS))
+def test_dense_mask_closure_and_float_table(backend):
     """``m[b, h, q_idx, kv_idx]`` (per example and head, under GQA) and a learned table
-    ``tab[h, q_idx, kv_idx]`` in a score_mod, with its gradient."""
-    q, k, v = make_qkv(2, TQ, TK, 4, 2, 16, seed=21)
+    ``tab[h, q_idx, kv_idx]`` in a score_mod, with its gradient: on Mosaic blocked like the
+    bias, on Triton pointer gathers (its gradient by atomic adds)."""
+    tk = BACKENDS[backend][2]
+    q, k, v = make_qkv(2, TQ, tk, 4, 2, 16, seed=21)
     rng = np.random.default_rng(22)
-    mask = jnp.asarray(rng.random((2, 4, TQ, TK)) > 0.3)
-    table = jnp.asarray(rng.standard_normal((4, TQ, TK)), jnp.float32)
+    mask = jnp.asarray(rng.random((2, 4, TQ, tk)) > 0.3)
+    table = jnp.asarray(rng.standard_normal((4, TQ, tk)), jnp.float32)
     dout = rng.standard_normal(q.shape).astype(np.float32)
 
     def kw_of(tab, m):
         return {"mask_mod": lambda b, h, i, j: m[b, h, i, j],
                 "score_mod": lambda s, b, h, i, j: s + tab[h, i, j]}  # fmt: skip
 
-    _check(q, k, v, table, mask, dout, kw_of, causal=True)
+    _check(backend, q, k, v, table, mask, dout, kw_of, causal=True)
 
 
-def test_drop_in_bool_mask_on_the_mosaic_kernels():
+@pytest.mark.parametrize("backend", list(BACKENDS))
+def test_drop_in_bool_mask(backend):
     """The drop-in's ``mask=`` (one ``[Tq, Tk]`` mask for every example and head: its
     broadcast axes read at constants) as the mask_mod the drop-in builds."""
-    q, k, v = make_qkv(2, TQ, TK, 2, 2, 16, seed=23)
+    tk = BACKENDS[backend][2]
+    q, k, v = make_qkv(2, TQ, tk, 2, 2, 16, seed=23)
     rng = np.random.default_rng(24)
-    mask = jnp.asarray(rng.random((TQ, TK)) > 0.5)
+    mask = jnp.asarray(rng.random((TQ, tk)) > 0.5)
     dout = rng.standard_normal(q.shape).astype(np.float32)
-    kw_of = lambda f, m: {"mask_mod": mods.bool_mask(m, 2, 2, TQ, TK)}  # noqa: E731
-    _check(q, k, v, (), mask, dout, kw_of)
+    kw_of = lambda f, m: {"mask_mod": mods.bool_mask(m, 2, 2, TQ, tk)}  # noqa: E731
+    _check(backend, q, k, v, (), mask, dout, kw_of)
 
 
 T_LOWER = 1024

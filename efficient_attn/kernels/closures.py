@@ -14,15 +14,18 @@ values):
 * ``point``: every index a scalar (``slopes[h]``, ``prefix[b]``): one load (SMEM on TPU);
 * ``gather``: other point gathers (``table[h, q - k]``): a pointer gather on Triton; on
   Mosaic (no gather) a table of at most ``SELECT_LIMIT`` entries along its gathered axes,
-  in SMEM, read by one select per entry;
+  in SMEM, read by one select per entry, or a dense table ``m[b, h, q_idx, kv_idx]``
+  (other axes at ``b``, ``h`` or constants) blocked like the dense bias (``"tile"``,
+  :mod:`efficient_attn.kernels.layouts`, which plans each backend's :class:`Layout`);
 * ``slice`` and ``whole``: a slice, or any other use of the array (Triton only).
 
 Gradients of the float arrays a ``score_mod`` closes over (:class:`Layout` ``grad``):
 the tile's reads are inputs of its ``jax.vjp`` and their cotangents are added back
 where they were read: ``"row"`` (only key views) into the key tile's rows of a
 per-program buffer, ``"partial"`` (only point reads) into a per-program copy of the
-array, both summed outside the kernel (deterministic); ``"atomic"`` (anything
-else, Triton only) by atomic adds into one buffer.
+array, ``"tile"`` (Mosaic's dense tables) into the key tile's columns of a per-program
+buffer like the bias's, all summed outside the kernel (deterministic); ``"atomic"``
+(anything else, Triton only) by atomic adds into one buffer.
 """
 
 from __future__ import annotations
