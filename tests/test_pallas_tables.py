@@ -15,6 +15,7 @@ import pytest
 
 import efficient_attn as ea
 from efficient_attn.core import mods
+from efficient_attn.kernels import closures, layouts
 from tests.conftest import make_qkv, rel_err
 from tests.test_flex import reference64
 from tests.test_pallas_mods import BACKENDS, F32_TOL, TQ, _fused, _lowered_kernels, _value_and_grads
@@ -54,6 +55,9 @@ def test_dense_mask_closure_and_float_table(backend):
                 "score_mod": lambda s, b, h, i, j: s + tab[h, i, j]}  # fmt: skip
 
     _check(backend, q, k, v, table, mask, dout, kw_of, causal=True)
+    if backend == "tpu":
+        for name, mod in kw_of(table, mask).items():
+            assert _kinds(name, mod, tk) == {"tile"}, name
 
 
 @pytest.mark.parametrize("backend", list(BACKENDS))
@@ -67,6 +71,36 @@ def test_drop_in_bool_mask(backend):
     dout = rng.standard_normal(q.shape).astype(np.float32)
     kw_of = lambda f, m: {"mask_mod": mods.bool_mask(m, 2, 2, TQ, tk)}  # noqa: E731
     _check(backend, q, k, v, (), mask, dout, kw_of)
+
+
+def test_separable_tables_on_the_mosaic_kernels():
+    """BigBird's block table ``tab[q_idx // bs, kv_idx // bs]`` (19 x 19 entries, past Mosaic's
+    selects) and a constant float table ``tab[h, q_idx // 4, kv_idx // 8]`` in a score_mod,
+    read by one-hot products: values and gradients in q, k, v against float64."""
+    tk = BACKENDS["tpu"][2]
+    q, k, v = make_qkv(2, TQ, tk, 4, 2, 16, seed=25)
+    rng = np.random.default_rng(26)
+    table = rng.standard_normal((4, -(-TQ // 4), -(-tk // 8))).astype(np.float32)
+    dout = rng.standard_normal(q.shape).astype(np.float32)
+    bigbird = mods.bigbird_mask(TQ, tk, block=8, num_random_blocks=1)
+
+    def kw_of(f, m):
+        score = lambda s, b, h, i, j: s + jnp.asarray(table)[h, i // 4, j // 8]  # noqa: E731
+        return {"mask_mod": bigbird, "score_mod": score}
+
+    _check("tpu", q, k, v, (), (), dout, kw_of)
+    for name, mod in kw_of((), ()).items():  # both read by one-hot products, not selects
+        assert _kinds(name, mod, tk) == {"onehot"}, name
+
+
+def _kinds(name, mod, tk):
+    """How the TPU kernels read ``mod``'s arrays at this file's shapes."""
+    bq, bk, _ = BACKENDS["tpu"]
+    idx = (jnp.zeros((), jnp.int32),) * 2 + (jnp.zeros((bq, bk), jnp.int32),) * 2
+    example = idx if name == "mask_mod" else (jnp.zeros((bq, bk), jnp.float32), *idx)
+    c = layouts.plan_layouts(closures.hoist(name, mod, example), "tpu", 2, (24, 256), (TQ, tk),
+                             grads=name == "score_mod")  # fmt: skip
+    return {r.kind for r in c.reads.values()}
 
 
 T_LOWER = 1024
@@ -84,6 +118,12 @@ DENSE = {
         lambda x, t: ea.attention(x, x, x, method="blockwise", causal=True,
                                   score_mod=lambda s, b, h, i, j: s + t[i, j]),
         jax.ShapeDtypeStruct((T_LOWER, T_LOWER), jnp.float32),
+    ),
+    # BigBird's table too, but its ``//`` lowers (lax.sign) only with a TPU attached
+    "separable-block-table": (
+        lambda x, t: ea.attention(x, x, x, method="blockwise",
+                                  mask_mod=lambda b, h, i, j: t[i >> 4, j >> 4]),
+        jax.ShapeDtypeStruct((T_LOWER // 16, T_LOWER // 16), jnp.bool_),
     ),
 }  # fmt: skip
 

@@ -77,6 +77,7 @@ class Read:
     index: tuple[Any, ...] = ()
     sizes: tuple[int, ...] = ()  # slice sizes
     out: tuple[int, ...] = ()  # the read's output shape
+    deps: tuple = ()  # a gather's: per axis, the tile positions its index is computed from
 
     @property
     def axis(self) -> int | None:
@@ -190,7 +191,27 @@ def _gather_read(eqn, n, producers, args, tile) -> Read:
     tags = [t for t, _ in index]
     sides = [t for t in tags if t in ("q", "k")]
     kind = "gather" if "vector" in tags or len(sides) > 1 else "view" if sides else "point"
-    return Read(kind, n, tuple(index), out=out)
+    deps = tuple(_deps(v, producers, args) if t == "vector" else frozenset({t}) & {"q", "k"}
+                 for t, v in index)  # fmt: skip
+    return Read(kind, n, tuple(index), out=out, deps=deps)
+
+
+def _deps(var, producers, args) -> frozenset:
+    """The tile positions (``"q"``, ``"k"``) an index is computed from; ``"?"`` for a value
+    of unknown source (a closed-over array's, an inner call's argument)."""
+    seen, todo, out = set(), [var], set()
+    while todo:
+        v = todo.pop()
+        if isinstance(v, jcore.Literal) or v in seen:
+            continue
+        seen.add(v)
+        if v in args:
+            out |= {args[v]} & {"q", "k"}
+        elif v in producers:
+            todo.extend(producers[v].invars)
+        else:
+            out.add("?")
+    return frozenset(out)
 
 
 def classify(eqn, markers: dict, producers: dict, args: dict, tile) -> dict[int, Read]:

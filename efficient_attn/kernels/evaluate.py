@@ -30,7 +30,8 @@ def _get(env, v):
 
 def _needs(read: cl.Read) -> list:
     """The vars a read needs from the environment (scalar indices; a gather's index arrays)."""
-    keep = ("b", "h", "scalar", "vector") if read.kind == "gather" else ("b", "h", "scalar")
+    gathers = read.kind in ("gather", "onehot")
+    keep = ("b", "h", "scalar", "vector") if gathers else ("b", "h", "scalar")
     return [v for tag, v in read.index if tag in keep and isinstance(v, jcore.Var)]
 
 
@@ -183,6 +184,8 @@ class Reader:
             x = ref[index].reshape(shape)
         elif read.kind == "tile":  # Mosaic: a dense table's slab
             x = layouts.slab_tile(self.tile, lay.tile.vary, refs["tile"])
+        elif read.kind == "onehot":  # Mosaic: a separable table, by one-hot products
+            x = self._onehot(read, env, lay, refs["tile"])
         elif read.kind == "point" or (read.kind == "whole" and lay.smem):
             idx = [0] * len(lay.shape) if read.kind == "whole" else idx
             out = lay.shape if read.kind == "whole" else out
@@ -209,6 +212,19 @@ class Reader:
             else:
                 out.append(idx[a])
         return tuple(out)
+
+    def _onehot(self, read, env, lay, ref):
+        """A separable table's tile: its row index from the tile's first column, its column
+        index from the first row (each depends on one position only)."""
+        t, pos = self.tile, {}
+        for (tag, v), (side, _) in zip(read.index, lay.tile.index, strict=True):
+            if side in ("q", "k"):
+                x = t.qi if tag == "q" else t.ki if tag == "k" else _get(env, v)
+                pos[side] = jnp.reshape(x, t.shape).astype(jnp.int32)
+        fq = jnp.min(pos["q"], axis=1, keepdims=True)
+        gk = jnp.min(pos["k"], axis=0, keepdims=True)
+        exact = lay.dtype != jnp.bool_
+        return layouts.onehot_tile(t, lay.tile, ref, fq, gk, exact)
 
     def _select(self, read, idx, lay, ref, cot=None):
         """Mosaic's gather from a small SMEM table: one select per entry along the gathered

@@ -135,7 +135,11 @@ def mod_inputs(p, c: cl.Closure | None, arrays, kernel: str) -> tuple[list, list
     for n, role in roles(c):
         lay = c.layouts[n]
         x = jnp.asarray(arrays[n]).astype(lay.store)
-        if role == "tile":
+        if role == "tile" and lay.tile.onehot is not None:  # whole, per example and head
+            pad = layouts.onehot_pad(lay.tile)
+            xs.append(layouts.canonical(x, lay.tile, p.batch, p.heads, pad, lay.tile.onehot))
+            blocks.append(_onehot_block(p, kernel, lay.tile.vary, pad))
+        elif role == "tile":
             xs.append(layouts.canonical(x, lay.tile, p.batch, p.heads, (p.tq_pad, p.tk_pad),
                                         (p.tq, p.tk)))  # fmt: skip
             blocks.append(bias_block(p, kernel, lay.tile.vary))
@@ -160,6 +164,15 @@ def mod_inputs(p, c: cl.Closure | None, arrays, kernel: str) -> tuple[list, list
             else:
                 blocks.append(Block(None, _zeros(x.ndim)))
     return xs, blocks
+
+
+def _onehot_block(p, kernel: str, vary, pad) -> Block:
+    """A separable table's block: ``[rows, cols]`` of the program's example and head (of its
+    K/V head's ``G`` query heads in dK/dV)."""
+    vb, vn = vary[:2]
+    index = lambda t, b, hh: (b if vb else 0, hh if vn else 0, 0, 0)  # noqa: E731
+    g = (p.spec.groups if vn else 1) if kernel == "dkdv" else None
+    return Block((None, g, *pad), index)
 
 
 def grad_outputs(p, c: cl.Closure) -> tuple[list, list[Block], list, dict]:

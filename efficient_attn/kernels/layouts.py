@@ -49,6 +49,7 @@ class Table:
 
     index: tuple
     vary: tuple[bool, bool, bool, bool]
+    onehot: tuple[int, int] | None = None  # a separable table's (rows, columns): see onehot_of
 
 
 def table_of(reads: list[Read], shape) -> Table | None:
@@ -64,6 +65,46 @@ def table_of(reads: list[Read], shape) -> Table | None:
         return None
     vb, vn = (any(t == w and n > 1 for t, n in zip(tags, shape, strict=True)) for w in "bh")
     return Table(index, (vb, vn, True, True))
+
+
+#: Mosaic's matmul operands: the one-hot products' table dims padded to multiples of this.
+LANES = 128
+
+
+def onehot_of(reads: list[Read], shape) -> Table | None:
+    """A separable table ``tab[f(q_idx), g(kv_idx)]`` (BigBird's block table; other indices
+    ``b``, ``h`` or constants, alike in every read), else None. The kernel reads it as
+    ``onehot(f(q)) @ tab @ onehot(g(k))^T``: ``f`` and ``g`` are computed in the tile as the
+    mod computes them, one row (column) of the tile each."""
+    if not reads or any(r.kind != "gather" for r in reads):
+        return None
+    patterns = {tuple((t, v if t == "static" else None, d)
+                      for (t, v), d in zip(r.index, r.deps, strict=True))
+                for r in reads}  # fmt: skip
+    if len(patterns) != 1:
+        return None
+    pattern = patterns.pop()
+    index = []
+    for tag, value, deps in pattern:
+        if tag in ("q", "k", "vector"):
+            if deps not in ({"q"}, {"k"}):
+                return None
+            index.append((next(iter(deps)), None))
+        elif tag in ("b", "h", "static"):
+            index.append((tag, value))
+        else:
+            return None
+    tags = [t for t, _ in index]
+    if sorted(t for t in tags if t in ("q", "k")) != ["k", "q"]:
+        return None
+    vb, vn = (any(t == w and n > 1 for t, n in zip(tags, shape, strict=True)) for w in "bh")
+    sizes = tuple(shape[tags.index(s)] for s in ("q", "k"))
+    return Table(tuple(index), (vb, vn, False, False), sizes)
+
+
+def onehot_pad(t: Table) -> tuple[int, int]:
+    """A separable table's padded ``(rows, columns)``."""
+    return tuple(-(-n // LANES) * LANES for n in t.onehot)
 
 
 def canonical(x, t: Table, batch: int, heads: int, t_pad, limits):
@@ -110,6 +151,22 @@ def add_to_column_slab(spec, vary, ref, g, i, ds) -> None:
         ref[gg] = ref[gg] + jnp.sum(ds, axis=0, keepdims=True)
 
 
+def onehot_tile(tile, t: Table, ref, fq, gk, exact: bool):
+    """A separable table's ``[bq, bk]``: ``onehot(fq) @ tab @ onehot(gk)^T`` from the row
+    indices ``fq [bq, 1]`` and column indices ``gk [1, bk]`` (clamped to the table)."""
+    spec = tile.spec
+    g = jax.lax.rem(tile.h, spec.groups) if t.vary[1] else 0
+    tab = ref[g] if tile.dkdv else ref[...]
+    rows, cols = tab.shape
+    fq = jnp.clip(fq, 0, t.onehot[0] - 1)
+    gk = jnp.clip(gk, 0, t.onehot[1] - 1)
+    oq = (fq == jax.lax.broadcasted_iota(jnp.int32, (spec.bq, rows), 1)).astype(tab.dtype)
+    ok = (jax.lax.broadcasted_iota(jnp.int32, (cols, spec.bk), 0) == gk).astype(tab.dtype)
+    prec = jax.lax.Precision.HIGHEST if exact else None
+    dot = lambda a, b: jax.lax.dot(a, b, precision=prec, preferred_element_type=tab.dtype)  # noqa: E731
+    return dot(dot(oq, tab), ok)
+
+
 def slab_tile(tile, vary, ref):
     """The tile's ``[bq, bk]`` of a table's slab, in the dK/dV kernel or another."""
     if tile.dkdv:
@@ -148,11 +205,15 @@ def plan_layouts(c: Closure, backend: str, batch: int, t_pad: tuple[int, int],
                 views = []
             layouts.append(_gpu_layout(shape, dtype, kinds, views, diff, t_pad))
         else:
-            table = _table(shape, list(mine.values()))
+            table = _table(shape, dtype, list(mine.values()))
+            if table is not None and table.onehot is not None and diff:
+                raise Unsupported(f"on TPU the gradient of {c.name}'s separable table {shape}")
             if table is not None:
-                reads.update({k: dataclasses.replace(r, kind="tile") for k, r in mine.items()})
-                layouts.append(Layout(shape, dtype, _store(dtype), False, False, None, None,
-                                      False, None, "tile" if diff else None, table))  # fmt: skip
+                kind = "tile" if table.onehot is None else "onehot"
+                reads.update({k: dataclasses.replace(r, kind=kind) for k, r in mine.items()})
+                store = _store(dtype if kind == "tile" or dtype == jnp.float64 else jnp.float32)
+                layouts.append(Layout(shape, dtype, store, False, False, None, None, False, None,
+                                      "tile" if diff else None, table))  # fmt: skip
                 continue
             layouts.append(_tpu_layout(c.name, shape, dtype, list(mine.values()), diff, batch))
     return dataclasses.replace(c, reads=reads, layouts=tuple(layouts))
@@ -225,9 +286,12 @@ def _store(dtype):
     return jnp.float32 if jnp.issubdtype(dtype, jnp.floating) else jnp.int32
 
 
-def _table(shape, reads) -> Table | None:
-    """A dense table of a mod on Mosaic: read as a :class:`Table` and too large for the SMEM
-    selects (a small one is read by one select per entry)."""
+def _table(shape, dtype, reads) -> Table | None:
+    """A dense or separable table of a mod on Mosaic (:func:`table_of`, :func:`onehot_of`)
+    too large for the SMEM selects (a small one is read by one select per entry)."""
     small = math.prod(shape) <= SMEM_LIMIT and all(
         selects(r, shape) <= SELECT_LIMIT for r in reads)  # fmt: skip
-    return None if small else table_of(reads, shape)
+    if small:
+        return None
+    exact = dtype == jnp.bool_ or jnp.issubdtype(dtype, jnp.floating)  # float32 one-hot products
+    return table_of(reads, shape) or (onehot_of(reads, shape) if exact else None)

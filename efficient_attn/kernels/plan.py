@@ -9,6 +9,7 @@ the kernels cannot run the call.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -148,7 +149,10 @@ def _check_vmem(cfg: TileConfig, spec: common.Spec, dtype, t_pad, width: int, bi
                            * (spec.bk if vk else 128))  # fmt: skip
     for c in (spec.mask, spec.score):  # the mods' dense tables: slabs like a bias's (and grads)
         for lay in () if c is None else c.layouts:
-            if lay.tile is not None:
+            if lay.tile is not None and lay.tile.onehot is not None:  # a separable table
+                g = spec.groups if lay.tile.vary[1] else 1
+                rows += 4 * g * math.prod(layouts.onehot_pad(lay.tile))
+            elif lay.tile is not None:
                 item, g = jnp.dtype(lay.store).itemsize, spec.groups if lay.tile.vary[1] else 1
                 rows += item * max(spec.bq * tk_pad, g * tq_pad * spec.bk * (1 + bool(lay.grad)))
     need = 2 * rows
