@@ -93,6 +93,25 @@ def test_separable_tables_on_the_mosaic_kernels():
         assert _kinds(name, mod, tk) == {"onehot"}, name
 
 
+def test_expanded_tables_with_gradients_on_the_mosaic_kernels():
+    """Gathers computed from the positions that are neither dense nor separable-without-a-
+    gradient: a relative-position table ``rel[h, kv_idx - q_idx + Tq - 1]`` of Tq + Tk - 1
+    entries and a learned separable table ``tab[q_idx // 4, kv_idx // 8]``, expanded outside
+    the kernels into the dense layout: values and gradients (the tables' too)."""
+    tk = BACKENDS["tpu"][2]
+    q, k, v = make_qkv(1, TQ, tk, 2, 1, 16, seed=27)
+    rng = np.random.default_rng(28)
+    rel = jnp.asarray(rng.standard_normal((2, TQ + tk - 1)), jnp.float32)
+    tab = jnp.asarray(rng.standard_normal((-(-TQ // 4), -(-tk // 8))), jnp.float32)
+    dout = rng.standard_normal(q.shape).astype(np.float32)
+
+    def kw_of(f, m):
+        rel, tab = f
+        return {"score_mod": lambda s, b, h, i, j: s + rel[h, j - i + TQ - 1] + tab[i // 4, j // 8]}
+
+    _check("tpu", q, k, v, (rel, tab), (), dout, kw_of, causal=True)
+
+
 def _kinds(name, mod, tk):
     """How the TPU kernels read ``mod``'s arrays at this file's shapes."""
     bq, bk, _ = BACKENDS["tpu"]
@@ -118,6 +137,11 @@ DENSE = {
         lambda x, t: ea.attention(x, x, x, method="blockwise", causal=True,
                                   score_mod=lambda s, b, h, i, j: s + t[i, j]),
         jax.ShapeDtypeStruct((T_LOWER, T_LOWER), jnp.float32),
+    ),
+    "relative-position-table": (
+        lambda x, rel: ea.attention(x, x, x, method="blockwise", causal=True,
+                                    score_mod=lambda s, b, h, i, j: s + rel[h, j - i + 1023]),
+        jax.ShapeDtypeStruct((4, 2 * T_LOWER - 1), jnp.float32),
     ),
     # BigBird's table too, but its ``//`` lowers (lax.sign) only with a TPU attached
     "separable-block-table": (

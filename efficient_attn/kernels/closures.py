@@ -191,14 +191,14 @@ def _gather_read(eqn, n, producers, args, tile) -> Read:
     tags = [t for t, _ in index]
     sides = [t for t in tags if t in ("q", "k")]
     kind = "gather" if "vector" in tags or len(sides) > 1 else "view" if sides else "point"
-    deps = tuple(_deps(v, producers, args) if t == "vector" else frozenset({t}) & {"q", "k"}
+    deps = tuple(_deps(v, producers, args) if t == "vector" else frozenset({t}) & set(_ARGS)
                  for t, v in index)  # fmt: skip
     return Read(kind, n, tuple(index), out=out, deps=deps)
 
 
 def _deps(var, producers, args) -> frozenset:
-    """The tile positions (``"q"``, ``"k"``) an index is computed from; ``"?"`` for a value
-    of unknown source (a closed-over array's, an inner call's argument)."""
+    """The mod's arguments (``"b"``, ``"h"``, ``"q"``, ``"k"``) an index is computed from;
+    ``"?"`` for a value of unknown source (a closed-over array's, an inner call's argument)."""
     seen, todo, out = set(), [var], set()
     while todo:
         v = todo.pop()
@@ -206,7 +206,7 @@ def _deps(var, producers, args) -> frozenset:
             continue
         seen.add(v)
         if v in args:
-            out |= {args[v]} & {"q", "k"}
+            out.add(args[v])
         elif v in producers:
             todo.extend(producers[v].invars)
         else:

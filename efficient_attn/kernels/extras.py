@@ -135,14 +135,12 @@ def mod_inputs(p, c: cl.Closure | None, arrays, kernel: str) -> tuple[list, list
     for n, role in roles(c):
         lay = c.layouts[n]
         x = jnp.asarray(arrays[n]).astype(lay.store)
-        if role == "tile" and lay.tile.onehot is not None:  # whole, per example and head
-            pad = layouts.onehot_pad(lay.tile)
-            xs.append(layouts.canonical(x, lay.tile, p.batch, p.heads, pad, lay.tile.onehot))
-            blocks.append(_onehot_block(p, kernel, lay.tile.vary, pad))
-        elif role == "tile":
-            xs.append(layouts.canonical(x, lay.tile, p.batch, p.heads, (p.tq_pad, p.tk_pad),
-                                        (p.tq, p.tk)))  # fmt: skip
-            blocks.append(bias_block(p, kernel, lay.tile.vary))
+        if role == "tile":
+            xs.append(layouts.table_input(p, c, arrays, n))
+            if lay.tile.onehot is not None:  # whole, per example and head
+                blocks.append(_onehot_block(p, kernel, lay.tile.vary, xs[-1].shape[2:]))
+            else:
+                blocks.append(bias_block(p, kernel, lay.tile.vary))
         elif role == "whole":
             x = x.reshape(1) if x.ndim == 0 else x
             if lay.pad is not None:
@@ -226,8 +224,7 @@ def array_grads(p, c: cl.Closure, bufs, arrays) -> tuple:
             vb, vn = lay.tile.vary[:2]
             shape = (p.batch if vb else 1, p.heads if vn else 1, p.tq_pad, p.tk_pad)
             g = bias_grad(p, buf, shape, jnp.float32, lay.tile.vary)
-            g = layouts.canonical_grad(arrays[n], lay.tile, p.batch, p.heads,
-                                       (p.tq_pad, p.tk_pad), (p.tq, p.tk), g)  # fmt: skip
+            g = layouts.table_grad(p, c, arrays, n, g)
         elif lay.grad == "row":
             axis = next(r.axis for r in c.reads.values() if r.array == n and r.kind == "view")
             g = buf.sum((0, 1))[..., 0, :]  # [*lead_p, Tk_pad]

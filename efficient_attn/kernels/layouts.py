@@ -28,6 +28,7 @@ from efficient_attn.kernels.closures import (
     SMEM_LIMIT,
     Closure,
     Layout,
+    Marker,
     Read,
     Unsupported,
     selects,
@@ -50,6 +51,7 @@ class Table:
     index: tuple
     vary: tuple[bool, bool, bool, bool]
     onehot: tuple[int, int] | None = None  # a separable table's (rows, columns): see onehot_of
+    expand: tuple | None = None  # the key of a read expanded outside the kernel: expansion_of
 
 
 def table_of(reads: list[Read], shape) -> Table | None:
@@ -87,9 +89,10 @@ def onehot_of(reads: list[Read], shape) -> Table | None:
     index = []
     for tag, value, deps in pattern:
         if tag in ("q", "k", "vector"):
-            if deps not in ({"q"}, {"k"}):
+            side = deps - {"b", "h"}  # scalars in a tile
+            if side not in ({"q"}, {"k"}):
                 return None
-            index.append((next(iter(deps)), None))
+            index.append((next(iter(side)), None))
         elif tag in ("b", "h", "static"):
             index.append((tag, value))
         else:
@@ -122,11 +125,71 @@ def canonical(x, t: Table, batch: int, heads: int, t_pad, limits):
     return jnp.broadcast_to(out, (out.shape[0], out.shape[1], *t_pad))
 
 
-def canonical_grad(x, t: Table, batch: int, heads: int, t_pad, limits, g):
-    """The cotangent of ``x`` from that of its :func:`canonical` table ``g``."""
-    x = jnp.asarray(x, g.dtype)
-    _, vjp = jax.vjp(lambda a: canonical(a, t, batch, heads, t_pad, limits), x)
-    return vjp(g)[0]
+#: Most elements a read is expanded to outside the kernels (:func:`expansion_of`).
+EXPAND_LIMIT = 2**27
+
+
+def expansion_of(c: Closure, key, read: Read, batch: int, heads: int, t_pad) -> Table | None:
+    """Any other gather whose indices the mod computes from ``b``, ``h`` and the positions
+    alone (a relative-position table ``tab[h, q_idx - kv_idx + T]``), the array's only read,
+    outside any inner call: expanded outside the kernels into the dense layout, by evaluating
+    the mod up to the read at every tile (None past :data:`EXPAND_LIMIT` elements)."""
+    deps = set().union(*read.deps) if read.deps else {"?"}
+    tags = {t for t, _ in read.index}
+    if len(key) != 2 or read.kind != "gather" or "?" in deps or not tags <= {
+            "q", "k", "vector", "b", "h", "static"} or math.prod(read.out) != math.prod(
+            c.tile):  # fmt: skip
+        return None
+    vb, vn = "b" in deps and batch > 1, "h" in deps and heads > 1
+    if (batch if vb else 1) * (heads if vn else 1) * math.prod(t_pad) > EXPAND_LIMIT:
+        return None
+    return Table(read.index, (vb, vn, True, True), expand=key)
+
+
+def _expand(c: Closure, arrays, t: Table, batch: int, heads: int, t_pad, limits):
+    """An expanded read (:func:`expansion_of`) as ``[B|1, N|1, Tq_pad, Tk_pad]``."""
+    k = t.expand[0]
+    eqn = c.jaxpr.eqns[k]
+    jaxpr = c.jaxpr.replace(eqns=c.jaxpr.eqns[: k + 1], outvars=[eqn.outvars[0]])
+    consts = [arrays[m.n] if isinstance(m, Marker) else m for m in c.consts]
+    (bq, bk), score = c.tile, len(c.jaxpr.invars) == 5
+
+    def tile(b, h, i, j):
+        iota = lambda d: jax.lax.broadcasted_iota(jnp.int32, (bq, bk), d)  # noqa: E731
+        qi = jnp.minimum(i * bq + iota(0), limits[0] - 1)
+        ki = jnp.minimum(j * bk + iota(1), limits[1] - 1)
+        args = (b, h, qi, ki) if not score else (jnp.zeros((bq, bk), jnp.float32), b, h, qi, ki)
+        return jax.core.eval_jaxpr(jaxpr, consts, *args)[0].reshape(bq, bk)
+
+    for axis in range(4):  # over key tiles, query tiles, heads, examples
+        tile = jax.vmap(tile, in_axes=tuple(0 if a == 3 - axis else None for a in range(4)))
+    n = (batch if t.vary[0] else 1, heads if t.vary[1] else 1)
+    out = tile(*(jnp.arange(d, dtype=jnp.int32) for d in (*n, t_pad[0] // bq, t_pad[1] // bk)))
+    return out.transpose(0, 1, 2, 4, 3, 5).reshape(*n, *t_pad)
+
+
+def table_input(p, c: Closure, arrays, n: int):
+    """Array ``n`` of ``c`` (a :class:`Table`) in the dense layout, for the plan ``p``."""
+    t, store = c.layouts[n].tile, c.layouts[n].store
+    t_pad, limits = (p.tq_pad, p.tk_pad), (p.tq, p.tk)
+    if t.expand is not None:
+        return _expand(c, arrays, t, p.batch, p.heads, t_pad, limits).astype(store)
+    x = jnp.asarray(arrays[n]).astype(store)
+    if t.onehot is not None:
+        return canonical(x, t, p.batch, p.heads, onehot_pad(t), t.onehot)
+    return canonical(x, t, p.batch, p.heads, t_pad, limits)
+
+
+def table_grad(p, c: Closure, arrays, n: int, g):
+    """The cotangent of array ``n`` from that of its dense table ``g`` (:func:`table_input`)."""
+    x = jnp.asarray(arrays[n], g.dtype)
+
+    def dense(a):
+        with_a = list(arrays)
+        with_a[n] = a
+        return table_input(p, c, with_a, n).astype(g.dtype)
+
+    return jax.vjp(dense, x)[1](g)[0]
 
 
 def row_slab_tile(spec, vary, ref, j):
@@ -179,11 +242,11 @@ def slab_tile(tile, vary, ref):
 
 
 def plan_layouts(c: Closure, backend: str, batch: int, t_pad: tuple[int, int],
-                 limits: tuple[int, int], grads: bool) -> Closure:  # fmt: skip
+                 limits: tuple[int, int], grads: bool, heads: int = 1) -> Closure:  # fmt: skip
     """``c`` with a :class:`Layout` per array for ``backend``: ``t_pad`` the padded
     ``(Tq, Tk)``, ``limits`` the real ones; ``grads``: the arrays need gradients (a
-    score_mod's traced float arrays). Raises :class:`Unsupported` for reads the backend
-    cannot make."""
+    score_mod's traced float arrays); ``batch``, ``heads``: the call's. Raises
+    :class:`Unsupported` for reads the backend cannot make."""
     reads = dict(c.reads)
     for key, r in reads.items():  # a view needs every position it reads inside the array
         if r.kind == "view":
@@ -205,9 +268,10 @@ def plan_layouts(c: Closure, backend: str, batch: int, t_pad: tuple[int, int],
                 views = []
             layouts.append(_gpu_layout(shape, dtype, kinds, views, diff, t_pad))
         else:
-            table = _table(shape, dtype, list(mine.values()))
-            if table is not None and table.onehot is not None and diff:
-                raise Unsupported(f"on TPU the gradient of {c.name}'s separable table {shape}")
+            table = _table(shape, dtype, list(mine.values()), diff)
+            if table is None and len(mine) == 1 and not _small(shape, mine.values()):
+                ((key, read),) = mine.items()
+                table = expansion_of(c, key, read, batch, heads, t_pad)
             if table is not None:
                 kind = "tile" if table.onehot is None else "onehot"
                 reads.update({k: dataclasses.replace(r, kind=kind) for k, r in mine.items()})
@@ -246,8 +310,7 @@ def _tpu_layout(name, shape, dtype, reads, diff, batch) -> Layout:
     kinds = {r.kind for r in reads}
     views = [r for r in reads if r.kind == "view"]
     axes = {r.axis for r in views}
-    small = math.prod(shape) <= SMEM_LIMIT and all(
-        selects(r, shape) <= SELECT_LIMIT for r in reads if r.kind == "gather")  # fmt: skip
+    small = _small(shape, reads)
     if not kinds <= {"view", "point", "whole", "gather"} or ("whole" in kinds and math.prod(
             shape) != 1) or ("gather" in kinds and not small):  # fmt: skip
         raise Unsupported(
@@ -286,12 +349,16 @@ def _store(dtype):
     return jnp.float32 if jnp.issubdtype(dtype, jnp.floating) else jnp.int32
 
 
-def _table(shape, dtype, reads) -> Table | None:
-    """A dense or separable table of a mod on Mosaic (:func:`table_of`, :func:`onehot_of`)
-    too large for the SMEM selects (a small one is read by one select per entry)."""
-    small = math.prod(shape) <= SMEM_LIMIT and all(
-        selects(r, shape) <= SELECT_LIMIT for r in reads)  # fmt: skip
-    if small:
+def _small(shape, reads) -> bool:
+    """Small enough for Mosaic's SMEM selects (one select per entry)."""
+    return math.prod(shape) <= SMEM_LIMIT and all(
+        selects(r, shape) <= SELECT_LIMIT for r in reads if r.kind == "gather")  # fmt: skip
+
+
+def _table(shape, dtype, reads, diff: bool) -> Table | None:
+    """A dense or separable table of a mod on Mosaic (:func:`table_of`, :func:`onehot_of`;
+    one with a gradient is expanded instead) too large for the SMEM selects."""
+    if _small(shape, reads):
         return None
     exact = dtype == jnp.bool_ or jnp.issubdtype(dtype, jnp.floating)  # float32 one-hot products
-    return table_of(reads, shape) or (onehot_of(reads, shape) if exact else None)
+    return table_of(reads, shape) or (onehot_of(reads, shape) if exact and not diff else None)

@@ -105,7 +105,7 @@ def plan(q, k, v, *, scale, block_mask: _bm.BlockMask, kv_len, score_mod, backen
     limits = (tq, tk)
     mask = closures.hoist("mask_mod", mask_mod, idx)
     if mask is not None:
-        mask = layouts.plan_layouts(mask, backend, b, t_pad, limits, grads=False)
+        mask = layouts.plan_layouts(mask, backend, b, t_pad, limits, grads=False, heads=n)
     score = closures.hoist("score_mod", score_mod, (jnp.zeros((bq, bk), jnp.float32), *idx))
     if score is not None:
         if score.out.shape != (bq, bk) or score.out.dtype != jnp.float32:
@@ -113,7 +113,7 @@ def plan(q, k, v, *, scale, block_mask: _bm.BlockMask, kv_len, score_mod, backen
                 f"score_mod must return an array of score's shape and dtype {(bq, bk)} float32; "
                 f"it returned {score.out.shape} {score.out.dtype}"
             )
-        score = layouts.plan_layouts(score, backend, b, t_pad, limits, grads=True)
+        score = layouts.plan_layouts(score, backend, b, t_pad, limits, grads=True, heads=n)
     for c in (mask, score):
         if c is not None:
             evaluate.check_values(c, backend)
