@@ -14,9 +14,10 @@ values):
 * ``point``: every index a scalar (``slopes[h]``, ``prefix[b]``): one load (SMEM on TPU);
 * ``gather``: other point gathers (``table[h, q - k]``): a pointer gather on Triton; on
   Mosaic (no gather) a table of at most ``SELECT_LIMIT`` entries along its gathered axes,
-  in SMEM, read by one select per entry, or a dense table ``m[b, h, q_idx, kv_idx]``
-  (other axes at ``b``, ``h`` or constants) blocked like the dense bias (``"tile"``,
-  :mod:`efficient_attn.kernels.layouts`, which plans each backend's :class:`Layout`);
+  in SMEM, read by one select per entry; larger ones dense (``m[b, h, q_idx, kv_idx]``,
+  blocked like the dense bias), separable (``tab[q_idx // bs, kv_idx // bs]``, by one-hot
+  products) or expanded outside the kernels (:mod:`efficient_attn.kernels.layouts`,
+  which plans each backend's :class:`Layout`);
 * ``slice`` and ``whole``: a slice, or any other use of the array (Triton only).
 
 Gradients of the float arrays a ``score_mod`` closes over (:class:`Layout` ``grad``):

@@ -2,15 +2,24 @@
 
 Triton takes the array itself (loads and pointer gathers). Mosaic has no gather:
 views travel as a column ``[Tq_pad, 1]`` / row ``[1, Tk_pad]`` copy, arrays read at
-scalar indices and small tables in SMEM (:mod:`efficient_attn.kernels.closures`),
-and an array read as a dense table ``arr[.., q_idx, .., kv_idx]`` (its other axes at
-``b``, ``h`` or constants: a dense mask ``m[b, h, q_idx, kv_idx]``, the drop-in's
-boolean ``mask=``, a float table in a ``score_mod``) as a :class:`Table`: gathered
-once outside the kernels into the dense bias's layout ``[B|1, N|1, Tq_pad, Tk_pad]``
-and blocked as the bias is (:func:`efficient_attn.kernels.extras.bias_block`): a query
-tile's row slab ``[bq, Tk_pad]`` (forward, dQ), a key tile's column slab
-``[G|1, Tq_pad, bk]`` (dK/dV); its gradient a per-program column buffer like the
-bias's, summed outside and carried back to the array through the gather's VJP.
+scalar indices and small tables in SMEM (:mod:`efficient_attn.kernels.closures`);
+larger tables a mod gathers from become a :class:`Table`:
+
+* dense, ``arr[.., q_idx, .., kv_idx]`` (other axes at ``b``, ``h`` or constants: a
+  dense mask ``m[b, h, q_idx, kv_idx]``, the drop-in's boolean ``mask=``, a float table
+  in a ``score_mod``): gathered once outside the kernels into the dense bias's layout
+  ``[B|1, N|1, Tq_pad, Tk_pad]`` and blocked as the bias is
+  (:func:`efficient_attn.kernels.extras.bias_block`): a query tile's row slab
+  ``[bq, Tk_pad]`` (forward, dQ), a key tile's column slab ``[G|1, Tq_pad, bk]`` (dK/dV);
+  its gradient a per-program column buffer like the bias's, summed outside and carried
+  back to the array through the gather's VJP;
+* separable, ``tab[f(q_idx), g(kv_idx)]`` (BigBird's block table) without a gradient:
+  the whole table per example and head (padded to 128 x 128 multiples), read by one-hot
+  products ``onehot(f) @ tab @ onehot(g)^T`` (exact: float32, HIGHEST precision);
+* any other gather whose indices the mod computes from ``b``, ``h`` and the positions
+  (a relative-position table ``rel[h, kv_idx - q_idx + T]``, a separable table with a
+  gradient): the read evaluated outside the kernels at every tile into the dense layout
+  (at most :data:`EXPAND_LIMIT` elements), then read and differentiated as a dense table.
 """
 
 from __future__ import annotations
