@@ -112,6 +112,24 @@ def test_expanded_tables_with_gradients_on_the_mosaic_kernels():
     _check("tpu", q, k, v, (rel, tab), (), dout, kw_of, causal=True)
 
 
+def test_expanded_points_and_query_views_with_gradients_on_the_mosaic_kernels():
+    """A learned array of more than SMEM's 4096 elements read at scalar indices
+    (``big[h * 1000 + b]``) and a learned per-query temperature ``temp[b, q_idx]``, both
+    expanded (``[B|1, N|1, 1, 1]`` and ``[B, 1, Tq_pad, 1]``): values and gradients."""
+    tk = BACKENDS["tpu"][2]
+    q, k, v = make_qkv(2, TQ, tk, 4, 2, 16, seed=29)
+    rng = np.random.default_rng(30)
+    big = jnp.asarray(1 + 0.3 * rng.standard_normal(5000), jnp.float32)
+    temp = jnp.asarray(1 + 0.3 * rng.standard_normal((2, TQ)), jnp.float32)
+    dout = rng.standard_normal(q.shape).astype(np.float32)
+
+    def kw_of(f, m):
+        big, temp = f
+        return {"score_mod": lambda s, b, h, i, j: s * temp[b, i] * big[h * 1000 + b]}
+
+    _check("tpu", q, k, v, (big, temp), (), dout, kw_of)
+
+
 def _kinds(name, mod, tk):
     """How the TPU kernels read ``mod``'s arrays at this file's shapes."""
     bq, bk, _ = BACKENDS["tpu"]
@@ -142,6 +160,16 @@ DENSE = {
         lambda x, rel: ea.attention(x, x, x, method="blockwise", causal=True,
                                     score_mod=lambda s, b, h, i, j: s + rel[h, j - i + 1023]),
         jax.ShapeDtypeStruct((4, 2 * T_LOWER - 1), jnp.float32),
+    ),
+    "per-query-temperature": (
+        lambda x, t: ea.attention(x, x, x, method="blockwise", causal=True,
+                                  score_mod=lambda s, b, h, i, j: s * t[b, i]),
+        jax.ShapeDtypeStruct((2, T_LOWER), jnp.float32),
+    ),
+    "large-point-reads": (
+        lambda x, big: ea.attention(x, x, x, method="blockwise", causal=True,
+                                    score_mod=lambda s, b, h, i, j: s * big[h * 1000 + b]),
+        jax.ShapeDtypeStruct((5000,), jnp.float32),
     ),
     # BigBird's table too, but its ``//`` lowers (lax.sign) only with a TPU attached
     "separable-block-table": (

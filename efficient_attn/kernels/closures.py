@@ -192,8 +192,8 @@ def _gather_read(eqn, n, producers, args, tile) -> Read:
     tags = [t for t, _ in index]
     sides = [t for t in tags if t in ("q", "k")]
     kind = "gather" if "vector" in tags or len(sides) > 1 else "view" if sides else "point"
-    deps = tuple(_deps(v, producers, args) if t == "vector" else frozenset({t}) & set(_ARGS)
-                 for t, v in index)  # fmt: skip
+    deps = tuple(_deps(v, producers, args) if t in ("vector", "scalar") else frozenset({t})
+                 & set(_ARGS) for t, v in index)  # fmt: skip
     return Read(kind, n, tuple(index), out=out, deps=deps)
 
 
@@ -226,7 +226,8 @@ def classify(eqn, markers: dict, producers: dict, args: dict, tile) -> dict[int,
         starts = tuple(("scalar", v) for v in eqn.invars[1:])
         sizes = tuple(eqn.params["slice_sizes"])
         kind = "point" if all(s == 1 for s in sizes) else "slice"
-        return {0: Read(kind, marked[0], starts, sizes, out)}
+        deps = tuple(_deps(v, producers, args) for v in eqn.invars[1:])
+        return {0: Read(kind, marked[0], starts, sizes, out, deps)}
     if name == "slice" and list(marked) == [0] and eqn.params.get("strides") in (None, (1,) * _rank(
             eqn.invars[0])):  # fmt: skip
         starts = tuple(("static", s) for s in eqn.params["start_indices"])

@@ -184,6 +184,7 @@ class Reader:
             x = ref[index].reshape(shape)
         elif read.kind == "tile":  # Mosaic: a dense table's slab
             x = layouts.slab_tile(self.tile, lay.tile.vary, refs["tile"])
+            x = x.reshape(()) if x.size == 1 else x
         elif read.kind == "onehot":  # Mosaic: a separable table, by one-hot products
             x = self._onehot(read, env, lay, refs["tile"])
         elif read.kind == "point" or (read.kind == "whole" and lay.smem):
@@ -264,9 +265,7 @@ class Reader:
                 at = (*lead, slice(None), slice(None))
                 ref[at] = ref[at] + row
             elif lay.grad == "tile":  # the dK/dV kernel's column slab
-                g = jax.lax.rem(self.tile.h, self.tile.spec.groups)
-                ds = cot.reshape(self.tile.shape)
-                layouts.add_to_column_slab(self.tile.spec, lay.tile.vary, ref, g, self.tile.i, ds)
+                self._add_to_slab(lay.tile.vary, ref, cot)
             elif lay.grad == "partial" and read.kind == "gather":  # Mosaic's SMEM table
                 self._select(read, idx, lay, ref, cot.reshape(read.out))
             elif lay.grad == "partial":
@@ -274,6 +273,21 @@ class Reader:
                 ref[at] = ref[at] + jnp.sum(cot)
             else:
                 self._atomic(read, ref, idx, cot, lay)
+
+    def _add_to_slab(self, vary, ref, cot) -> None:
+        """Add a table read's cotangent to the key tile's column slab ``[G|1, Tq_pad|1, bk]``
+        (summed over what the table broadcasts along; one along keys goes to column 0)."""
+        t = self.tile
+        bk = t.shape[1]
+        ds = cot.reshape(t.shape) if cot.size > 1 else cot.reshape(1, 1)
+        if not vary[2] and ds.shape[0] > 1:
+            ds = jnp.sum(ds, axis=0, keepdims=True)
+        if not vary[3]:
+            ds = jnp.sum(ds, axis=1, keepdims=True)
+            first = jax.lax.broadcasted_iota(jnp.int32, (ds.shape[0], bk), 1) == 0
+            ds = jnp.where(first, ds, 0.0)
+        g = jax.lax.rem(t.h, t.spec.groups)
+        layouts.add_to_column_slab(t.spec, vary, ref, g, t.i, ds)
 
     def _atomic(self, read, ref, idx, cot, lay) -> None:
         """Triton: add ``cot`` where ``read`` read, atomically (one buffer for every program)."""

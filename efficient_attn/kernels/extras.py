@@ -115,6 +115,8 @@ def bias_grad(p, buf, bias_shape, dtype, vary=None):
         g = g.sum(0, keepdims=True)
     if not vq:
         g = g.sum(2, keepdims=True)
+    if vary is not None and not vary[3]:  # a table constant along keys: column sums
+        g = g.sum(3, keepdims=True)
     g = g[:, :, : bias_shape[2], : bias_shape[3]]
     return g.astype(dtype)
 
@@ -221,8 +223,9 @@ def array_grads(p, c: cl.Closure, bufs, arrays) -> tuple:
     for n, buf in zip(p.spec.grads_of_score(), bufs, strict=True):
         lay = c.layouts[n]
         if lay.grad == "tile":
-            vb, vn = lay.tile.vary[:2]
-            shape = (p.batch if vb else 1, p.heads if vn else 1, p.tq_pad, p.tk_pad)
+            vb, vn, vq, vk = lay.tile.vary
+            shape = (p.batch if vb else 1, p.heads if vn else 1, p.tq_pad if vq else 1,
+                     p.tk_pad if vk else 1)  # fmt: skip
             g = bias_grad(p, buf, shape, jnp.float32, lay.tile.vary)
             g = layouts.table_grad(p, c, arrays, n, g)
         elif lay.grad == "row":

@@ -139,24 +139,25 @@ EXPAND_LIMIT = 2**27
 
 
 def expansion_of(c: Closure, key, read: Read, batch: int, heads: int, t_pad) -> Table | None:
-    """Any other gather whose indices the mod computes from ``b``, ``h`` and the positions
-    alone (a relative-position table ``tab[h, q_idx - kv_idx + T]``), the array's only read,
-    outside any inner call: expanded outside the kernels into the dense layout, by evaluating
-    the mod up to the read at every tile (None past :data:`EXPAND_LIMIT` elements)."""
+    """Any other read whose indices the mod computes from ``b``, ``h`` and the positions
+    alone (a relative-position table ``tab[h, q_idx - kv_idx + T]``; a large array read at
+    scalar indices; a query view that needs its gradient), the array's only read, outside
+    any inner call: expanded outside the kernels into the dense layout
+    ``[B|1, N|1, Tq_pad|1, Tk_pad|1]`` (what it depends on), by evaluating the mod up to the
+    read at every tile (None past :data:`EXPAND_LIMIT` elements)."""
     deps = set().union(*read.deps) if read.deps else {"?"}
-    tags = {t for t, _ in read.index}
-    if len(key) != 2 or read.kind != "gather" or "?" in deps or not tags <= {
-            "q", "k", "vector", "b", "h", "static"} or math.prod(read.out) != math.prod(
-            c.tile):  # fmt: skip
+    if len(key) != 2 or read.kind not in ("gather", "view", "point") or "?" in deps or (
+            math.prod(read.out) not in (1, math.prod(c.tile))):  # fmt: skip
         return None
-    vb, vn = "b" in deps and batch > 1, "h" in deps and heads > 1
-    if (batch if vb else 1) * (heads if vn else 1) * math.prod(t_pad) > EXPAND_LIMIT:
+    vary = ("b" in deps and batch > 1, "h" in deps and heads > 1, "q" in deps, "k" in deps)
+    size = [batch, heads, *t_pad]
+    if math.prod(n for n, v in zip(size, vary, strict=True) if v) > EXPAND_LIMIT:
         return None
-    return Table(read.index, (vb, vn, True, True), expand=key)
+    return Table(read.index, vary, expand=key)
 
 
 def _expand(c: Closure, arrays, t: Table, batch: int, heads: int, t_pad, limits):
-    """An expanded read (:func:`expansion_of`) as ``[B|1, N|1, Tq_pad, Tk_pad]``."""
+    """An expanded read (:func:`expansion_of`) as ``[B|1, N|1, Tq_pad|1, Tk_pad|1]``."""
     k = t.expand[0]
     eqn = c.jaxpr.eqns[k]
     jaxpr = c.jaxpr.replace(eqns=c.jaxpr.eqns[: k + 1], outvars=[eqn.outvars[0]])
@@ -168,13 +169,17 @@ def _expand(c: Closure, arrays, t: Table, batch: int, heads: int, t_pad, limits)
         qi = jnp.minimum(i * bq + iota(0), limits[0] - 1)
         ki = jnp.minimum(j * bk + iota(1), limits[1] - 1)
         args = (b, h, qi, ki) if not score else (jnp.zeros((bq, bk), jnp.float32), b, h, qi, ki)
-        return jax.core.eval_jaxpr(jaxpr, consts, *args)[0].reshape(bq, bk)
+        x = jax.core.eval_jaxpr(jaxpr, consts, *args)[0]
+        x = jnp.broadcast_to(x.reshape((bq, bk) if x.size > 1 else (1, 1)), (bq, bk))
+        return x[: bq if t.vary[2] else 1, : bk if t.vary[3] else 1]
 
     for axis in range(4):  # over key tiles, query tiles, heads, examples
         tile = jax.vmap(tile, in_axes=tuple(0 if a == 3 - axis else None for a in range(4)))
-    n = (batch if t.vary[0] else 1, heads if t.vary[1] else 1)
-    out = tile(*(jnp.arange(d, dtype=jnp.int32) for d in (*n, t_pad[0] // bq, t_pad[1] // bk)))
-    return out.transpose(0, 1, 2, 4, 3, 5).reshape(*n, *t_pad)
+    sizes = (batch, heads, t_pad[0] // bq, t_pad[1] // bk)
+    n = [d if v else 1 for d, v in zip(sizes, t.vary, strict=True)]
+    out = tile(*(jnp.arange(d, dtype=jnp.int32) for d in n))
+    return out.transpose(0, 1, 2, 4, 3, 5).reshape(n[0], n[1], n[2] * out.shape[4],
+                                                   n[3] * out.shape[5])  # fmt: skip
 
 
 def table_input(p, c: Closure, arrays, n: int):
@@ -278,7 +283,7 @@ def plan_layouts(c: Closure, backend: str, batch: int, t_pad: tuple[int, int],
             layouts.append(_gpu_layout(shape, dtype, kinds, views, diff, t_pad))
         else:
             table = _table(shape, dtype, list(mine.values()), diff)
-            if table is None and len(mine) == 1 and not _small(shape, mine.values()):
+            if table is None and len(mine) == 1 and _expands(shape, *mine.values(), diff):
                 ((key, read),) = mine.items()
                 table = expansion_of(c, key, read, batch, heads, t_pad)
             if table is not None:
@@ -362,6 +367,14 @@ def _small(shape, reads) -> bool:
     """Small enough for Mosaic's SMEM selects (one select per entry)."""
     return math.prod(shape) <= SMEM_LIMIT and all(
         selects(r, shape) <= SELECT_LIMIT for r in reads if r.kind == "gather")  # fmt: skip
+
+
+def _expands(shape, read: Read, diff: bool) -> bool:
+    """Whether Mosaic expands the array's one read (:func:`expansion_of`): a gather too large
+    for the selects, a point read too large for SMEM, a query view with a gradient."""
+    return (read.kind == "gather" and not _small(shape, [read])) or (
+        read.kind == "point" and math.prod(shape) > SMEM_LIMIT) or (
+        diff and read.kind == "view" and read.side == "q")  # fmt: skip
 
 
 def _table(shape, dtype, reads, diff: bool) -> Table | None:

@@ -153,8 +153,11 @@ def _check_vmem(cfg: TileConfig, spec: common.Spec, dtype, t_pad, width: int, bi
                 g = spec.groups if lay.tile.vary[1] else 1
                 rows += 4 * g * math.prod(layouts.onehot_pad(lay.tile))
             elif lay.tile is not None:
-                item, g = jnp.dtype(lay.store).itemsize, spec.groups if lay.tile.vary[1] else 1
-                rows += item * max(spec.bq * tk_pad, g * tq_pad * spec.bk * (1 + bool(lay.grad)))
+                _, vn, vq, vk = lay.tile.vary
+                g, tq_b = spec.groups if vn else 1, tq_pad if vq else 8
+                rows += 4 * max((spec.bq if vq else 8) * (tk_pad if vk else 128),
+                                g * tq_b * (spec.bk if vk else 128) + bool(lay.grad) * g * tq_b
+                                * spec.bk)  # fmt: skip
     need = 2 * rows
     if need > limit // 2:
         raise Unsupported(
