@@ -16,10 +16,12 @@ larger tables a mod gathers from become a :class:`Table`:
 * separable, ``tab[f(q_idx), g(kv_idx)]`` (BigBird's block table) without a gradient:
   the whole table per example and head (padded to 128 x 128 multiples), read by one-hot
   products ``onehot(f) @ tab @ onehot(g)^T`` (exact: float32, HIGHEST precision);
-* any other gather whose indices the mod computes from ``b``, ``h`` and the positions
-  (a relative-position table ``rel[h, kv_idx - q_idx + T]``, a separable table with a
-  gradient): the read evaluated outside the kernels at every tile into the dense layout
-  (at most :data:`EXPAND_LIMIT` elements), then read and differentiated as a dense table.
+* any other read (an array's only one) whose indices the mod computes from ``b``, ``h``
+  and the positions (a relative-position table ``rel[h, kv_idx - q_idx + T]``, a
+  separable table with a gradient, a large array read at scalar indices, a query view
+  with a gradient): the read evaluated outside the kernels at every tile into the dense
+  layout along what it depends on (at most :data:`EXPAND_LIMIT` elements), then read and
+  differentiated as a dense table.
 """
 
 from __future__ import annotations
