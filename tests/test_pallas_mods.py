@@ -26,8 +26,8 @@ TQ = 21
 
 
 def _fused(backend, q, k, v, *, causal=False, mask_mod=None, score_mod=None, bias=None,
-           dropout=None, kv_lengths=None, scale=0.3):  # fmt: skip
-    bq, bk, _ = BACKENDS[backend]
+           dropout=None, kv_lengths=None, scale=0.3, tiles=None):  # fmt: skip
+    bq, bk = tiles or BACKENDS[backend][:2]
     b, tq, n = q.shape[:3]
     bm = engine.plan_block_mask(tq, k.shape[1], batch=b, heads=n, causal=causal,
                                 mask_mod=mask_mod, block_q=bq, block_k=bk)  # fmt: skip

@@ -21,12 +21,12 @@ from tests.test_flex import reference64
 from tests.test_pallas_mods import BACKENDS, F32_TOL, TQ, _fused, _lowered_kernels, _value_and_grads
 
 
-def _check(backend, q, k, v, floats, masks, dout, kw_of, causal=False):
+def _check(backend, q, k, v, floats, masks, dout, kw_of, causal=False, tiles=None):
     """A kernel (interpreted) against float64: values and gradients (in q, k, v and
     ``floats``; ``kw_of(floats, masks)``: the mods, ``masks`` traced too)."""
     got = jax.jit(lambda q, k, v, f, m: _value_and_grads(
-        lambda q, k, v, f: _fused(backend, q, k, v, causal=causal, **kw_of(f, m)), q, k, v, f,
-        dout))(q, k, v, floats, masks)  # fmt: skip
+        lambda q, k, v, f: _fused(backend, q, k, v, causal=causal, tiles=tiles, **kw_of(f, m)),
+        q, k, v, f, dout))(q, k, v, floats, masks)  # fmt: skip
     with jax.enable_x64(True):
         x64 = [jnp.asarray(x, jnp.float64) for x in (q, k, v, dout)]
         f64 = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), floats)
@@ -71,6 +71,8 @@ def test_drop_in_bool_mask(backend):
     dout = rng.standard_normal(q.shape).astype(np.float32)
     kw_of = lambda f, m: {"mask_mod": mods.bool_mask(m, 2, 2, TQ, tk)}  # noqa: E731
     _check(backend, q, k, v, (), mask, dout, kw_of)
+    if backend == "tpu":  # 16-row query tiles: the mask's slabs in bfloat16
+        _check(backend, q, k, v, (), mask, dout, kw_of, tiles=(16, 128))
 
 
 def test_separable_tables_on_the_mosaic_kernels():

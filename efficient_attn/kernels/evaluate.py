@@ -184,6 +184,7 @@ class Reader:
             x = ref[index].reshape(shape)
         elif read.kind == "tile":  # Mosaic: a dense table's slab
             x = layouts.slab_tile(self.tile, lay.tile.vary, refs["tile"])
+            x = x.astype(jnp.float32) if x.dtype == jnp.bfloat16 else x  # a dense mask's slab
             x = x.reshape(()) if x.size == 1 else x
         elif read.kind == "onehot":  # Mosaic: a separable table, by one-hot products
             x = self._onehot(read, env, lay, refs["tile"])

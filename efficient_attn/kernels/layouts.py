@@ -292,6 +292,9 @@ def plan_layouts(c: Closure, backend: str, batch: int, t_pad: tuple[int, int],
                 kind = "tile" if table.onehot is None else "onehot"
                 reads.update({k: dataclasses.replace(r, kind=kind) for k, r in mine.items()})
                 store = _store(dtype if kind == "tile" or dtype == jnp.float64 else jnp.float32)
+                if kind == "tile" and dtype == jnp.bool_ and all(table.vary[2:]) and (
+                        c.tile[0] % 16 == 0):  # fmt: skip
+                    store = jnp.bfloat16  # a dense mask: half an int32 slab (16-bit: 16 rows)
                 layouts.append(Layout(shape, dtype, store, False, False, None, None, False, None,
                                       "tile" if diff else None, table))  # fmt: skip
                 continue

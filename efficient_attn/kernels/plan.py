@@ -155,9 +155,10 @@ def _check_vmem(cfg: TileConfig, spec: common.Spec, dtype, t_pad, width: int, bi
             elif lay.tile is not None:
                 _, vn, vq, vk = lay.tile.vary
                 g, tq_b = spec.groups if vn else 1, tq_pad if vq else 8
-                rows += 4 * max((spec.bq if vq else 8) * (tk_pad if vk else 128),
-                                g * tq_b * (spec.bk if vk else 128) + bool(lay.grad) * g * tq_b
-                                * spec.bk)  # fmt: skip
+                slab = max((spec.bq if vq else 8) * (tk_pad if vk else 128),
+                           g * tq_b * (spec.bk if vk else 128))  # fmt: skip
+                grad = 4 * g * tq_b * spec.bk if lay.grad else 0
+                rows += jnp.dtype(lay.store).itemsize * slab + grad
     need = 2 * rows
     if need > limit // 2:
         raise Unsupported(
