@@ -1,8 +1,11 @@
-"""Dense tables a mod reads at ``[.., q_idx, .., kv_idx]`` in the Mosaic kernels.
+"""Tables a mod gathers from, in the Mosaic kernels (which have no gather).
 
-A dense mask (``m[b, h, q_idx, kv_idx]``, the drop-in's boolean ``mask=``) or a
-float table in a ``score_mod`` enters the TPU kernels blocked like the dense bias
-(:mod:`efficient_attn.kernels.layouts`): interpreted against float64, values and
+A dense table ``[.., q_idx, .., kv_idx]`` (a dense mask ``m[b, h, q_idx, kv_idx]``, the
+drop-in's boolean ``mask=``, a float table in a ``score_mod``) enters the TPU kernels
+blocked like the dense bias; a separable one (BigBird's block table) is read by one-hot
+products; other reads computed from the positions (relative-position tables, large
+arrays at scalar indices, query views with a gradient) are expanded outside the kernels
+(:mod:`efficient_attn.kernels.layouts`). Interpreted against float64, values and
 gradients, and lowered for TPU without a fallback.
 """
 
@@ -143,7 +146,7 @@ def _kinds(name, mod, tk):
 
 
 T_LOWER = 1024
-DENSE = {
+TABLES = {
     "drop-in-bool-mask": (
         lambda x, m: ea.dot_product_attention(x, x, x, mask=m),
         jax.ShapeDtypeStruct((2, 1, T_LOWER, T_LOWER), jnp.bool_),
@@ -182,10 +185,10 @@ DENSE = {
 }  # fmt: skip
 
 
-@pytest.mark.parametrize("name", list(DENSE))
-def test_dense_tables_lower_to_the_mosaic_kernels_only(name):
+@pytest.mark.parametrize("name", list(TABLES))
+def test_tables_lower_to_the_mosaic_kernels_only(name):
     x = jax.ShapeDtypeStruct((2, T_LOWER, 4, 64), jnp.bfloat16)
-    fn, arg = DENSE[name]
+    fn, arg = TABLES[name]
     fwd, bwd, fell_back = _lowered_kernels("tpu", fn, x, arg)
     assert fwd == {"forward"} and bwd == {"forward", "dkdv", "dq"}, (name, fwd, bwd)
     assert fell_back == (), (name, fell_back)
