@@ -51,13 +51,14 @@ def aligned(start, n: int):
     return start if isinstance(start, int) else pl.multiple_of(start, n)
 
 
-# ---- dense tables on Mosaic ------------------------------------------------------------
+# ---- tables on Mosaic ------------------------------------------------------------------
 
 
 @dataclasses.dataclass(frozen=True)
 class Table:
-    """An array read as ``arr[.., q_idx, .., kv_idx]``: per axis ``("q"|"k"|"b"|"h", None)``
-    or ``("static", value)``; ``vary``: along ``(B, N, Tq, Tk)``, as ``Spec.bias``."""
+    """How Mosaic reads an array a mod gathers from (see the module): ``index`` per axis
+    ``("q"|"k"|"b"|"h", None)`` or ``("static", value)`` (an expanded read's own index);
+    ``vary``: its kernel input varies along ``(B, N, Tq, Tk)``, as ``Spec.bias``."""
 
     index: tuple
     vary: tuple[bool, bool, bool, bool]
