@@ -135,6 +135,29 @@ def test_expanded_points_and_query_views_with_gradients_on_the_mosaic_kernels():
     _check("tpu", q, k, v, (big, temp), (), dout, kw_of)
 
 
+def test_tables_indexed_by_other_arrays_on_the_mosaic_kernels():
+    """A table read at indices another closed-over array gives (document-pair tables
+    ``pair[seg_q[b, q_idx], seg_k[b, kv_idx]]``): a boolean one by one-hot products, a
+    learned float one expanded (with its gradient)."""
+    tk = BACKENDS["tpu"][2]
+    q, k, v = make_qkv(2, TQ, tk, 2, 1, 16, seed=31)
+    rng = np.random.default_rng(32)
+    seg_q, seg_k = rng.integers(0, 12, (2, TQ)), rng.integers(0, 12, (2, tk))
+    pair = jnp.asarray(rng.random((12, 12)) > 0.3)
+    weight = jnp.asarray(rng.standard_normal((12, 12)), jnp.float32)
+    dout = rng.standard_normal(q.shape).astype(np.float32)
+
+    def kw_of(w, m):
+        sq, sk = jnp.asarray(seg_q), jnp.asarray(seg_k)
+        return {"mask_mod": lambda b, h, i, j: m[sq[b, i], sk[b, j]] | (i == j),
+                "score_mod": lambda s, b, h, i, j: s + w[sq[b, i], sk[b, j]]}  # fmt: skip
+
+    _check("tpu", q, k, v, weight, pair, dout, kw_of)
+    # concrete (no gradient): both by one-hot products, the segment ids as views
+    kinds = {n: _kinds(n, mod, tk) for n, mod in kw_of(weight, pair).items()}
+    assert kinds == {"mask_mod": {"onehot", "view"}, "score_mod": {"onehot", "view"}}, kinds
+
+
 def _kinds(name, mod, tk):
     """How the TPU kernels read ``mod``'s arrays at this file's shapes."""
     bq, bk, _ = BACKENDS["tpu"]

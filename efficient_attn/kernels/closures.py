@@ -120,6 +120,8 @@ def _source(var, producers, args, tile):
     while not isinstance(var, jcore.Literal):
         if var in args:
             name = args[var]
+            if name == "const":  # a closed-over value
+                break
             if name in ("q", "k"):
                 return (name, None)
             return (name, var)
@@ -198,8 +200,9 @@ def _gather_read(eqn, n, producers, args, tile) -> Read:
 
 
 def _deps(var, producers, args) -> frozenset:
-    """The mod's arguments (``"b"``, ``"h"``, ``"q"``, ``"k"``) an index is computed from;
-    ``"?"`` for a value of unknown source (a closed-over array's, an inner call's argument)."""
+    """The mod's arguments (``"b"``, ``"h"``, ``"q"``, ``"k"``) an index is computed from
+    (closed-over values are constants); ``"?"`` for a value of unknown source (an inner
+    call's argument)."""
     seen, todo, out = set(), [var], set()
     while todo:
         v = todo.pop()
@@ -207,7 +210,7 @@ def _deps(var, producers, args) -> frozenset:
             continue
         seen.add(v)
         if v in args:
-            out.add(args[v])
+            out |= {args[v]} - {"const"}
         elif v in producers:
             todo.extend(producers[v].invars)
         else:
@@ -314,7 +317,8 @@ def hoist(name: str, mod: Any, example: tuple[Any, ...]) -> Closure | None:
     kept = tuple(markers[v] if v in markers else np.asarray(c) if np.ndim(c) == 0 else c
                  for v, c in zip(jaxpr.constvars, consts, strict=True))  # fmt: skip
     nargs = len(jaxpr.invars)
-    args = dict(zip(jaxpr.invars[nargs - 4 :], _ARGS, strict=True))
+    args = {v: "const" for v in jaxpr.constvars}
+    args |= dict(zip(jaxpr.invars[nargs - 4 :], _ARGS, strict=True))
     tile = tuple(example[-1].shape)
     reads = reads_of(jaxpr, {v: m.n for v, m in markers.items()}, args, tile)
     arrays = tuple(consts[i] for i in lifted)
