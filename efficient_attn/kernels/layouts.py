@@ -334,10 +334,11 @@ def _tpu_layout(name, shape, dtype, reads, diff, batch) -> Layout:
     if not kinds <= {"view", "point", "whole", "gather"} or ("whole" in kinds and math.prod(
             shape) != 1) or ("gather" in kinds and not small):  # fmt: skip
         raise Unsupported(
-            f"on TPU {what} is read other than as arr[.., q_idx] / arr[.., kv_idx], as a dense "
-            "table arr[.., q_idx, .., kv_idx] (other indices b, h or constants), at scalar "
-            f"indices or as a table of at most {SELECT_LIMIT} entries along its gathered axes "
-            "(Mosaic has no gather)"
+            f"on TPU {what} is read other than as arr[.., q_idx] / arr[.., kv_idx], at scalar "
+            f"indices, as a table of at most {SELECT_LIMIT} entries along its gathered axes, "
+            "as a dense table arr[.., q_idx, .., kv_idx] or a separable one arr[f(q_idx), "
+            "g(kv_idx)] (other indices b, h or constants), or by a single read computed from "
+            "b, h and the positions (Mosaic has no gather)"
         )
     if views and kinds != {"view"}:
         raise Unsupported(f"on TPU {what} is read both as a view and at scalar indices")
