@@ -18,7 +18,7 @@ import pytest
 
 import efficient_attn as ea
 from efficient_attn.core import mods
-from efficient_attn.kernels import closures, layouts
+from efficient_attn.kernels import Unsupported, closures, layouts
 from tests.conftest import make_qkv, rel_err
 from tests.test_flex import reference64
 from tests.test_pallas_mods import BACKENDS, F32_TOL, TQ, _fused, _lowered_kernels, _value_and_grads
@@ -156,6 +156,17 @@ def test_tables_indexed_by_other_arrays_on_the_mosaic_kernels():
     # concrete (no gradient): both by one-hot products, the segment ids as views
     kinds = {n: _kinds(n, mod, tk) for n, mod in kw_of(weight, pair).items()}
     assert kinds == {"mask_mod": {"onehot", "view"}, "score_mod": {"onehot", "view"}}, kinds
+
+
+def test_what_mosaic_still_refuses():
+    """A large table read by two different gathers (neither dense nor separable) is refused
+    on TPU, the reason naming Mosaic's missing gather."""
+    tk = BACKENDS["tpu"][2]
+    q, k, v = make_qkv(1, TQ, tk, 2, 1, 16, seed=33)
+    rel = jnp.zeros((2, TQ + tk), jnp.float32)
+    score = lambda s, b, h, i, j: s + rel[h, j - i + TQ] + rel[h, i - j + TQ]  # noqa: E731
+    with pytest.raises(Unsupported, match=r"shape \(2, 171\) is read other than .* no gather"):
+        _fused("tpu", q, k, v, score_mod=score)
 
 
 def _kinds(name, mod, tk):
