@@ -14,7 +14,7 @@ import pytest
 
 import efficient_attn as ea
 from efficient_attn.core import engine, masking, mods
-from efficient_attn.kernels import Unsupported, dispatch, fused_attention
+from efficient_attn.kernels import dispatch, fused_attention
 from tests.conftest import make_qkv, rel_err
 from tests.test_flex import reference64, segments
 from tests.test_pallas import _kernels, _lower
@@ -26,8 +26,8 @@ TQ = 21
 
 
 def _fused(backend, q, k, v, *, causal=False, mask_mod=None, score_mod=None, bias=None,
-           dropout=None, kv_lengths=None, scale=0.3):  # fmt: skip
-    bq, bk, _ = BACKENDS[backend]
+           dropout=None, kv_lengths=None, scale=0.3, tiles=None):  # fmt: skip
+    bq, bk = tiles or BACKENDS[backend][:2]
     b, tq, n = q.shape[:3]
     bm = engine.plan_block_mask(tq, k.shape[1], batch=b, heads=n, causal=causal,
                                 mask_mod=mask_mod, block_q=bq, block_k=bk)  # fmt: skip
@@ -95,7 +95,8 @@ def test_gathered_table_closure_on_both_kernels(backend):
     """A relative-position table read at ``[h, q - k]``: a pointer gather on Triton (its
     gradient added atomically); on Mosaic (no gather) the small table sits in SMEM and is
     read by one select per entry (its gradient a per-program partial sum). A table with
-    more entries than Mosaic selects among is refused there."""
+    more entries than Mosaic selects among is expanded there outside the kernels
+    (tests/test_pallas_tables.py checks its gradient)."""
     tk = BACKENDS[backend][2]
     q, k, v = make_qkv(1, TQ, tk, 2, 1, 16, seed=4)
     table = jnp.asarray(np.random.default_rng(5).standard_normal((2, 9)), jnp.float32)
@@ -123,9 +124,12 @@ def test_gathered_table_closure_on_both_kernels(backend):
     for what, g, r in zip(("out", "dq", "dk", "dv", "dtable"), got, ref, strict=True):
         assert rel_err(g, np.asarray(r)) < F32_TOL, (what, rel_err(g, np.asarray(r)))
     if backend == "tpu":
-        wide = jnp.zeros((2, 65), jnp.float32)
-        with pytest.raises(Unsupported, match=r"shape \(2, 65\) .* at most 64 entries"):
-            _fused("tpu", q, k, v, score_mod=score(wide, 32))
+        wide = jnp.asarray(np.random.default_rng(7).standard_normal((2, 65)), jnp.float32)
+        got = _fused("tpu", q, k, v, score_mod=score(wide, 32))
+        with jax.enable_x64(True):
+            x64 = [jnp.asarray(x, jnp.float64) for x in (q, k, v, wide)]
+            ref = np.asarray(reference64(*x64[:3], scale=0.3, score_mod=score(x64[3], 32)))
+        assert rel_err(got, ref) < F32_TOL
 
 
 BIASES = {  # name -> (shape, causal, kv_lengths): None stands for Tk
@@ -237,19 +241,16 @@ def test_closures_bias_dropout_lower_to_the_fused_kernels_only(platform):
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", list(BACKENDS))
 def test_every_flex_mod_runs_in_both_kernels(backend):
-    """tests/test_flex.py's mods (library and lambdas) forward on both kernels, or a refusal that
-    names Mosaic's missing gather."""
+    """tests/test_flex.py's mods (library and lambdas) forward on both kernels: none refused (at
+    this length BigBird's block table and the relative-position table are small enough for
+    Mosaic's selects)."""
     from tests.test_flex import MODS, T
 
     q, k, v = make_qkv(2, T, T, 4, 2, 16, seed=14)
     for name, mask_mod, score_mod in MODS:
         ref = ea.attention(q, k, v, method="dense", scale=0.3, mask_mod=mask_mod,
                            score_mod=score_mod)  # fmt: skip
-        try:
-            got = _fused(backend, q, k, v, mask_mod=mask_mod, score_mod=score_mod)
-        except Unsupported as e:
-            assert backend == "tpu" and "Mosaic has no gather" in str(e), (name, e)
-            continue
+        got = _fused(backend, q, k, v, mask_mod=mask_mod, score_mod=score_mod)
         assert rel_err(got, ref) < F32_TOL, name
 
 

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from efficient_attn.kernels import common
+from efficient_attn.kernels import common, layouts
 from efficient_attn.kernels.common import Spec, TileCtx, aligned, dot, key_rows, rows_ok
 
 # ---- forward -------------------------------------------------------------------------
@@ -30,9 +30,7 @@ from efficient_attn.kernels.common import Spec, TileCtx, aligned, dot, key_rows,
 
 def _bias_of_query_tile(spec: Spec, ref, j):
     """The tile's bias ``[bq|1, bk|1]`` from a query tile's block ``[bq|1, Tk_pad|1]``."""
-    if ref is None:
-        return None
-    return ref[:, pl.ds(aligned(j * spec.bk, spec.bk), spec.bk)] if spec.bias[3] else ref[...]
+    return None if ref is None else layouts.row_slab_tile(spec, spec.bias, ref, j)
 
 
 def forward_kernel(spec: Spec, ids, p_cnt, p_idx, f_cnt, f_idx, *refs):
@@ -168,10 +166,8 @@ def dkdv_kernel(spec: Spec, ids, p_cnt, p_idx, f_cnt, f_idx, *refs):
     bq, hf = spec.bq, spec.heads_first
 
     def bias_of(g, i):
-        if bias_ref is None:
-            return None
-        gg = g if spec.bias[1] else 0
-        return bias_ref[gg, pl.ds(aligned(i * bq, bq), bq), :] if spec.bias[2] else bias_ref[gg]
+        return None if bias_ref is None else layouts.column_slab_tile(spec, spec.bias, bias_ref,
+                                                                       g, i)  # fmt: skip
 
     crow, base = common.list_rows(spec, p_cnt, b, kh, kv_heads=True)
     # a per-head mask under GQA lists (query tile, query head) pairs ``i * G + g``; else the
@@ -194,7 +190,7 @@ def dkdv_kernel(spec: Spec, ids, p_cnt, p_idx, f_cnt, f_idx, *refs):
             delta = delta_ref[g, pl.ds(aligned(i * bq, bq), bq), :]
             p, ds = _tile_grads(spec, tile, partial, q, k, v, do, lse, delta, bias_of(g, i))
             if dbias_ref is not None:
-                _add_dbias(spec, dbias_ref, g, i, ds)
+                layouts.add_to_column_slab(spec, spec.bias, dbias_ref, g, i, ds)
             dv = dv + dot(p.astype(do.dtype), do, spec, trans_a=True)
             dk = dk + dot(ds.astype(q.dtype), q, spec, trans_a=True)
             return dk, dv
@@ -206,16 +202,6 @@ def dkdv_kernel(spec: Spec, ids, p_cnt, p_idx, f_cnt, f_idx, *refs):
     dk, dv = run(False, f_cnt, f_idx)(carry)
     dk_ref[...] = (dk * ins.scale).astype(dk_ref.dtype)
     dv_ref[...] = dv.astype(dv_ref.dtype)
-
-
-def _add_dbias(spec: Spec, ref, g, i, ds) -> None:
-    """Add a tile's ``ds`` to the bias gradient block (summed over what the bias broadcasts)."""
-    gg = g if spec.bias[1] else 0
-    if spec.bias[2]:
-        at = (gg, pl.ds(aligned(i * spec.bq, spec.bq), spec.bq), slice(None))
-        ref[at] = ref[at] + ds
-    else:
-        ref[gg] = ref[gg] + jnp.sum(ds, axis=0, keepdims=True)
 
 
 def dq_kernel(spec: Spec, ids, p_cnt, p_idx, f_cnt, f_idx, *refs):

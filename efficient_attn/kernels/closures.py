@@ -14,15 +14,19 @@ values):
 * ``point``: every index a scalar (``slopes[h]``, ``prefix[b]``): one load (SMEM on TPU);
 * ``gather``: other point gathers (``table[h, q - k]``): a pointer gather on Triton; on
   Mosaic (no gather) a table of at most ``SELECT_LIMIT`` entries along its gathered axes,
-  in SMEM, read by one select per entry;
+  in SMEM, read by one select per entry; larger ones dense (``m[b, h, q_idx, kv_idx]``,
+  blocked like the dense bias), separable (``tab[q_idx // bs, kv_idx // bs]``, by one-hot
+  products) or expanded outside the kernels (:mod:`efficient_attn.kernels.layouts`,
+  which plans each backend's :class:`Layout`);
 * ``slice`` and ``whole``: a slice, or any other use of the array (Triton only).
 
 Gradients of the float arrays a ``score_mod`` closes over (:class:`Layout` ``grad``):
 the tile's reads are inputs of its ``jax.vjp`` and their cotangents are added back
 where they were read: ``"row"`` (only key views) into the key tile's rows of a
 per-program buffer, ``"partial"`` (only point reads) into a per-program copy of the
-array, both summed outside the kernel (deterministic); ``"atomic"`` (anything
-else, Triton only) by atomic adds into one buffer.
+array, ``"tile"`` (Mosaic's dense tables) into the key tile's columns of a per-program
+buffer like the bias's, all summed outside the kernel (deterministic); ``"atomic"``
+(anything else, Triton only) by atomic adds into one buffer.
 """
 
 from __future__ import annotations
@@ -74,6 +78,7 @@ class Read:
     index: tuple[Any, ...] = ()
     sizes: tuple[int, ...] = ()  # slice sizes
     out: tuple[int, ...] = ()  # the read's output shape
+    deps: tuple = ()  # a gather's: per axis, the tile positions its index is computed from
 
     @property
     def axis(self) -> int | None:
@@ -110,14 +115,16 @@ def _is_literal(v, value) -> bool:
 
 def _source(var, producers, args, tile):
     """Follow an index back through shape ops and jnp's negative-index wrap to its source:
-    ``("q"|"k", None)``, ``("b"|"scalar", var)`` for a rank-0 value, else ``None``."""
+    ``("q"|"k", None)``, ``("b"|"h"|"scalar", var)`` for a rank-0 value, else ``None``."""
     scalar = var if not isinstance(var, jcore.Literal) and _rank(var) == 0 else None
     while not isinstance(var, jcore.Literal):
         if var in args:
             name = args[var]
+            if name == "const":  # a closed-over value
+                break
             if name in ("q", "k"):
                 return (name, None)
-            return ("b" if name == "b" else "scalar", var)
+            return (name, var)
         if scalar is None and _rank(var) == 0:
             scalar = var
         shape = tuple(d for d in var.aval.shape if d != 1)
@@ -147,6 +154,16 @@ def _wraps(eqn, producers) -> bool:
     )  # fmt: skip
 
 
+def _constant(var, producers) -> int | None:
+    """The value of an index that is a broadcast literal (``m[0, q_idx, kv_idx]``), else None."""
+    while not isinstance(var, jcore.Literal):
+        eqn = producers.get(var)
+        if eqn is None or eqn.primitive.name not in _SHAPE_OPS:
+            return None
+        var = eqn.invars[0]
+    return int(var.val) if np.ndim(var.val) == 0 else None
+
+
 def _gather_read(eqn, n, producers, args, tile) -> Read:
     """A ``gather`` of array ``n``: a view, a point read, or a general (pointer) gather."""
     operand, indices = eqn.invars
@@ -170,11 +187,35 @@ def _gather_read(eqn, n, producers, args, tile) -> Read:
     index = [None] * ndim
     for axis, piece in zip(dn.start_index_map, pieces, strict=True):
         tag, var = _source(piece, producers, args, tile) or ("vector", piece)
-        index[axis] = (tag, piece if tag in ("q", "k") else var)
+        size = operand.aval.shape[axis]
+        const = 0 if size == 1 else _constant(piece, producers)
+        index[axis] = ("static", min(max(const, 0), size - 1)) if const is not None else (
+            tag, piece if tag in ("q", "k") else var)  # fmt: skip
     tags = [t for t, _ in index]
     sides = [t for t in tags if t in ("q", "k")]
     kind = "gather" if "vector" in tags or len(sides) > 1 else "view" if sides else "point"
-    return Read(kind, n, tuple(index), out=out)
+    deps = tuple(_deps(v, producers, args) if t in ("vector", "scalar") else frozenset({t})
+                 & set(_ARGS) for t, v in index)  # fmt: skip
+    return Read(kind, n, tuple(index), out=out, deps=deps)
+
+
+def _deps(var, producers, args) -> frozenset:
+    """The mod's arguments (``"b"``, ``"h"``, ``"q"``, ``"k"``) an index is computed from
+    (closed-over values are constants); ``"?"`` for a value of unknown source (an inner
+    call's argument)."""
+    seen, todo, out = set(), [var], set()
+    while todo:
+        v = todo.pop()
+        if isinstance(v, jcore.Literal) or v in seen:
+            continue
+        seen.add(v)
+        if v in args:
+            out |= {args[v]} - {"const"}
+        elif v in producers:
+            todo.extend(producers[v].invars)
+        else:
+            out.add("?")
+    return frozenset(out)
 
 
 def classify(eqn, markers: dict, producers: dict, args: dict, tile) -> dict[int, Read]:
@@ -188,7 +229,8 @@ def classify(eqn, markers: dict, producers: dict, args: dict, tile) -> dict[int,
         starts = tuple(("scalar", v) for v in eqn.invars[1:])
         sizes = tuple(eqn.params["slice_sizes"])
         kind = "point" if all(s == 1 for s in sizes) else "slice"
-        return {0: Read(kind, marked[0], starts, sizes, out)}
+        deps = tuple(_deps(v, producers, args) for v in eqn.invars[1:])
+        return {0: Read(kind, marked[0], starts, sizes, out, deps)}
     if name == "slice" and list(marked) == [0] and eqn.params.get("strides") in (None, (1,) * _rank(
             eqn.invars[0])):  # fmt: skip
         starts = tuple(("static", s) for s in eqn.params["start_indices"])
@@ -214,7 +256,8 @@ class Layout:
     row: int | None  # Mosaic: the k-view axis (a ``[*lead, 1, Tk_pad]`` copy)
     per_example: bool  # Mosaic views: axis 0 is the batch, read at ``b`` (one block per example)
     pad: int | None  # Triton: the view axis padded to this length
-    grad: str | None  # None, "row", "partial" or "atomic" (see the module docstring)
+    grad: str | None  # None, "row", "partial", "atomic" or "tile" (see the module docstring)
+    tile: Any = None  # Mosaic: a dense table read at [.., q_idx, .., kv_idx] (layouts.Table)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -274,7 +317,8 @@ def hoist(name: str, mod: Any, example: tuple[Any, ...]) -> Closure | None:
     kept = tuple(markers[v] if v in markers else np.asarray(c) if np.ndim(c) == 0 else c
                  for v, c in zip(jaxpr.constvars, consts, strict=True))  # fmt: skip
     nargs = len(jaxpr.invars)
-    args = dict(zip(jaxpr.invars[nargs - 4 :], _ARGS, strict=True))
+    args = {v: "const" for v in jaxpr.constvars}
+    args |= dict(zip(jaxpr.invars[nargs - 4 :], _ARGS, strict=True))
     tile = tuple(example[-1].shape)
     reads = reads_of(jaxpr, {v: m.n for v, m in markers.items()}, args, tile)
     arrays = tuple(consts[i] for i in lifted)
@@ -282,99 +326,6 @@ def hoist(name: str, mod: Any, example: tuple[Any, ...]) -> Closure | None:
     return Closure(name, jaxpr, kept, arrays, reads, (), tile, h.out, example)
 
 
-def plan_layouts(c: Closure, backend: str, batch: int, t_pad: tuple[int, int],
-                 limits: tuple[int, int], grads: bool) -> Closure:  # fmt: skip
-    """``c`` with a :class:`Layout` per array for ``backend``: ``t_pad`` the padded
-    ``(Tq, Tk)``, ``limits`` the real ones; ``grads``: the arrays need gradients (a
-    score_mod's traced float arrays). Raises :class:`Unsupported` for reads the backend
-    cannot make."""
-    reads = dict(c.reads)
-    for key, r in reads.items():  # a view needs every position it reads inside the array
-        if r.kind == "view":
-            length = limits[0] if r.side == "q" else limits[1]
-            if np.shape(c.arrays[r.array])[r.axis] < length:
-                reads[key] = _as_gather(r)
-    layouts = []
-    for n, x in enumerate(c.arrays):
-        mine = {k: r for k, r in reads.items() if r.array == n}
-        kinds = {r.kind for r in mine.values()}
-        shape, dtype = tuple(np.shape(x)), jnp.result_type(x)
-        diff = grads and jnp.issubdtype(dtype, jnp.floating) and isinstance(x, jax.core.Tracer)
-        if backend == "gpu":
-            views = [r for r in mine.values() if r.kind == "view"]
-            axes = {r.axis for r in views}
-            if views and not (kinds <= {"view", "point", "gather"} and len(axes) == 1):
-                reads.update({k: _as_gather(r) for k, r in mine.items() if r.kind == "view"})
-                kinds = (kinds - {"view"}) | {"gather"}
-                views = []
-            layouts.append(_gpu_layout(shape, dtype, kinds, views, diff, t_pad))
-        else:
-            layouts.append(_tpu_layout(c.name, shape, dtype, list(mine.values()), diff, batch))
-    return dataclasses.replace(c, reads=reads, layouts=tuple(layouts))
-
-
-def _gpu_layout(shape, dtype, kinds, views, diff, t_pad) -> Layout:
-    pad = None
-    if views:
-        axis = views[0].axis
-        pad = max([t_pad[0] if r.side == "q" else t_pad[1] for r in views] + [shape[axis]])
-    grad = None
-    if diff:
-        if kinds == {"view"} and all(r.side == "k" for r in views):
-            grad = "row"
-        elif kinds == {"point"}:
-            grad = "partial"
-        else:
-            grad = "atomic"
-    store = jnp.int32 if dtype == jnp.bool_ else dtype
-    return Layout(shape, dtype, store, True, False, None, None, False, pad, grad)
-
-
-def _as_gather(r: Read) -> Read:
-    """A view read as a general gather (its positions as index arrays)."""
-    return dataclasses.replace(r, kind="gather")
-
-
 def selects(r: Read, shape) -> int:
     """Entries a gather from a small SMEM table selects among (its gathered axes' sizes)."""
     return math.prod(shape[a] for a, (tag, _) in enumerate(r.index) if tag in GATHERED)
-
-
-def _tpu_layout(name, shape, dtype, reads, diff, batch) -> Layout:
-    what = f"{name}'s array of shape {shape}"
-    kinds = {r.kind for r in reads}
-    views = [r for r in reads if r.kind == "view"]
-    axes = {r.axis for r in views}
-    small = math.prod(shape) <= SMEM_LIMIT and all(
-        selects(r, shape) <= SELECT_LIMIT for r in reads if r.kind == "gather")  # fmt: skip
-    if not kinds <= {"view", "point", "whole", "gather"} or ("whole" in kinds and math.prod(
-            shape) != 1) or ("gather" in kinds and not small):  # fmt: skip
-        raise Unsupported(
-            f"on TPU {what} is read other than as arr[.., q_idx] / arr[.., kv_idx], at scalar "
-            f"indices or as a table of at most {SELECT_LIMIT} entries along its gathered axes "
-            "(Mosaic has no gather)"
-        )
-    if views and kinds != {"view"}:
-        raise Unsupported(f"on TPU {what} is read both as a view and at scalar indices")
-    if len(axes) > 1:
-        raise Unsupported(f"on TPU {what} is read as views along several axes")
-    smem = not views
-    if smem and math.prod(shape) > SMEM_LIMIT:
-        raise Unsupported(f"on TPU {what} read at scalar indices exceeds {SMEM_LIMIT} elements")
-    axis = axes.pop() if views else None
-    sides = {r.side for r in views}
-    per_example = bool(views) and axis != 0 and shape[0] == batch and all(
-        r.index[0][0] == "b" for r in views)  # fmt: skip
-    grad = None
-    if diff:
-        if smem:
-            grad = "partial"
-        elif sides == {"k"}:
-            grad = "row"
-        else:
-            raise Unsupported(f"on TPU the gradient of {what} read as a query view")
-    store = jnp.float32 if jnp.issubdtype(dtype, jnp.floating) else jnp.int32
-    if dtype == jnp.float64:
-        store = dtype
-    return Layout(shape, dtype, store, False, smem, axis if "q" in sides else None,
-                  axis if "k" in sides else None, per_example, None, grad)  # fmt: skip

@@ -24,6 +24,7 @@ from jax.experimental import pallas as pl
 from efficient_attn.core import masking
 from efficient_attn.kernels.closures import Closure, Unsupported
 from efficient_attn.kernels.evaluate import Reader
+from efficient_attn.kernels.layouts import aligned
 
 __all__ = ["Block", "Spec", "Split", "TileCtx", "Unsupported", "split"]
 
@@ -112,11 +113,6 @@ def dot(a, b, spec: Spec, trans_b: bool = False, trans_a: bool = False):
     )
 
 
-def aligned(start, n: int):
-    """``start`` (a multiple of ``n``), with that fact given to the compiler when traced."""
-    return start if isinstance(start, int) else pl.multiple_of(start, n)
-
-
 @dataclasses.dataclass
 class Inputs:
     """What a kernel's tiles read besides q, k, v: the scale, and the refs of the mods'
@@ -126,6 +122,7 @@ class Inputs:
     mask: list
     score: list
     score_grads: dict
+    dkdv: bool = False  # the dK/dV kernel's (tables arrive as key tiles' column slabs)
 
 
 class TileCtx:
@@ -138,7 +135,7 @@ class TileCtx:
         shape = self.shape = (spec.bq, spec.bk)
         qp = i * spec.bq + jax.lax.broadcasted_iota(jnp.int32, shape, 0)
         kp = j * spec.bk + jax.lax.broadcasted_iota(jnp.int32, shape, 1)
-        self.b, self.h = b, h
+        self.b, self.h, self.dkdv = b, h, ins.dkdv
         self.q_ok, self.k_ok = qp < spec.q_limit, kp < spec.k_limit
         self.qi = jnp.minimum(qp, spec.q_limit - 1)
         self.ki = jnp.minimum(kp, spec.k_limit - 1)
@@ -242,6 +239,8 @@ def roles(c: Closure | None) -> list[tuple[int, str]]:
             out.append((n, "col"))
         if lay.row is not None:
             out.append((n, "row"))
+        if lay.tile is not None:
+            out.append((n, "tile"))
     return out
 
 
@@ -262,7 +261,7 @@ def split_refs(spec: Spec, refs, grads: bool = False):
     atomic = [n for n in spec.grads_of_score() if spec.score.layouts[n].grad == "atomic"]
     if grads:  # atomic gradient buffers arrive as inputs too (aliased to their outputs)
         refs = refs[len(atomic) :]
-    return bias, Inputs(scale, per[0], per[1], {}), refs
+    return bias, Inputs(scale, per[0], per[1], {}, grads), refs
 
 
 def zero_fill(ref, lay=None) -> None:

@@ -21,6 +21,7 @@ from jax.experimental import pallas as pl
 from jax.extend import core as jcore
 
 from efficient_attn.kernels import closures as cl
+from efficient_attn.kernels import layouts
 
 
 def _get(env, v):
@@ -29,7 +30,8 @@ def _get(env, v):
 
 def _needs(read: cl.Read) -> list:
     """The vars a read needs from the environment (scalar indices; a gather's index arrays)."""
-    keep = ("b", "scalar", "vector") if read.kind == "gather" else ("b", "scalar")
+    gathers = read.kind in ("gather", "onehot")
+    keep = ("b", "h", "scalar", "vector") if gathers else ("b", "h", "scalar")
     return [v for tag, v in read.index if tag in keep and isinstance(v, jcore.Var)]
 
 
@@ -103,7 +105,7 @@ class Reader:
     """Loads a tile's reads of a closure's arrays from their refs, and adds their gradients.
 
     ``refs``: per array, ``{role: ref}`` (roles ``"whole"``, ``"smem"``, ``"col"``,
-    ``"row"``); ``grads``: per array with a gradient, its output ref; ``tile``: the
+    ``"row"``, ``"tile"``); ``grads``: per array with a gradient, its output ref; ``tile``: the
     :class:`~efficient_attn.kernels.common.TileCtx`. :meth:`record` evaluates the mod
     once, keeping every load; :meth:`replay` evaluates it on those values (the float
     ones replaced by arguments: the inputs of a ``jax.vjp``).
@@ -150,7 +152,7 @@ class Reader:
     def _scalars(self, read: cl.Read, env, shape):
         out = []
         for a, (tag, v) in enumerate(read.index):
-            if tag in ("b", "scalar"):
+            if tag in ("b", "h", "scalar"):
                 out.append(_clamp(_get(env, v), shape[a]))
             else:
                 out.append(v if tag == "static" else None)
@@ -180,6 +182,12 @@ class Reader:
         if read.kind == "view":
             ref, index, shape = self._view(read, idx)
             x = ref[index].reshape(shape)
+        elif read.kind == "tile":  # Mosaic: a dense table's slab
+            x = layouts.slab_tile(self.tile, lay.tile.vary, refs["tile"])
+            x = x.astype(jnp.float32) if x.dtype == jnp.bfloat16 else x  # a dense mask's slab
+            x = x.reshape(()) if x.size == 1 else x
+        elif read.kind == "onehot":  # Mosaic: a separable table, by one-hot products
+            x = self._onehot(read, env, lay, refs["tile"])
         elif read.kind == "point" or (read.kind == "whole" and lay.smem):
             idx = [0] * len(lay.shape) if read.kind == "whole" else idx
             out = lay.shape if read.kind == "whole" else out
@@ -206,6 +214,19 @@ class Reader:
             else:
                 out.append(idx[a])
         return tuple(out)
+
+    def _onehot(self, read, env, lay, ref):
+        """A separable table's tile: its row index from the tile's first column, its column
+        index from the first row (each depends on one position only)."""
+        t, pos = self.tile, {}
+        for (tag, v), (side, _) in zip(read.index, lay.tile.index, strict=True):
+            if side in ("q", "k"):
+                x = t.qi if tag == "q" else t.ki if tag == "k" else _get(env, v)
+                pos[side] = jnp.reshape(x, t.shape).astype(jnp.int32)
+        fq = jnp.min(pos["q"], axis=1, keepdims=True)
+        gk = jnp.min(pos["k"], axis=0, keepdims=True)
+        exact = lay.dtype != jnp.bool_
+        return layouts.onehot_tile(t, lay.tile, ref, fq, gk, exact)
 
     def _select(self, read, idx, lay, ref, cot=None):
         """Mosaic's gather from a small SMEM table: one select per entry along the gathered
@@ -244,6 +265,8 @@ class Reader:
                 row = jnp.sum(cot.reshape(self.tile.shape), axis=0, keepdims=True)
                 at = (*lead, slice(None), slice(None))
                 ref[at] = ref[at] + row
+            elif lay.grad == "tile":  # the dK/dV kernel's column slab
+                self._add_to_slab(lay.tile.vary, ref, cot)
             elif lay.grad == "partial" and read.kind == "gather":  # Mosaic's SMEM table
                 self._select(read, idx, lay, ref, cot.reshape(read.out))
             elif lay.grad == "partial":
@@ -251,6 +274,21 @@ class Reader:
                 ref[at] = ref[at] + jnp.sum(cot)
             else:
                 self._atomic(read, ref, idx, cot, lay)
+
+    def _add_to_slab(self, vary, ref, cot) -> None:
+        """Add a table read's cotangent to the key tile's column slab ``[G|1, Tq_pad|1, bk]``
+        (summed over what the table broadcasts along; one along keys goes to column 0)."""
+        t = self.tile
+        bk = t.shape[1]
+        ds = cot.reshape(t.shape) if cot.size > 1 else cot.reshape(1, 1)
+        if not vary[2] and ds.shape[0] > 1:
+            ds = jnp.sum(ds, axis=0, keepdims=True)
+        if not vary[3]:
+            ds = jnp.sum(ds, axis=1, keepdims=True)
+            first = jax.lax.broadcasted_iota(jnp.int32, (ds.shape[0], bk), 1) == 0
+            ds = jnp.where(first, ds, 0.0)
+        g = jax.lax.rem(t.h, t.spec.groups)
+        layouts.add_to_column_slab(t.spec, vary, ref, g, t.i, ds)
 
     def _atomic(self, read, ref, idx, cot, lay) -> None:
         """Triton: add ``cot`` where ``read`` read, atomically (one buffer for every program)."""

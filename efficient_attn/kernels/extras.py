@@ -15,6 +15,7 @@ import math
 import jax.numpy as jnp
 
 from efficient_attn.kernels import closures as cl
+from efficient_attn.kernels import layouts
 from efficient_attn.kernels.common import Block, roles
 
 
@@ -67,11 +68,12 @@ def bias_input(p, bias):
     return bias
 
 
-def bias_block(p, kernel: str) -> Block:
+def bias_block(p, kernel: str, vary=None) -> Block:
     """The bias block of a program: ``[bq|1, Tk_pad|1]`` (forward, dQ) or
-    ``[G|1, Tq_pad|1, bk|1]`` (dK/dV)."""
+    ``[G|1, Tq_pad|1, bk|1]`` (dK/dV); ``vary``: another array in the bias's layout
+    (a :class:`~efficient_attn.kernels.layouts.Table`'s)."""
     sp = p.spec
-    vb, vn, vq, vk = sp.bias
+    vb, vn, vq, vk = vary or sp.bias
     tk_b, tq_b = p.tk_pad if vk else 1, p.tq_pad if vq else 1
     if kernel == "dkdv":
         g = sp.groups if vn else 1
@@ -81,12 +83,14 @@ def bias_block(p, kernel: str) -> Block:
     return Block((None, None, sp.bq if vq else 1, tk_b), index)
 
 
-def bias_grad_output(p):
-    """``(shape, Block, kernel)`` of the bias gradient buffer."""
+def bias_grad_output(p, vary=None):
+    """``(shape, Block, kernel)`` of the bias gradient buffer (``vary``: of another array in
+    the bias's layout, always from the dK/dV kernel)."""
     sp = p.spec
-    if sp.bias_dkdv:
-        gb = sp.groups if sp.bias[1] else 1
-        tq_b = p.tq_pad if sp.bias[2] else 1
+    if vary is not None or sp.bias_dkdv:
+        vary = vary or sp.bias
+        gb = sp.groups if vary[1] else 1
+        tq_b = p.tq_pad if vary[2] else 1
         shape = (p.batch, p.kv_heads, gb, tq_b, p.tk_pad)
         block = Block((None, None, gb, tq_b, sp.bk), lambda t, b, hh: (b, hh, 0, 0, t))
         return shape, block, "dkdv"
@@ -99,16 +103,20 @@ def row_sums(p):
     return shape, Block((None, None, p.spec.bq, 1), lambda t, b, hh: (b, hh, t, 0))
 
 
-def bias_grad(p, buf, bias_shape, dtype):
-    """The bias gradient ``bias_shape`` (rank 4) from the kernel's buffer."""
-    vb, vn, vq, _ = p.spec.bias
-    g = buf.reshape(buf.shape[0], -1, *buf.shape[3:]) if p.spec.bias_dkdv else buf
+def bias_grad(p, buf, bias_shape, dtype, vary=None):
+    """The bias gradient ``bias_shape`` (rank 4) from the kernel's buffer (``vary``: of
+    another array in the bias's layout, from the dK/dV kernel)."""
+    vb, vn, vq, _ = vary or p.spec.bias
+    dkdv = vary is not None or p.spec.bias_dkdv
+    g = buf.reshape(buf.shape[0], -1, *buf.shape[3:]) if dkdv else buf
     if not vn:
         g = g.sum(1, keepdims=True)
     if not vb:
         g = g.sum(0, keepdims=True)
     if not vq:
         g = g.sum(2, keepdims=True)
+    if vary is not None and not vary[3]:  # a table constant along keys: column sums
+        g = g.sum(3, keepdims=True)
     g = g[:, :, : bias_shape[2], : bias_shape[3]]
     return g.astype(dtype)
 
@@ -123,13 +131,19 @@ def _view_copy(x, axis: int, length: int, column: bool):
     return x[..., :, None] if column else x[..., None, :]
 
 
-def mod_inputs(p, c: cl.Closure | None, arrays) -> tuple[list, list[Block]]:
-    """A closure's arrays as kernel inputs (:func:`~efficient_attn.kernels.common.roles`)."""
+def mod_inputs(p, c: cl.Closure | None, arrays, kernel: str) -> tuple[list, list[Block]]:
+    """A closure's arrays as ``kernel``'s inputs (:func:`~efficient_attn.kernels.common.roles`)."""
     xs, blocks = [], []
     for n, role in roles(c):
         lay = c.layouts[n]
         x = jnp.asarray(arrays[n]).astype(lay.store)
-        if role == "whole":
+        if role == "tile":
+            xs.append(layouts.table_input(p, c, arrays, n))
+            if lay.tile.onehot is not None:  # whole, per example and head
+                blocks.append(_onehot_block(p, kernel, lay.tile.vary, xs[-1].shape[2:]))
+            else:
+                blocks.append(bias_block(p, kernel, lay.tile.vary))
+        elif role == "whole":
             x = x.reshape(1) if x.ndim == 0 else x
             if lay.pad is not None:
                 axis = next(r.axis for r in c.reads.values() if r.array == n and r.kind == "view")
@@ -152,6 +166,15 @@ def mod_inputs(p, c: cl.Closure | None, arrays) -> tuple[list, list[Block]]:
     return xs, blocks
 
 
+def _onehot_block(p, kernel: str, vary, pad) -> Block:
+    """A separable table's block: ``[rows, cols]`` of the program's example and head (of its
+    K/V head's ``G`` query heads in dK/dV)."""
+    vb, vn = vary[:2]
+    index = lambda t, b, hh: (b if vb else 0, hh if vn else 0, 0, 0)  # noqa: E731
+    g = (p.spec.groups if vn else 1) if kernel == "dkdv" else None
+    return Block((None, g, *pad), index)
+
+
 def grad_outputs(p, c: cl.Closure) -> tuple[list, list[Block], list, dict]:
     """The dK/dV kernel's gradient buffers of ``c``'s arrays: ``(shapes, blocks, zero inputs
     for the atomic ones, {output position: input position})`` (positions among the buffers)."""
@@ -159,7 +182,11 @@ def grad_outputs(p, c: cl.Closure) -> tuple[list, list[Block], list, dict]:
     sp = p.spec
     for pos, n in enumerate(sp.grads_of_score()):
         lay = c.layouts[n]
-        if lay.grad == "row":
+        if lay.grad == "tile":
+            shape, block, _ = bias_grad_output(p, lay.tile.vary)
+            shapes.append(shape)
+            blocks.append(block)
+        elif lay.grad == "row":
             axis = next(r.axis for r in c.reads.values() if r.array == n and r.kind == "view")
             lead = [d for a, d in enumerate(lay.shape) if a != axis]
             lead = [_p2(d) for d in lead] if p.backend == "gpu" else lead
@@ -195,7 +222,13 @@ def array_grads(p, c: cl.Closure, bufs, arrays) -> tuple:
     out = [None] * len(arrays)
     for n, buf in zip(p.spec.grads_of_score(), bufs, strict=True):
         lay = c.layouts[n]
-        if lay.grad == "row":
+        if lay.grad == "tile":
+            vb, vn, vq, vk = lay.tile.vary
+            shape = (p.batch if vb else 1, p.heads if vn else 1, p.tq_pad if vq else 1,
+                     p.tk_pad if vk else 1)  # fmt: skip
+            g = bias_grad(p, buf, shape, jnp.float32, lay.tile.vary)
+            g = layouts.table_grad(p, c, arrays, n, g)
+        elif lay.grad == "row":
             axis = next(r.axis for r in c.reads.values() if r.array == n and r.kind == "view")
             g = buf.sum((0, 1))[..., 0, :]  # [*lead_p, Tk_pad]
             g = g[tuple(slice(0, d) for a, d in enumerate(lay.shape) if a != axis)]

@@ -125,7 +125,7 @@ def _extra_inputs(p: Plan, kernel: str, scale, bias, mask_arrays, score_arrays):
     if bias is not None:
         out.append((extras.bias_input(p, bias), extras.bias_block(p, kernel)))
     for c, arrays in ((p.spec.mask, mask_arrays), (p.spec.score, score_arrays)):
-        xs, blocks = extras.mod_inputs(p, c, arrays)
+        xs, blocks = extras.mod_inputs(p, c, arrays, kernel)
         out += list(zip(xs, blocks, strict=True))
     return out
 

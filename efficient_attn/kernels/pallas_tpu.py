@@ -9,7 +9,9 @@ config for long rows). Grids: forward and dQ ``(B, N, nq)`` (K/V stay resident
 while the query tiles of a head run), dK/dV ``(B, K, nk)``. The mods' arrays
 (Mosaic has no gather): views as a column ``[Tq_pad, 1]`` / row ``[1, Tk_pad]``
 per example, arrays read at scalar indices in SMEM, small tables a mod gathers from in
-SMEM too, read by one select per entry (:mod:`efficient_attn.kernels.closures`).
+SMEM too, read by one select per entry, larger ones (a dense mask ``m[b, h, q_idx,
+kv_idx]``, BigBird's block table, a relative-position table) blocked like the bias or
+read by one-hot products (:mod:`efficient_attn.kernels.layouts`).
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ the kernels cannot run the call.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +17,7 @@ import jax.numpy as jnp
 from efficient_attn.core import blockmask as _bm
 from efficient_attn.core import masking
 from efficient_attn.core import mods as _mods
-from efficient_attn.kernels import closures, common, evaluate, pallas_gpu, pallas_tpu
+from efficient_attn.kernels import closures, common, evaluate, layouts, pallas_gpu, pallas_tpu
 from efficient_attn.kernels.common import Unsupported
 from efficient_attn.kernels.config import TileConfig, default_config
 
@@ -104,7 +105,7 @@ def plan(q, k, v, *, scale, block_mask: _bm.BlockMask, kv_len, score_mod, backen
     limits = (tq, tk)
     mask = closures.hoist("mask_mod", mask_mod, idx)
     if mask is not None:
-        mask = closures.plan_layouts(mask, backend, b, t_pad, limits, grads=False)
+        mask = layouts.plan_layouts(mask, backend, b, t_pad, limits, grads=False, heads=n)
     score = closures.hoist("score_mod", score_mod, (jnp.zeros((bq, bk), jnp.float32), *idx))
     if score is not None:
         if score.out.shape != (bq, bk) or score.out.dtype != jnp.float32:
@@ -112,7 +113,7 @@ def plan(q, k, v, *, scale, block_mask: _bm.BlockMask, kv_len, score_mod, backen
                 f"score_mod must return an array of score's shape and dtype {(bq, bk)} float32; "
                 f"it returned {score.out.shape} {score.out.dtype}"
             )
-        score = closures.plan_layouts(score, backend, b, t_pad, limits, grads=True)
+        score = layouts.plan_layouts(score, backend, b, t_pad, limits, grads=True, heads=n)
     for c in (mask, score):
         if c is not None:
             evaluate.check_values(c, backend)
@@ -135,7 +136,8 @@ def plan(q, k, v, *, scale, block_mask: _bm.BlockMask, kv_len, score_mod, backen
 def _check_vmem(cfg: TileConfig, spec: common.Spec, dtype, t_pad, width: int, bias) -> None:
     """The Mosaic kernels keep whole rows in VMEM (double-buffered): K/V of a head in the
     forward and dQ, q/dO of a K/V head's query heads in dK/dV, a query tile's bias row
-    (a key tile's bias column in dK/dV); refuse what cannot fit."""
+    (a key tile's bias column in dK/dV), the same of the mods' dense tables; refuse what
+    cannot fit."""
     limit = cfg.vmem_limit_bytes or 16 * 2**20
     tq_pad, tk_pad = t_pad
     rows = max(tq_pad * spec.groups, tk_pad) * width * jnp.dtype(dtype).itemsize
@@ -145,6 +147,18 @@ def _check_vmem(cfg: TileConfig, spec: common.Spec, dtype, t_pad, width: int, bi
         rows += item * max((spec.bq if vq else 8) * (tk_pad if vk else 128),
                            (spec.groups if vn else 1) * (tq_pad if vq else 8)
                            * (spec.bk if vk else 128))  # fmt: skip
+    for c in (spec.mask, spec.score):  # the mods' dense tables: slabs like a bias's (and grads)
+        for lay in () if c is None else c.layouts:
+            if lay.tile is not None and lay.tile.onehot is not None:  # a separable table
+                g = spec.groups if lay.tile.vary[1] else 1
+                rows += 4 * g * math.prod(layouts.onehot_pad(lay.tile))
+            elif lay.tile is not None:
+                _, vn, vq, vk = lay.tile.vary
+                g, tq_b = spec.groups if vn else 1, tq_pad if vq else 8
+                slab = max((spec.bq if vq else 8) * (tk_pad if vk else 128),
+                           g * tq_b * (spec.bk if vk else 128))  # fmt: skip
+                grad = 4 * g * tq_b * spec.bk if lay.grad else 0
+                rows += jnp.dtype(lay.store).itemsize * slab + grad
     need = 2 * rows
     if need > limit // 2:
         raise Unsupported(
