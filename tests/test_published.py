@@ -32,6 +32,7 @@ TINY = {
         "methods": ["dense"],
         "seq_pairs": [[16, 2]],
         "d_models": [8],
+        "learning_rates": [0.01],
         "headline": [16, 2],
         "headline_seeds": [0, 1],
         "train": {**_TRAIN, "vocab_size": 16},

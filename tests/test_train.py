@@ -96,6 +96,8 @@ def test_model_with_every_method_trains(method):
         ((2, 6, 4, 12), 2),
         ((500, 500, 500, 1000), 100),
         ((3, 7, 5, 9), 1),
+        ((3, 3, 3, 3), 1),  # at most half the run: the second block is timed
+        ((6, 6, 6, 6), 3),
     ],
 )
 def test_steps_per_dispatch_divides_every_interval(intervals, expected):

@@ -158,6 +158,8 @@ def zoology_plot(best: dict, stem: Path, source: str) -> list[Path]:
     if not panels:
         return []
     methods = styles({k[2]: k[2] for k in best})  # colour, marker, dash: by family
+    if len({k[3] for k in best}) == 1:  # one width: accuracy against the cells instead
+        return _zoology_cells(best, panels, methods, stem, source)
     fig = Figure(figsize=(3.2 * len(panels), 3.2), layout="constrained")
     axes = fig.subplots(1, len(panels), squeeze=False, sharey=True)[0]
     entries = {}
@@ -182,7 +184,26 @@ def zoology_plot(best: dict, stem: Path, source: str) -> list[Path]:
     axes[0].set_ylabel("MQAR accuracy")
     family_legend(axes[-1], list(entries.values()), fontsize=7, loc="lower right")
     fig.suptitle(f"MQAR accuracy vs width, Zoology's layout ({source.split(',')[0]})", fontsize=9)
-    paths = [stem.with_suffix(".png"), stem.with_suffix(".pdf")]
-    for path in paths:
-        fig.savefig(path, dpi=150)
-    return paths
+    return _save(fig, stem)
+
+
+def _zoology_cells(best: dict, panels: list, methods: dict, stem: Path, source: str) -> list[Path]:
+    """One width: MQAR accuracy against the (sequence, pairs) cells, one line per method."""
+    (d,) = {k[3] for k in best}
+    fig = Figure(figsize=(6.4, 3.4), layout="constrained")
+    ax = fig.subplots()
+    entries = []
+    for m, style in methods.items():
+        pts = [(i, v) for i, (t, p) in enumerate(panels)
+               if isinstance(v := best.get((t, p, m, d)), float)]  # fmt: skip
+        if pts:
+            (handle,) = ax.plot(*zip(*pts, strict=True), **style.kwargs(), ms=4, label=m)
+            entries.append((handle, m, style.family))
+    ax.set_xticks(range(len(panels)), [f"{t}\n({p} pairs)" for t, p in panels])
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("sequence length (key-value pairs)")
+    ax.set_ylabel("MQAR accuracy (best LR)")
+    ax.grid(alpha=0.3)
+    family_legend(fig, entries, fontsize=7, loc="outside right upper")
+    ax.set_title(f"MQAR at d_model {d} ({source.split(',')[0]})", fontsize=9)
+    return _save(fig, stem)

@@ -78,9 +78,11 @@ class _Bar:
 def steps_per_dispatch(config: TrainConfig, cap: int = MAX_STEPS_PER_DISPATCH) -> int:
     """Optimizer steps per dispatch: the largest divisor (at most ``cap``) of every interval
     the host acts on (logging, evaluation, checkpoints, the last step), so a block never
-    straddles one and one compiled block serves the whole run."""
+    straddles one and one compiled block serves the whole run; at most half the run, so
+    that a block after the first (which compiles) is timed."""
     g = math.gcd(config.log_every, config.eval_every, config.checkpoint_every, config.steps)
-    return max(d for d in range(1, min(g, cap) + 1) if g % d == 0)
+    top = min(g, cap, max(1, config.steps // 2))
+    return max(d for d in range(1, top + 1) if g % d == 0)
 
 
 def train(

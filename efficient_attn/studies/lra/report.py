@@ -181,7 +181,8 @@ def listops_table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]
         if ok:
             acc = statistics.mean(r["accuracy"] for r in ok)
             text = f"{100 * acc:.2f}" + (f" (mean of {len(ok)})" if len(ok) > 1 else "")
-            tps = f"{statistics.median(r['tokens_per_s'] for r in ok):,.0f}"
+            speeds = [r["tokens_per_s"] for r in ok if r.get("tokens_per_s") is not None]
+            tps = f"{statistics.median(speeds):,.0f}" if speeds else "–"
             utils = [r["flop_utilisation"] for r in ok if r.get("flop_utilisation") is not None]
             util = f"{100 * statistics.median(utils):.1f}%" if utils else "–"
         else:
