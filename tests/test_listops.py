@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 
@@ -115,3 +116,26 @@ def test_train_cli_listops_classifier_records_throughput(tmp_path):
     assert final["flop_utilisation"] == pytest.approx(
         final["flops_per_step"] / (final["step_ms_median"] / 1e3) / final["matmul_flop_s"]
     )
+
+
+def test_causal_recurrences_classify_causally_and_refuse_cls_pooling():
+    """A causal_only method (no bidirectional form) trains as a causal classifier with
+    mean pooling; padding is ignored; a class vector at position 0 is refused."""
+    import jax
+    import jax.numpy as jnp
+
+    from efficient_attn.nn.model import Classifier, ModelConfig
+
+    c = ModelConfig(num_classes=3, vocab_size=12, max_len=16, d_model=16, num_layers=1,
+                    num_heads=2, method="retnet", pooling="mean")  # fmt: skip
+    tokens = jax.random.randint(jax.random.key(0), (2, 16), 1, 12)
+    lengths = jnp.array([16, 9])
+    model = Classifier(c)
+    params = model.init(jax.random.key(1), tokens, lengths)
+    logits = model.apply(params, tokens, lengths)
+    assert logits.shape == (2, 3) and bool(jnp.isfinite(logits).all())
+    # Padding after each length does not change the logits (keys past it are masked).
+    noisy = tokens.at[1, 9:].set(5)
+    assert jnp.allclose(model.apply(params, noisy, lengths)[1], logits[1], atol=1e-5)
+    with pytest.raises(ValueError, match=r"causal recurrence.*pooling='mean'"):
+        Classifier(dataclasses.replace(c, pooling="cls")).init(jax.random.key(1), tokens, lengths)

@@ -11,6 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from efficient_attn.core.registry import get_method
 from efficient_attn.nn.attention import MultiHeadAttention
 
 
@@ -116,7 +117,16 @@ def check_classifier(c: ModelConfig) -> ModelConfig:
         raise ValueError(f"pooling={c.pooling!r}; valid: {', '.join(POOLINGS)}")
     if not c.num_classes:
         raise ValueError(f"Classifier needs num_classes >= 1, got {c.num_classes}")
+    if c.pooling == "cls" and _causal_only(c):
+        raise ValueError(
+            f"method {c.method!r} is a causal recurrence: its Classifier blocks run causally, "
+            "where a class vector at position 0 sees nothing; use pooling='mean'"
+        )
     return c
+
+
+def _causal_only(c: ModelConfig) -> bool:
+    return get_method(c.method).causal_only
 
 
 def pool(x: jax.Array, lengths: jax.Array, pooling: str) -> jax.Array:
@@ -135,6 +145,9 @@ class Classifier(nn.Module):
     LayerNorm, then ``pooling``: ``"mean"`` over the non-padding tokens or
     ``"cls"`` (a learned class vector prepended to the sequence, LRA's
     ``pooling_mode = "CLS"``), then Dense-GELU-Dense to ``num_classes`` logits.
+    A causal recurrence (a method registered ``causal_only``: RetNet, Mamba-2, GLA,
+    DeltaNet, ...) has no bidirectional form: its blocks run causally, as a recurrent
+    classifier reads a sequence, and ``"mean"`` pools their outputs.
     """
 
     config: ModelConfig
@@ -152,7 +165,7 @@ class Classifier(nn.Module):
             x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, c.d_model)), x], axis=1)
             lengths = lengths + 1
         for i in range(c.num_layers):
-            x = Block(c, causal=False, name=f"block_{i}")(x, lengths)
+            x = Block(c, causal=_causal_only(c), name=f"block_{i}")(x, lengths)
         pooled = pool(nn.LayerNorm(name="ln_final")(x), lengths, c.pooling)
         h = nn.gelu(nn.Dense(c.d_model, name="head_hidden")(pooled))
         return nn.Dense(c.num_classes, name="head")(h)  # [B, classes]
