@@ -231,9 +231,16 @@ def listops_summary(rows: list[dict[str, Any]]) -> str:
     )
     (value, count), *_ = Counter(r["accuracy"] for r in ok).most_common(1)
     if count >= 3:
+        tied = ", ".join(dict.fromkeys(r["method"] for r in ok if r["accuracy"] == value))
+        why = (
+            "the majority label: nothing was learned"
+            if majority is not None and abs(value - majority) < 0.01
+            else "identical predictions (a sparse pattern that covers every key at these "
+            "lengths is dense attention and trains the same model; otherwise a shared shortcut)"
+        )
         text += (
-            f" {count} of {len(ok)} methods score exactly {100 * value:.2f}% on the same "
-            "held-out batches: a shortcut they share, not tree evaluation."
+            f" {count} of {len(ok)} runs ({tied}) score exactly {100 * value:.2f}% on the same "
+            f"held-out batches: {why}."
         )
     return text
 
