@@ -198,7 +198,11 @@ def _lowered(platform, dtype, head_dim, mask):
     return fwd, bwd
 
 
-@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize(
+    "dtype",
+    [jnp.bfloat16, pytest.param(jnp.float16, marks=pytest.mark.slow)],  # fp16: slow (suite time)
+    ids=["bf16", "fp16"],
+)
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_default_implementation_lowers_triton_kernels_for_cuda(dtype, head_dim):
     for mask in LOWER_MASKS:

@@ -219,7 +219,14 @@ TABLES = {
 }  # fmt: skip
 
 
-@pytest.mark.parametrize("name", list(TABLES))
+#: Lowered in the default suite; the rest are marked slow (suite time).
+DEFAULT_TABLES = ("drop-in-bool-mask", "relative-position-table", "separable-block-table")
+
+
+@pytest.mark.parametrize(
+    "name",
+    [n if n in DEFAULT_TABLES else pytest.param(n, marks=pytest.mark.slow) for n in TABLES],
+)
 def test_tables_lower_to_the_mosaic_kernels_only(name):
     x = jax.ShapeDtypeStruct((2, T_LOWER, 4, 64), jnp.bfloat16)
     fn, arg = TABLES[name]
