@@ -53,12 +53,15 @@ from efficient_attn import bench
 # JAX's persistent compilation cache: two thirds of the suite's time is XLA compiling, and a
 # re-run after a small change recompiles only what the change touched. Shared by the xdist
 # workers and the sweep/study worker processes the tests start (they inherit the variables).
-# EFFICIENT_ATTN_TEST_CACHE=off turns it off; a path moves it.
+# EFFICIENT_ATTN_TEST_CACHE=off turns it off; a path moves it. One folder per xdist worker:
+# a worker reading an entry that the other is still writing saw a truncated file ("zlib.error:
+# Error -5 while decompressing data").
 _CACHE = os.environ.setdefault(
     "EFFICIENT_ATTN_TEST_CACHE", str(pathlib.Path(__file__).parent.parent / ".cache" / "jax-tests")
 )
 if _CACHE != "off":
-    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE)
+    _worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = str(pathlib.Path(_CACHE) / _worker)
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
     jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
