@@ -141,27 +141,34 @@ def _check_vmem(cfg: TileConfig, spec: common.Spec, dtype, t_pad, width: int, bi
     limit = cfg.vmem_limit_bytes or 16 * 2**20
     tq_pad, tk_pad = t_pad
     rows = max(tq_pad * spec.groups, tk_pad) * width * jnp.dtype(dtype).itemsize
-    if bias is not None:  # a unit dim fills a vector register's 8 sublanes or 128 lanes
-        _, vn, vq, vk = spec.bias
+    if bias is not None:
+        vq, vk = spec.bias[2:]
         item = jnp.dtype(bias.dtype).itemsize if vq and vk else 4
-        rows += item * max((spec.bq if vq else 8) * (tk_pad if vk else 128),
-                           (spec.groups if vn else 1) * (tq_pad if vq else 8)
-                           * (spec.bk if vk else 128))  # fmt: skip
+        rows += item * _slab(spec, spec.bias, t_pad)
     for c in (spec.mask, spec.score):  # the mods' dense tables: slabs like a bias's (and grads)
         for lay in () if c is None else c.layouts:
             if lay.tile is not None and lay.tile.onehot is not None:  # a separable table
                 g = spec.groups if lay.tile.vary[1] else 1
                 rows += 4 * g * math.prod(layouts.onehot_pad(lay.tile))
             elif lay.tile is not None:
-                _, vn, vq, vk = lay.tile.vary
-                g, tq_b = spec.groups if vn else 1, tq_pad if vq else 8
-                slab = max((spec.bq if vq else 8) * (tk_pad if vk else 128),
-                           g * tq_b * (spec.bk if vk else 128))  # fmt: skip
-                grad = 4 * g * tq_b * spec.bk if lay.grad else 0
-                rows += jnp.dtype(lay.store).itemsize * slab + grad
+                _, vn, vq, _ = lay.tile.vary
+                grad = 4 * (spec.groups if vn else 1) * (tq_pad if vq else 8) * spec.bk
+                rows += jnp.dtype(lay.store).itemsize * _slab(spec, lay.tile.vary, t_pad)
+                rows += grad if lay.grad else 0
     need = 2 * rows
     if need > limit // 2:
         raise Unsupported(
             f"rows of {need / 2**20:.0f} MiB (double-buffered) for a VMEM limit of "
             f"{limit / 2**20:.0f} MiB; raise TileConfig.vmem_limit_bytes"
         )
+
+
+def _slab(spec: common.Spec, vary, t_pad) -> int:
+    """Elements of the larger of a bias-layout array's slabs, ``[bq|1, Tk_pad|1]`` (forward,
+    dQ) or ``[G|1, Tq_pad|1, bk|1]`` (dK/dV); a unit dim fills a vector register's 8
+    sublanes or 128 lanes."""
+    _, vn, vq, vk = vary
+    tq_pad, tk_pad = t_pad
+    row = (spec.bq if vq else 8) * (tk_pad if vk else 128)
+    column = (spec.groups if vn else 1) * (tq_pad if vq else 8) * (spec.bk if vk else 128)
+    return max(row, column)
