@@ -13,9 +13,11 @@ interleaved rounds (this machine is shared: load hits both sides alike):
 
 Reports medians over rounds of ms/step, tokens/s, the ratio, and FLOP utilisation
 (XLA's FLOPs of one step over the time, against a float32 1024^3 matmul timed in the
-same process).
+same process); then the MQAR T256 step in blocks with ``dense`` (our reference softmax)
+against ``xla`` (``jax.nn.dot_product_attention``), interleaved (``--methods-only``: that
+table alone).
 
-    python scripts/bench_train.py [--rounds 5] [--out FILE.md]
+    python scripts/bench_train.py [--rounds 5] [--out FILE.md] [--methods-only]
 """
 
 from __future__ import annotations
@@ -58,17 +60,37 @@ def share(flops: float | None, step_s: float, matmul: float) -> str:
     return "" if flops is None else f"{100 * flops / step_s / matmul:.1f}%"
 
 
+def method_times(config_fields: dict, methods: tuple[str, ...], rounds: int, n: int) -> dict:
+    """Median ms/step of blocks of ``n`` steps per method, interleaved rounds."""
+    runs = {}
+    for m in methods:
+        config = TrainConfig(**{"d_model": 64, "batch_size": 16, "steps": 10**6,
+                                **config_fields, "method": m})  # fmt: skip
+        trainer = Trainer(config, "/nonexistent")
+        state, pending = blocks(trainer, trainer.init_state(), 0, n, None)  # compile, warm up
+        runs[m] = [trainer, state, pending, n, []]
+    for _ in range(rounds):
+        for run in runs.values():
+            trainer, state, pending, step, times = run
+            t0 = time.perf_counter()
+            run[1], run[2] = blocks(trainer, state, step, n, pending)
+            times.append((time.perf_counter() - t0) / n)
+            run[3] = step + n
+    return {m: 1e3 * statistics.median(run[4]) for m, run in runs.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=50, help="steps per side per round")
     parser.add_argument("--out", default="experiments/results/cpu/train_speed/bench_train.md")
+    parser.add_argument("--methods-only", action="store_true", help="only dense against xla")
     args = parser.parse_args()
     load0 = os.getloadavg()[0]
     matmul = bench.matmul_flop_rate(1024)
     n = args.steps
     rows = []
-    for name, fields in CONFIGS.items():
+    for name, fields in {} if args.methods_only else CONFIGS.items():
         config = TrainConfig(**{"d_model": 64, "batch_size": 16, "steps": 10**6, **fields})
         trainer = Trainer(config, "/nonexistent")
         state = trainer.init_state()
@@ -111,6 +133,19 @@ def main() -> None:
         "matmul rate | blocks: share of matmul rate |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
         *rows,
+    ]
+    pair = ("dense", "xla")  # our reference softmax against jax.nn.dot_product_attention
+    ms = method_times(CONFIGS["mqar T256 P16 d64 B16"], pair, args.rounds, n)
+    print(ms, flush=True)
+    lines += [
+        "",
+        f"Attention's share, blocks of {n} steps, mqar T256 P16 d64 B16, {args.rounds} "
+        "interleaved rounds: `dense` (our reference, materialised masked softmax) against "
+        "`xla` (`jax.nn.dot_product_attention`).",
+        "",
+        "| method | ms/step |",
+        "|---|---:|",
+        *(f"| {m} | {t:.1f} |" for m, t in ms.items()),
     ]
     bench.write_report(lines, args.out)
 

@@ -127,7 +127,8 @@ def safe_softmax(logits: jax.Array, mask: jax.Array) -> jax.Array:
     Stable for large logits (the row max is subtracted) and NaN-free for empty
     rows and their gradients. Its derivative is softmax's own,
     ``dp = p * (dl - sum(p * dl))`` (as ``jax.nn.softmax``'s), not autodiff through
-    the exp, sum and division (``dense``'s MQAR T256 training step: 149 -> 81 ms).
+    the exp, sum and division (``dense``'s MQAR T256 training step: 134.5 -> 83.9 ms,
+    ``scripts/bench_train.py --methods-only``).
     """
     s = jnp.where(mask, logits, -jnp.inf)
     m = jnp.max(s, axis=-1, keepdims=True)
