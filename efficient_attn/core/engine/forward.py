@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from efficient_attn.core import masking
+from efficient_attn.core.engine.score import rows_matmul
 from efficient_attn.core.engine.tiling import (
     _head_index,
     _kv_blocks,
@@ -64,10 +65,8 @@ def _forward(st: _Static, q, k, v, scale, params, score_consts, kv_len, q_pos, k
                 m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
                 p = jnp.exp(s - m_safe[..., None])
                 alpha = jnp.exp(m - m_safe)
-                pv = jnp.einsum(
-                    "bkgqs,bksd->bkgqd", tile.dropout(seed)(p).astype(v.dtype), tile.values(vb[j]),
-                    preferred_element_type=acc,
-                )  # fmt: skip
+                pv = rows_matmul("bkqs,bksd->bkqd", tile.dropout(seed)(p).astype(v.dtype),
+                                 tile.values(vb[j]), acc)  # fmt: skip
                 return o * alpha[..., None] + pv, m_new, l * alpha + p.sum(-1)
 
             return body

@@ -46,13 +46,30 @@ class DotScore(Score):
     linear_in_q = True
 
     def logits(self, params, q_i, k_j, acc):
-        return jnp.einsum("bkgqh,bksh->bkgqs", q_i, k_j, preferred_element_type=acc)
+        return rows_matmul("bkqh,bksh->bkqs", q_i, k_j, acc)
 
     def vjp(self, params, q_i, k_j, ds, acc):
         ds = ds.astype(q_i.dtype)
-        dq = jnp.einsum("bkgqs,bksh->bkgqh", ds, k_j, preferred_element_type=acc)
-        dk = jnp.einsum("bkgqs,bkgqh->bksh", ds, q_i, preferred_element_type=acc)
+        dq = rows_matmul("bkqs,bksh->bkqh", ds, k_j, acc)
+        dk = rows_matmul("bkqs,bkqh->bksh", ds, q_i, acc)
         return dq, dk, None
+
+
+def rows_matmul(spec: str, a: jax.Array, b: jax.Array, acc: Any) -> jax.Array:
+    """``einsum(spec)`` of tiles whose query rows are ``[..., G, bq, X]`` (a, and b when its
+    spec has ``q``), with the ``G`` query heads of a K/V head folded into the rows.
+
+    ``spec`` names the folded operands ``bkqX``: one ``[B*K]``-batched matmul with
+    ``G * bq`` rows, whose result is a bitcast of the tile layout (no copy per tile, as
+    XLA's CPU backend makes for a 5-D dot with a unit ``G``).
+    """
+    lhs, rest = spec.split(",")
+    rhs, out = rest.split("->")
+    g_bq = a.shape[2:4]
+    flat = [x.reshape(*x.shape[:2], -1, x.shape[-1]) if "q" in name else x
+            for x, name in ((a, lhs), (b, rhs))]  # fmt: skip
+    y = jnp.einsum(spec, *flat, preferred_element_type=acc)
+    return y.reshape(*y.shape[:2], *g_bq, y.shape[-1]) if "q" in out else y
 
 
 DOT = DotScore()
