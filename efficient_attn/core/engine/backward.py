@@ -22,6 +22,7 @@ from efficient_attn.core.engine.tiling import (
     _q_unblocks,
     _Static,
     _Tile,
+    prescaled,
 )
 
 
@@ -54,7 +55,8 @@ def _backward(st: _Static, res, cotangents, offset=None):
     b, _, n, _ = q.shape
     kh = k.shape[2]
     idx = _head_index(b, kh, n // kh, offset)
-    qb = _q_blocks(q, kh, st.bq)
+    q_s, folded = prescaled(st, q, scale)
+    qb = _q_blocks(q_s, kh, st.bq)
     dob = _q_blocks(jnp.asarray(dout).astype(q.dtype), kh, st.bq)
     lse = jnp.where(lse == -jnp.inf, jnp.inf, lse)  # rows that see nothing: p = 0
     lseb = _q_blocks(lse, kh, st.bq, fill=jnp.inf)  # [nq, B, K, G, bq]; pad rows: p = 0
@@ -84,7 +86,7 @@ def _backward(st: _Static, res, cotangents, offset=None):
                 tile = _Tile(st, idx, q_pos, k_pos, i, j, kv_len, mask_consts, score_consts)
                 k_jj = tile.values(k_j)  # padding keys may hold NaN: they never reach dq
                 raw = st.score.logits(params, q_i, k_jj, acc)
-                s = raw * scale
+                s = raw if folded else raw * scale
                 if bias is not None:
                     s = s + tile.bias(bias).astype(acc)
                 if st.score_fn is not None:
@@ -147,9 +149,9 @@ def _backward(st: _Static, res, cotangents, offset=None):
     )
     (dq_raw, dparams, dconsts, dscale, dbias), (dk_raw, dv) = jax.lax.scan(kv_tile, init, xs)
     if st.score.linear_in_q:  # sum(dS * score) = sum(dQ_raw * Q) for a score linear in q
-        dscale = jnp.sum(dq_raw * qb.astype(acc))
+        dscale = jnp.sum(dq_raw * _q_blocks(q, kh, st.bq).astype(acc))
     dq = _q_unblocks(dq_raw * scale, q.shape[1]).astype(q.dtype)
-    dk = _kv_unblocks(dk_raw * scale, k.shape[1]).astype(k.dtype)
+    dk = _kv_unblocks(dk_raw if folded else dk_raw * scale, k.shape[1]).astype(k.dtype)
     dv = _kv_unblocks(dv, k.shape[1]).astype(v.dtype)
     dparams = jax.tree.map(lambda g, x: (g * scale).astype(x.dtype), dparams, params)
     d_score_consts = [None] * len(score_consts)

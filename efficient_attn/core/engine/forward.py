@@ -20,6 +20,7 @@ from efficient_attn.core.engine.tiling import (
     _q_unblocks,
     _Static,
     _Tile,
+    prescaled,
 )
 
 
@@ -38,7 +39,8 @@ def _forward(st: _Static, q, k, v, scale, params, score_consts, kv_len, q_pos, k
     b, _, n, _ = q.shape
     kh = k.shape[2]
     idx = _head_index(b, kh, n // kh, offset)
-    qb = _q_blocks(q, kh, st.bq)
+    q_s, folded = prescaled(st, q, scale)
+    qb = _q_blocks(q_s, kh, st.bq)
     kb, vb = _kv_blocks(k, st.bk), _kv_blocks(v, st.bk)
     k_first = k_pos[:: st.bk]
     max_len = None if kv_len is None else jnp.max(kv_len)
@@ -53,7 +55,9 @@ def _forward(st: _Static, q, k, v, scale, params, score_consts, kv_len, q_pos, k
                 o, m, l = carry
                 j = lst[t]
                 tile = _Tile(st, idx, q_pos, k_pos, i, j, kv_len, mask_consts, score_consts)
-                s = st.score.logits(params, q_i, tile.values(kb[j]), acc) * scale
+                s = st.score.logits(params, q_i, tile.values(kb[j]), acc)
+                if not folded:
+                    s = s * scale
                 if bias is not None:
                     s = s + tile.bias(bias).astype(acc)
                 if st.score_fn is not None:

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from efficient_attn.core import masking
-from efficient_attn.core.engine.score import Score
+from efficient_attn.core.engine.score import DotScore, Score
 
 # Tiled layouts: queries [nq, B, K, G, bq, H]; keys/values [nk, B, K, bk, H];
 # per-row statistics [nq, B, K, G, bq].
@@ -67,6 +67,15 @@ class _Static:
     dropout_rate: float = 0.0
     dropout_broadcast: bool = False
     groups: tuple[int, int] = (1, 1)  # the block mask's (Bm, Hm) when each runs its own lists
+
+
+def prescaled(st: _Static, q: jax.Array, scale: jax.Array) -> tuple[jax.Array, bool]:
+    """``(q * scale, True)`` for the dot score in the statistics dtype (float32, float64): the
+    logits come out of the matmul scaled, saving a pass over every tile; ``(q, False)``
+    otherwise (low-precision inputs keep the scale in float32, after the matmul)."""
+    if isinstance(st.score, DotScore) and jnp.dtype(q.dtype) == masking.stat_dtype(q.dtype):
+        return q * scale.astype(q.dtype), True
+    return q, False
 
 
 def _head_index(b: int, kh: int, g: int, offset=None):
