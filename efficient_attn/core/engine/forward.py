@@ -15,8 +15,10 @@ from efficient_attn.core import masking
 from efficient_attn.core.engine.score import rows_matmul
 from efficient_attn.core.engine.tiling import (
     _head_index,
-    _kv_blocks,
-    _q_blocks,
+    _kv_rows,
+    _kv_tile,
+    _q_rows,
+    _q_tile,
     _q_unblocks,
     _Static,
     _Tile,
@@ -40,14 +42,15 @@ def _forward(st: _Static, q, k, v, scale, params, score_consts, kv_len, q_pos, k
     kh = k.shape[2]
     idx = _head_index(b, kh, n // kh, offset)
     q_s, folded = prescaled(st, q, scale)
-    qb = _q_blocks(q_s, kh, st.bq)
-    kb, vb = _kv_blocks(k, st.bk), _kv_blocks(v, st.bk)
+    qr = _q_rows(q_s, kh, st.bq)  # tiles are sliced (and transposed) one at a time
+    kr, vr = _kv_rows(k, st.bk), _kv_rows(v, st.bk)
     k_first = k_pos[:: st.bk]
     max_len = None if kv_len is None else jnp.max(kv_len)
     part_num, part_idx, full_num, full_idx = lists[:4]
 
     def q_tile(args):
-        i, q_i, p_num, p_idx, f_num, f_idx = args  # q_i: [B, K, G, bq, H]
+        i, p_num, p_idx, f_num, f_idx = args
+        q_i = _q_tile(qr, i, st.bq)  # [B, K, G, bq, H]
         stats_shape = q_i.shape[:-1]
 
         def run(partial, lst):
@@ -55,7 +58,7 @@ def _forward(st: _Static, q, k, v, scale, params, score_consts, kv_len, q_pos, k
                 o, m, l = carry
                 j = lst[t]
                 tile = _Tile(st, idx, q_pos, k_pos, i, j, kv_len, mask_consts, score_consts)
-                s = st.score.logits(params, q_i, tile.values(kb[j]), acc)
+                s = st.score.logits(params, q_i, tile.values(_kv_tile(kr, j, st.bk)), acc)
                 if not folded:
                     s = s * scale
                 if bias is not None:
@@ -70,7 +73,7 @@ def _forward(st: _Static, q, k, v, scale, params, score_consts, kv_len, q_pos, k
                 p = jnp.exp(s - m_safe[..., None])
                 alpha = jnp.exp(m - m_safe)
                 pv = rows_matmul("bkqs,bksd->bkqd", tile.dropout(seed)(p).astype(v.dtype),
-                                 tile.values(vb[j]), acc)  # fmt: skip
+                                 tile.values(_kv_tile(vr, j, st.bk)), acc)  # fmt: skip
                 return o * alpha[..., None] + pv, m_new, l * alpha + p.sum(-1)
 
             return body
@@ -90,8 +93,8 @@ def _forward(st: _Static, q, k, v, scale, params, score_consts, kv_len, q_pos, k
         lse = jnp.where(nonempty, m + jnp.log(jnp.where(nonempty, l, 1.0)), -jnp.inf)
         return out.astype(q.dtype), lse
 
-    nq = qb.shape[0]
-    xs = (jnp.arange(nq), qb, *(jnp.asarray(x) for x in (part_num, part_idx, full_num, full_idx)))
+    nq = qr.shape[1] // st.bq
+    xs = (jnp.arange(nq), *(jnp.asarray(x) for x in (part_num, part_idx, full_num, full_idx)))
     out, lse = jax.lax.map(q_tile, xs)
     tq = q.shape[1]
     return _q_unblocks(out, tq), _q_unblocks(lse, tq)

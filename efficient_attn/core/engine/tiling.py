@@ -52,6 +52,34 @@ def _kv_unblocks(x: jax.Array, length: int) -> jax.Array:
     return x.transpose(1, 0, 3, 2, 4).reshape(b, nb * block, k, d)[:, :length]
 
 
+def _q_rows(x: jax.Array, kv_heads: int, block: int, fill: float = 0.0) -> jax.Array:
+    """[B, T, N, *D] -> [B, nb*block, K, G, *D] (padded with ``fill``; no copy otherwise),
+    the layout :func:`_q_tile` slices one tile at a time."""
+    x = jnp.asarray(x)
+    b, t, n = x.shape[:3]
+    pad = masking.cdiv(t, block) * block - t
+    if pad:
+        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
+    return x.reshape(b, t + pad, kv_heads, n // kv_heads, *x.shape[3:])
+
+
+def _q_tile(x: jax.Array, i, block: int) -> jax.Array:
+    """Tile ``i`` of :func:`_q_rows`' layout: ``[B, K, G, block, *D]`` (slice and transpose
+    in one copy: no relayout of the whole input beforehand)."""
+    x = jax.lax.dynamic_slice_in_dim(x, i * block, block, axis=1)
+    return jnp.moveaxis(x, 1, 3)
+
+
+def _kv_rows(x: jax.Array, block: int) -> jax.Array:
+    """[B, T, K, H] -> [B, nb*block, K, H], zero-padded (no copy otherwise)."""
+    return masking.pad_axis(jnp.asarray(x), 1, block)
+
+
+def _kv_tile(x: jax.Array, j, block: int) -> jax.Array:
+    """Tile ``j`` of :func:`_kv_rows`' layout: ``[B, K, block, H]``."""
+    return jnp.swapaxes(jax.lax.dynamic_slice_in_dim(x, j * block, block, axis=1), 1, 2)
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class _Static:
     """Everything static about one engine call (a nondiff argument of the custom_vjp)."""
