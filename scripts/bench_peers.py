@@ -137,7 +137,8 @@ def profile(exe, args, calls: int = 3) -> dict[str, float]:
             for _ in range(calls):
                 jax.block_until_ready(exe(*args))
         path = glob.glob(f"{d}/**/*.json.gz", recursive=True)[0]
-        events = json.load(gzip.open(path))["traceEvents"]
+        with gzip.open(path) as f:
+            events = json.load(f)["traceEvents"]
     total = collections.Counter()
     for e in events:
         if e.get("ph") == "X" and e.get("name") in kinds:
@@ -173,15 +174,19 @@ def main() -> None:
     args = p.parse_args()
     start = time.perf_counter()
     load0 = os.getloadavg()[0]
-    head = [f"# blockwise (XLA engine) vs PyTorch SDPA on {bench.device_description()}", "",
-            f"{datetime.date.today()}, jax {jax.__version__}, B={B}, N={N}, H={H}, float32, "
-            f"causal; {os.cpu_count()} CPUs; 1-minute load average at start {load0:.2f}"]  # fmt: skip
+    head = [
+        f"# blockwise (XLA engine) vs PyTorch SDPA on {bench.device_description()}",
+        "",
+        f"{datetime.date.today()}, jax {jax.__version__}, B={B}, N={N}, H={H}, float32, causal; "
+        f"{os.cpu_count()} CPUs; 1-minute load average at start {load0:.2f}",
+    ]
     if args.tiles:
         lengths = [int(x) for x in args.tiles.split(",")]
         lines = [*head, "", f"## Tile table: median time / 512x256 ({args.rounds} rounds)", "",
                  *tile_table(lengths, args.rounds)]  # fmt: skip
-        lines += ["", f"Command: `python scripts/bench_peers.py --tiles {args.tiles} "
-                  f"--rounds {args.rounds}`; load average at end {os.getloadavg()[0]:.2f}."]  # fmt: skip
+        end = os.getloadavg()[0]
+        lines += ["", f"Command: `python scripts/bench_peers.py --tiles {args.tiles} --rounds "
+                  f"{args.rounds}`; 1-minute load average at end {end:.2f}."]  # fmt: skip
         bench.write_report(lines, args.out.replace("bench_peers.md", "tiles.md"))
         return
     try:
@@ -219,8 +224,9 @@ def main() -> None:
         mem = {m: bench.temp_bytes(bench.compiled(
             bench.attention_fn(m, causal=True, backward=backward), *shapes)[0])
             for m in ("xla", "blockwise")}  # fmt: skip
-        lines.append(f"| {'fwd+bwd' if backward else 'fwd'} | {mem['xla'] / 2**20:,.1f} | "
-                     f"{mem['blockwise'] / 2**20:,.1f} | {mem['blockwise'] / mem['xla']:.4f} |")  # fmt: skip
+        xla, ours_ = mem["xla"], mem["blockwise"]
+        lines.append(f"| {'fwd+bwd' if backward else 'fwd'} | {xla / 2**20:,.1f} | "
+                     f"{ours_ / 2**20:,.1f} | {ours_ / xla:.4f} |")  # fmt: skip
     for t in (int(x) for x in args.profile.split(",") if x):
         lines += ["", f"## Where the time goes: blockwise, T={t} (thunk seconds per call)", "",
                   "| kind | fwd ms | fwd share | fwd+bwd ms | fwd+bwd share |",
