@@ -3,7 +3,7 @@
 ``blockwise`` (the XLA tile engine, default options) against
 ``torch.nn.functional.scaled_dot_product_attention`` (PyTorch's CPU flash
 kernel) on the same inputs: B=1, 4 heads, head_dim 64, float32, causal, each in
-its native layout (ours ``[B, T, N, H]``, torch's ``[B, N, T, H]``). Forward, and
+the same memory (``[B, T, N, H]``; torch gets ``[B, N, T, H]`` views of it). Forward, and
 forward+backward with the output cotangent passed in (both sides). Each round
 calls every (length, pass, side) once, after a warm-up round, so load from other
 processes falls on both sides of a ratio alike; figures are medians over rounds
@@ -69,10 +69,12 @@ def theirs(t: int, backward: bool):
         import torch
     except ImportError:
         return None
-    q, k, v = (torch.from_numpy(np.asarray(x).transpose(0, 2, 1, 3).copy())
+    # Views of the same [B, T, N, H] values (the memory layout ours reads): SDPA takes
+    # [B, N, T, H] and reads strided inputs in place.
+    q, k, v = (torch.from_numpy(np.array(x)).transpose(1, 2)
                for x in bench.random_inputs(B, t, t, N, N, H))  # fmt: skip
-    dout = torch.from_numpy(np.asarray(bench.random_normal((B, t, N, H), np.float32, 3))
-                            .transpose(0, 2, 1, 3).copy())  # fmt: skip
+    dout = torch.from_numpy(np.array(bench.random_normal((B, t, N, H), np.float32, 3)))
+    dout = dout.transpose(1, 2)
     sdpa = torch.nn.functional.scaled_dot_product_attention
     if not backward:
 

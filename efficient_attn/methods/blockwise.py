@@ -15,6 +15,7 @@ import jax
 from efficient_attn import kernels
 from efficient_attn.core import engine
 from efficient_attn.core.engine.ring import flash_ring_kernels
+from efficient_attn.core.engine.tiling import default_tiles
 from efficient_attn.core.registry import FEATURES, positive_int, register_method
 
 
@@ -33,8 +34,8 @@ def blockwise(
     bias: jax.Array | None = None,
     dropout: Any = None,
     return_lse: bool = False,
-    block_q: int = 512,
-    block_k: int = 256,
+    block_q: int | None = None,
+    block_k: int | None = None,
     implementation: str = "auto",
     interpret: bool = False,
     kernel_config: Any = None,
@@ -43,8 +44,9 @@ def blockwise(
 
     q: [B, Tq, N, H], k: [B, Tk, K, H], v: [B, Tk, K, Hv] -> [B, Tq, N, Hv].
     Any lengths (tiles are padded and masked internally); tiles of
-    ``block_q`` queries and ``block_k`` keys (clipped to the sequence length),
-    or those of ``block_mask``. Empty tiles (above the causal diagonal, outside
+    ``block_q`` queries and ``block_k`` keys (clipped to the sequence length;
+    None: :func:`~efficient_attn.core.engine.tiling.default_tiles`, measured per
+    length), or those of ``block_mask``. Empty tiles (above the causal diagonal, outside
     a ``mask_mod``, past every ``kv_lengths``) are skipped. ``bias``
     (broadcastable to ``[B, N, Tq, Tk]``) is read one tile at a time, and
     ``dropout`` regenerates its mask per tile in the backward (both on the
@@ -56,7 +58,9 @@ def blockwise(
     their own tiles, ``kernel_config`` (a :class:`efficient_attn.kernels.TileConfig`;
     None: the backend's default), not ``block_q``/``block_k``.
     """
-    block_q, block_k = positive_int("block_q", block_q), positive_int("block_k", block_k)
+    tiles = default_tiles(q.shape[1], k.shape[1])
+    block_q = tiles[0] if block_q is None else positive_int("block_q", block_q)
+    block_k = tiles[1] if block_k is None else positive_int("block_k", block_k)
     out_lse = kernels.attend(
         q, k, v, causal=causal, kv_lengths=kv_lengths, scale=scale, block_q=block_q,
         block_k=block_k, mask_mod=mask_mod, score_mod=score_mod, block_mask=block_mask,

@@ -152,14 +152,19 @@ def _mods_fn(point: dict[str, Any], row: dict[str, Any], spec: Any) -> Any:
     import efficient_attn as ea
     from efficient_attn import bench
     from efficient_attn.core import blockmask
+    from efficient_attn.core.engine.tiling import default_tiles
     from efficient_attn.core.mods import from_spec
 
     b, t, n, h = (point[x] for x in ("batch", "seq_len", "heads", "head_dim"))
     mask_mod, score_mod = from_spec(point["mods"], t, t, n)
     options, causal = dict(point["options"]), bool(point["causal"])
     kw = {"mask_mod": mask_mod, "score_mod": score_mod}
-    tiles = {k: row["resolved_options"].get(k) for k in ("block_q", "block_k")}
-    if None not in tiles.values():  # a tiled method: its block mask, built once
+    opts = row["resolved_options"]
+    tiles = {}
+    if "block_q" in opts and "block_k" in opts:  # a tiled method (None: the engine's tiles)
+        default = dict(zip(("block_q", "block_k"), default_tiles(t, t), strict=True))
+        tiles = {k: default[k] if opts[k] is None else opts[k] for k in default}
+    if tiles:  # its block mask, built once
         mask = mask_mod if mask_mod is not None else ea.mods.full_mask()
         if causal:
             mask = mask & ea.mods.causal_bottom_right(t, t)

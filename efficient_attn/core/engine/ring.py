@@ -24,6 +24,7 @@ from typing import Any
 
 from efficient_attn.core import blockmask as _bm
 from efficient_attn.core.engine.tiled import tiled_backward, tiled_forward
+from efficient_attn.core.engine.tiling import default_tiles
 from efficient_attn.core.registry import positive_int
 
 
@@ -40,15 +41,18 @@ class RingMods:
     k_limit: int
 
 
-def flash_ring_kernels(block_q: int = 512, block_k: int = 256, implementation: str = "auto",
-                       interpret: bool = False, kernel_config: Any = None):  # fmt: skip
+def flash_ring_kernels(block_q: int | None = None, block_k: int | None = None,
+                       implementation: str = "auto", interpret: bool = False,
+                       kernel_config: Any = None):  # fmt: skip
     """Ring kernels on the tile engine: a block mask per (query shard, key shard) pair.
 
     They run the XLA engine (explicit positions per shard): ``implementation="auto"``
-    (``blockwise``'s option) keeps them there; ``"pallas"`` is a ``ValueError``.
+    (``blockwise``'s option) keeps them there; ``"pallas"`` is a ``ValueError``. Tiles:
+    ``block_q x block_k`` (None: :func:`~.tiling.default_tiles` of the shard lengths).
     """
-    positive_int("block_q", block_q)
-    positive_int("block_k", block_k)
+    for name, value in (("block_q", block_q), ("block_k", block_k)):
+        if value is not None:
+            positive_int(name, value)
     if implementation == "pallas" or interpret or kernel_config is not None:
         raise ValueError(
             "strategy='ring' runs the XLA tile engine on each shard pair; the fused kernels "
@@ -61,7 +65,9 @@ def flash_ring_kernels(block_q: int = 512, block_k: int = 256, implementation: s
         # Tiles no longer than a zigzag chunk, so causal tile skipping stays effective.
         tq, tk = q.shape[1], k.shape[1]
         lq, lk = (tq // 2, tk // 2) if zigzag else (tq, tk)
-        bq, bk = min(block_q, max(lq, 1)), min(block_k, max(lk, 1))
+        tiles = default_tiles(tq, tk)
+        bq = min(tiles[0] if block_q is None else block_q, max(lq, 1))
+        bk = min(tiles[1] if block_k is None else block_k, max(lk, 1))
         bm = _bm.build(
             mods.mask_mod, q_pos, k_pos, q_limit=mods.q_limit, k_limit=mods.k_limit,
             batch=q.shape[0], heads=q.shape[2], block_q=bq, block_k=bk, infer=True,

@@ -52,6 +52,19 @@ def _kv_unblocks(x: jax.Array, length: int) -> jax.Array:
     return x.transpose(1, 0, 3, 2, 4).reshape(b, nb * block, k, d)[:, :length]
 
 
+def default_tiles(q_len: int, k_len: int) -> tuple[int, int]:
+    """``(block_q, block_k)`` of ``blockwise`` on the XLA engine when the caller names none.
+
+    Measured on a 2-core CPU (``python scripts/bench_peers.py --tiles 1024,2048,4096``,
+    experiments/results/cpu/peers/tiles.md; B=1, 4 heads, head_dim 64, causal): 512x256
+    is the fastest forward at every length and ties for the fastest forward+backward from
+    2k on; up to 1k, 256x512 trains faster (forward+backward 0.81x of 512x256's time,
+    forward alone 1.13x), and training is what these lengths are mostly run for. XLA's
+    CPU matmuls use both cores only from about 512x256x64 per head, so smaller tiles lose.
+    """
+    return (256, 512) if max(q_len, k_len) <= 1024 else (512, 256)
+
+
 def _q_rows(x: jax.Array, kv_heads: int, block: int, fill: float = 0.0) -> jax.Array:
     """[B, T, N, *D] -> [B, nb*block, K, G, *D] (padded with ``fill``; no copy otherwise),
     the layout :func:`_q_tile` slices one tile at a time."""
