@@ -179,3 +179,48 @@ def test_property_blockwise_gradients_match_float64(tq, tk, group, bq, bk, causa
     refs = ea.numpy_reference_grads(q, k, v, dout, causal=causal)
     for x, ref in zip(got, refs, strict=True):
         np.testing.assert_allclose(np.asarray(x), ref, rtol=1e-4, atol=5e-5)
+
+
+@pytest.mark.parametrize(
+    "case", ["causal", "window+alibi", "documents+closure", "bias+dropout"], ids=str
+)
+def test_backward_on_its_own_tiles_matches_one_tiling(case):
+    """The backward on other tiles than the forward (the engine's CPU default: 512x256
+    forward, 256x512 backward) gives the gradients of one tiling, for every array input:
+    q, k, v, a score_mod's slopes, a closure's table, a dense bias, with dropout and
+    ragged kv lengths at lengths that are no multiple of either tiling."""
+    from efficient_attn.core import engine, masking
+    from efficient_attn.core.mods import alibi, alibi_slopes, causal_mask, sliding_window
+
+    t = 37
+    q, k, v = make_qkv(2, t, t, 4, 2, 8, seed=7)
+    rng = np.random.default_rng(1)
+    dout = jnp.asarray(rng.standard_normal((2, t, 4, 8)), jnp.float32)
+    slopes = jnp.asarray(alibi_slopes(4))
+    table = jnp.asarray(rng.standard_normal((4, 2 * t)), jnp.float32) * 0.3
+    bias = jnp.asarray(rng.standard_normal((1, 4, t, t)), jnp.float32)
+    seg = jnp.asarray(np.repeat(np.arange(3), [10, 15, 12])[None].repeat(2, 0))
+    kv_lengths = jnp.array([t, 30])
+
+    def call(q, k, v, slopes, table, bias, tiles):
+        kw = {"causal": case != "documents+closure", "kv_lengths": kv_lengths, "scale": 0.3}
+        if case == "window+alibi":
+            kw |= {"mask_mod": sliding_window(9) & causal_mask(), "score_mod": alibi(slopes)}
+        if case == "documents+closure":
+            kw["mask_mod"] = lambda b, h, i, j: seg[b, i] == seg[b, j]
+            kw["score_mod"] = lambda s, b, h, i, j: s + table[h, i - j + t]
+        if case == "bias+dropout":
+            kw |= {"bias": bias, "dropout": masking.Dropout(0.3, jnp.array([3, 4], jnp.uint32))}
+        out, lse = engine.attend(q, k, v, block_q=8, block_k=4, bwd_tiles=tiles, **kw)
+        return out, lse
+
+    args = (q, k, v, slopes, table, bias)
+    results = []
+    for tiles in (None, (4, 16)):
+        (out, lse), vjp = jax.vjp(lambda *a, tiles=tiles: call(*a, tiles), *args)
+        results.append((out, lse, *vjp((dout, jnp.ones_like(lse) * 0.1))))
+    for name, one, two in zip(("out", "lse", "dq", "dk", "dv", "dslopes", "dtable", "dbias"),
+                              *results, strict=True):  # fmt: skip
+        np.testing.assert_allclose(np.asarray(two), np.asarray(one), rtol=2e-5, atol=2e-6,
+                                   err_msg=name)  # fmt: skip
+    assert float(jnp.abs(results[0][2]).sum()) > 0  # the gradients are not trivially zero

@@ -44,7 +44,7 @@ IMPLEMENTATIONS = ("auto", "xla", "pallas")
 _log = logging.getLogger(__name__)
 #: engine.attend's optional keywords, which the kernel branch reads.
 _ENGINE_DEFAULTS = dict.fromkeys(
-    ("mask_mod", "score_mod", "block_mask", "pattern", "params", "bias", "dropout")
+    ("mask_mod", "score_mod", "block_mask", "pattern", "params", "bias", "dropout", "bwd_tiles")
 ) | {"score": engine.DOT}
 _FALLBACKS: collections.deque = collections.deque(maxlen=64)
 #: Which branches an ``"auto"`` call traces: ``"all"`` or ``"present"`` (see the module).

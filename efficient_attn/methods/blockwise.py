@@ -44,9 +44,10 @@ def blockwise(
 
     q: [B, Tq, N, H], k: [B, Tk, K, H], v: [B, Tk, K, Hv] -> [B, Tq, N, Hv].
     Any lengths (tiles are padded and masked internally); tiles of
-    ``block_q`` queries and ``block_k`` keys (clipped to the sequence length;
-    None: :func:`~efficient_attn.core.engine.tiling.default_tiles`, measured per
-    length), or those of ``block_mask``. Empty tiles (above the causal diagonal, outside
+    ``block_q`` queries and ``block_k`` keys for both passes (clipped to the
+    sequence length), or those of ``block_mask``; with neither tile named, the
+    engine's measured defaults (:func:`~efficient_attn.core.engine.tiling.default_tiles`:
+    512x256 forward, 256x512 backward). Empty tiles (above the causal diagonal, outside
     a ``mask_mod``, past every ``kv_lengths``) are skipped. ``bias``
     (broadcastable to ``[B, N, Tq, Tk]``) is read one tile at a time, and
     ``dropout`` regenerates its mask per tile in the backward (both on the
@@ -58,13 +59,15 @@ def blockwise(
     their own tiles, ``kernel_config`` (a :class:`efficient_attn.kernels.TileConfig`;
     None: the backend's default), not ``block_q``/``block_k``.
     """
-    tiles = default_tiles(q.shape[1], k.shape[1])
+    tq, tk = q.shape[1], k.shape[1]
+    bwd = default_tiles(tq, tk, backward=True) if block_q is None and block_k is None else None
+    tiles = default_tiles(tq, tk)
     block_q = tiles[0] if block_q is None else positive_int("block_q", block_q)
     block_k = tiles[1] if block_k is None else positive_int("block_k", block_k)
     out_lse = kernels.attend(
         q, k, v, causal=causal, kv_lengths=kv_lengths, scale=scale, block_q=block_q,
         block_k=block_k, mask_mod=mask_mod, score_mod=score_mod, block_mask=block_mask,
         bias=bias, dropout=dropout, implementation=implementation, interpret=interpret,
-        kernel_config=kernel_config,
+        kernel_config=kernel_config, bwd_tiles=bwd,
     )  # fmt: skip
     return engine.result(out_lse, return_lse, q.dtype)

@@ -86,6 +86,7 @@ def attend(
     params: Any = None,
     bias: jax.Array | None = None,
     dropout: masking.Dropout | None = None,
+    bwd_tiles: tuple[int, int] | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """What every tiled method runs: its arguments to a block mask, then the engine.
 
@@ -93,8 +94,10 @@ def attend(
     N, Hv], lse [B, Tq, N])``. ``pattern``: the method's own ``mask_mod``
     (sparse methods), ANDed with ``causal`` and the user's ``mask_mod``.
     Tiles of ``block_q x block_k`` (clipped to the lengths) unless
-    ``block_mask`` fixes them. This is the XLA engine; the fused Pallas kernels
-    are chosen one layer up (:func:`efficient_attn.kernels.attend`).
+    ``block_mask`` fixes them; ``bwd_tiles``: the backward's own ``(block_q,
+    block_k)`` (None: the forward's; ignored with a ``block_mask``). This is the XLA
+    engine; the fused Pallas kernels are chosen one layer up
+    (:func:`efficient_attn.kernels.attend`).
     """
     b, tq, n = q.shape[:3]
     tk = k.shape[1]
@@ -102,8 +105,16 @@ def attend(
         tq, tk, batch=b, heads=n, causal=causal, mask_mod=mask_mod, block_mask=block_mask,
         block_q=min(block_q, tq), block_k=min(block_k, tk), pattern=pattern,
     )  # fmt: skip
+    bwd = None
+    if bwd_tiles is not None and block_mask is None:
+        tiles = (min(bwd_tiles[0], tq), min(bwd_tiles[1], tk))
+        if tiles != (bm.block_q, bm.block_k):
+            bwd = plan_block_mask(
+                tq, tk, batch=b, heads=n, causal=causal, mask_mod=mask_mod, block_q=tiles[0],
+                block_k=tiles[1], pattern=pattern,
+            )  # fmt: skip
     kv_len = None if kv_lengths is None else jnp.asarray(kv_lengths, jnp.int32)
     return tiled_attention(
         q, k, v, scale=scale, block_mask=bm, kv_len=kv_len, score_mod=score_mod, score=score,
-        params=params, bias=bias, dropout=dropout,
+        params=params, bias=bias, dropout=dropout, bwd_block_mask=bwd,
     )  # fmt: skip

@@ -168,5 +168,7 @@ def run_forward(st: _Static, *args):
 
 def run_backward(st: _Static, res, cotangents):
     """The engine's backward: the shared loops, or one per group of a per-(b, h) block mask."""
+    if st.bwd is not None:  # its own tiles (shared lists only): see tiled._prepare
+        return _backward(st.bwd, res, cotangents)
     return _backward(st, res, cotangents) if st.groups == (1, 1) else grouped_backward(
         st, res, cotangents)  # fmt: skip

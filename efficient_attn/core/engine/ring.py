@@ -48,7 +48,7 @@ def flash_ring_kernels(block_q: int | None = None, block_k: int | None = None,
 
     They run the XLA engine (explicit positions per shard): ``implementation="auto"``
     (``blockwise``'s option) keeps them there; ``"pallas"`` is a ``ValueError``. Tiles:
-    ``block_q x block_k`` (None: :func:`~.tiling.default_tiles` of the shard lengths).
+    ``block_q x block_k`` (neither named: :func:`~.tiling.default_tiles`, the backward's own).
     """
     for name, value in (("block_q", block_q), ("block_k", block_k)):
         if value is not None:
@@ -61,11 +61,11 @@ def flash_ring_kernels(block_q: int | None = None, block_k: int | None = None,
     if implementation not in ("auto", "xla"):
         raise ValueError(f"implementation={implementation!r}; valid: 'auto', 'xla', 'pallas'")
 
-    def setup(q, k, q_pos, k_pos, mods: RingMods, zigzag):
+    def setup(q, k, q_pos, k_pos, mods: RingMods, zigzag, backward=False):
         # Tiles no longer than a zigzag chunk, so causal tile skipping stays effective.
         tq, tk = q.shape[1], k.shape[1]
         lq, lk = (tq // 2, tk // 2) if zigzag else (tq, tk)
-        tiles = default_tiles(tq, tk)
+        tiles = default_tiles(tq, tk, backward and block_q is None and block_k is None)
         bq = min(tiles[0] if block_q is None else block_q, max(lq, 1))
         bk = min(tiles[1] if block_k is None else block_k, max(lk, 1))
         bm = _bm.build(
@@ -80,7 +80,7 @@ def flash_ring_kernels(block_q: int | None = None, block_k: int | None = None,
         return tiled_forward(q, k, v, scale=scale, kv_len=kv_len, **kw)
 
     def backward(q, k, v, q_pos, k_pos, kv_len, scale, out, lse, dout, *, mods, zigzag=False):
-        kw = setup(q, k, q_pos, k_pos, mods, zigzag)
+        kw = setup(q, k, q_pos, k_pos, mods, zigzag, backward=True)
         return tiled_backward(q, k, v, out, lse, dout, scale=scale, kv_len=kv_len, **kw)
 
     return forward, backward

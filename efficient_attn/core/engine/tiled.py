@@ -9,6 +9,7 @@ a mod closes over are hoisted into explicit arguments, so gradients reach them).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any
 
@@ -52,33 +53,15 @@ def _pad_pos(pos, block: int, fill: int):
                    constant_values=fill)  # fmt: skip
 
 
-def _prepare(q, k, scale, block_mask, score_mod, score, q_pos, k_pos, q_limit, k_limit,
-             bias=None, dropout=None):  # fmt: skip
-    """Static config, positions, hoisted mods, tile lists, padded bias and seed of one call."""
-    b, tq, n, _ = q.shape
-    if bias is not None and (q_pos is not None or k_pos is not None):
-        raise ValueError("a dense bias needs the default positions (arange of the inputs)")
-    tk, kh = k.shape[1], k.shape[2]
-    bq, bk = block_mask.block_q, block_mask.block_k
-    acc = masking.stat_dtype(q.dtype)
-    q_pos = _bm.positions(tq) if q_pos is None else q_pos
-    k_pos = _bm.positions(tk) if k_pos is None else k_pos
-    q_limit = tq if q_limit is None else q_limit
-    k_limit = tk if k_limit is None else k_limit
-    q_pos, k_pos = _pad_pos(q_pos, bq, q_limit), _pad_pos(k_pos, bk, k_limit)
-    g = n // kh
-    groups = tuple(block_mask.tiles.shape[:2]) if own_lists(block_mask) else (1, 1)
-    dims = (b, kh, g)  # the mods are traced at the shapes of a group's tiles
-    if groups != (1, 1):  # each (b mod Bm, h mod Hm) runs its own lists (groups.py)
-        _bm.check_block_mask(block_mask, tq, tk, b, n)
-        dims = (1 if groups[0] > 1 else b, *((1, 1) if groups[1] > 1 else (kh, g)))
+def _hoist_mods(mask_mod, score_mod, dims, tiles, acc):
+    """``(mask_fn, mask_consts, score_fn, score_consts)``: the mods traced at one tile shape."""
     bi, hi = _head_index(*dims)
-    qi = np.zeros((1, 1, 1, bq, 1), np.int32)
-    ki = np.zeros((1, 1, 1, 1, bk), np.int32)
-    tile_shape = (*dims, bq, bk)
+    qi = np.zeros((1, 1, 1, tiles[0], 1), np.int32)
+    ki = np.zeros((1, 1, 1, 1, tiles[1]), np.int32)
+    tile_shape = (*dims, *tiles)
     mask_fn, mask_consts = None, ()
-    if block_mask.mask_mod is not None and not isinstance(block_mask.mask_mod, _mods.Full):
-        hm = _bm.hoist("mask_mod", block_mask.mask_mod, bi, hi, qi, ki)
+    if mask_mod is not None and not isinstance(mask_mod, _mods.Full):
+        hm = _bm.hoist("mask_mod", mask_mod, bi, hi, qi, ki)
         _bm.check_mask_output(hm.out, tile_shape)
         mask_fn, mask_consts = hm.fn, hm.consts
     score_fn, score_consts = None, ()
@@ -90,6 +73,53 @@ def _prepare(q, k, scale, block_mask, score_mod, score, q_pos, k_pos, q_limit, k
                 f"it returned {hs.out.shape} {hs.out.dtype}"
             )
         score_fn, score_consts = hs.fn, hs.consts
+    return mask_fn, tuple(mask_consts), score_fn, tuple(score_consts)
+
+
+def _same_arrays(a, b) -> bool:
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b, strict=True))
+
+
+def _prepare(q, k, scale, block_mask, score_mod, score, q_pos, k_pos, q_limit, k_limit,
+             bias=None, dropout=None, bwd_block_mask=None):  # fmt: skip
+    """Static config, positions, hoisted mods, tile lists, padded bias and seed of one call
+    (``bwd_block_mask``: the same mask at the backward's own tiles, or None)."""
+    b, tq, n, _ = q.shape
+    if bias is not None and (q_pos is not None or k_pos is not None):
+        raise ValueError("a dense bias needs the default positions (arange of the inputs)")
+    tk, kh = k.shape[1], k.shape[2]
+    bq, bk = block_mask.block_q, block_mask.block_k
+    acc = masking.stat_dtype(q.dtype)
+    g = n // kh
+    groups = tuple(block_mask.tiles.shape[:2]) if own_lists(block_mask) else (1, 1)
+    if bwd_block_mask is not None and (groups != (1, 1) or own_lists(bwd_block_mask)):
+        bwd_block_mask = None  # per-(b, h) lists run one tiling (groups.py)
+    pad_q, pad_k = bq, bk
+    if bwd_block_mask is not None:  # positions padded for both tilings (powers of two)
+        pad_q = max(bq, bwd_block_mask.block_q)
+        pad_k = max(bk, bwd_block_mask.block_k)
+    q_pos = _bm.positions(tq) if q_pos is None else q_pos
+    k_pos = _bm.positions(tk) if k_pos is None else k_pos
+    q_limit = tq if q_limit is None else q_limit
+    k_limit = tk if k_limit is None else k_limit
+    q_pos, k_pos = _pad_pos(q_pos, pad_q, q_limit), _pad_pos(k_pos, pad_k, k_limit)
+    dims = (b, kh, g)  # the mods are traced at the shapes of a group's tiles
+    if groups != (1, 1):  # each (b mod Bm, h mod Hm) runs its own lists (groups.py)
+        _bm.check_block_mask(block_mask, tq, tk, b, n)
+        dims = (1 if groups[0] > 1 else b, *((1, 1) if groups[1] > 1 else (kh, g)))
+    mask_fn, mask_consts, score_fn, score_consts = _hoist_mods(
+        block_mask.mask_mod, score_mod, dims, (bq, bk), acc
+    )
+    bwd = None
+    if bwd_block_mask is not None:
+        tiles_b = (bwd_block_mask.block_q, bwd_block_mask.block_k)
+        mask_b, mc_b, score_b, sc_b = _hoist_mods(
+            bwd_block_mask.mask_mod, score_mod, dims, tiles_b, acc
+        )
+        if _same_arrays(mc_b, mask_consts) and _same_arrays(sc_b, score_consts):
+            bwd = (tiles_b, mask_b, score_b)
+        else:  # the mods' arrays came back otherwise: one tiling for both passes
+            bwd_block_mask = None
     bias_qk = (False, False)
     if bias is not None:
         bias = masking.check_bias(bias, b, n, tq, tk)
@@ -103,10 +133,16 @@ def _prepare(q, k, scale, block_mask, score_mod, score, q_pos, k_pos, q_limit, k
         rate, shared, seed = dropout.rate, dropout.broadcast, dropout.seed
     if groups == (1, 1):
         lists = _bm.union_lists(block_mask)  # the shared lists, [R(, W)]
+        if bwd_block_mask is not None:  # the backward's transposed lists at its tiles
+            lists = (*lists[:4], *_bm.union_lists(bwd_block_mask)[4:])
     else:
         lists = tuple(getattr(block_mask, name) for name in _LISTS)
     st = _Static(bq, bk, score, mask_fn, score_fn, int(q_limit), int(k_limit), bias_qk, rate,
                  shared, groups)  # fmt: skip
+    if bwd is not None:
+        (bq_b, bk_b), mask_b, score_b = bwd
+        st = dataclasses.replace(st, bwd=dataclasses.replace(
+            st, bq=bq_b, bk=bk_b, mask_fn=mask_b, score_fn=score_b))  # fmt: skip
     lists = tuple(jnp.asarray(x, jnp.int32) for x in lists)
     return (st, jnp.asarray(scale, acc), tuple(score_consts), q_pos, k_pos, lists,
             tuple(mask_consts), bias, seed)  # fmt: skip
@@ -129,6 +165,7 @@ def tiled_attention(
     k_limit: int | None = None,
     bias: jax.Array | None = None,
     dropout: masking.Dropout | None = None,
+    bwd_block_mask: _bm.BlockMask | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Differentiable tiled attention over ``block_mask``: ``(out [B,Tq,N,Hv], lse [B,Tq,N])``.
 
@@ -143,10 +180,23 @@ def tiled_attention(
     positions only). ``dropout``: a :class:`~efficient_attn.core.masking.Dropout`
     of the weights (the normaliser and ``lse`` are those without dropout).
     Differentiable in q, k, v, scale, params, bias, the arrays ``score_mod``
-    closes over, and through ``lse``.
+    closes over, and through ``lse``. ``bwd_block_mask``: the same mask at other tiles,
+    which the backward runs (shared tile lists only; None: ``block_mask``'s).
     """
     st, scale, sc, q_pos, k_pos, lists, mc, bias, seed = _prepare(
-        q, k, scale, block_mask, score_mod, score, q_pos, k_pos, q_limit, k_limit, bias, dropout
+        q,
+        k,
+        scale,
+        block_mask,
+        score_mod,
+        score,
+        q_pos,
+        k_pos,
+        q_limit,
+        k_limit,
+        bias,
+        dropout,
+        bwd_block_mask,
     )
     return _tiled(st, q, k, v, scale, params, sc, kv_len, q_pos, k_pos, lists, mc, bias, seed)
 

@@ -52,17 +52,21 @@ def _kv_unblocks(x: jax.Array, length: int) -> jax.Array:
     return x.transpose(1, 0, 3, 2, 4).reshape(b, nb * block, k, d)[:, :length]
 
 
-def default_tiles(q_len: int, k_len: int) -> tuple[int, int]:
-    """``(block_q, block_k)`` of ``blockwise`` on the XLA engine when the caller names none.
+def default_tiles(q_len: int, k_len: int, backward: bool = False) -> tuple[int, int]:
+    """``(block_q, block_k)`` of the XLA engine's forward (or ``backward``) when the caller
+    names no tiles (``blockwise``, the ring kernels).
 
     Measured on a 2-core CPU (``python scripts/bench_peers.py --tiles 1024,2048,4096``,
     experiments/results/cpu/peers/tiles.md; B=1, 4 heads, head_dim 64, causal): 512x256
-    is the fastest forward at every length and ties for the fastest forward+backward from
-    2k on; up to 1k, 256x512 trains faster (forward+backward 0.81x of 512x256's time,
-    forward alone 1.13x), and training is what these lengths are mostly run for. XLA's
-    CPU matmuls use both cores only from about 512x256x64 per head, so smaller tiles lose.
+    is the fastest forward at 1k and within noise of the fastest at 2k and 4k; 256x512
+    gives the fastest forward+backward at every length (0.81x of 512x256's at 1k) while
+    its forward alone is slower, so the backward runs its own 256x512 tiles. XLA's CPU
+    matmuls use both cores only from about 512x256x64 per head: smaller tiles lose.
+    The lengths are accepted for tables that depend on them (tiles are clipped to the
+    lengths where they are used).
     """
-    return (256, 512) if max(q_len, k_len) <= 1024 else (512, 256)
+    del q_len, k_len
+    return (256, 512) if backward else (512, 256)
 
 
 def _q_rows(x: jax.Array, kv_heads: int, block: int, fill: float = 0.0) -> jax.Array:
@@ -108,6 +112,7 @@ class _Static:
     dropout_rate: float = 0.0
     dropout_broadcast: bool = False
     groups: tuple[int, int] = (1, 1)  # the block mask's (Bm, Hm) when each runs its own lists
+    bwd: _Static | None = None  # the backward's own tiles and mods traced at them (None: these)
 
 
 def prescaled(st: _Static, q: jax.Array, scale: jax.Array) -> tuple[jax.Array, bool]:
