@@ -16,8 +16,8 @@ from efficient_attn.core import masking
 from efficient_attn.core.engine.score import DotScore, rows_matmul
 from efficient_attn.core.engine.tiling import (
     _head_index,
-    _kv_blocks,
-    _kv_unblocks,
+    _kv_rows,
+    _kv_tile,
     _q_blocks,
     _q_unblocks,
     _Static,
@@ -37,6 +37,12 @@ def _swap(x: jax.Array) -> jax.Array:
 def _rows_t(x: jax.Array) -> jax.Array:
     """Query-row tiles ``[nq, B, K, G, bq, D]`` -> ``[nq, B, K, D, G*bq]`` (transposed once)."""
     return _swap(x.reshape(*x.shape[:3], -1, x.shape[-1]))
+
+
+def _write_rows(rows: jax.Array, tile: jax.Array, j, block: int) -> jax.Array:
+    """``rows [B, T, K, D]`` with key tile ``j`` (``tile [B, K, block, D]``) written in."""
+    tile = jnp.swapaxes(tile, 1, 2).astype(rows.dtype)
+    return jax.lax.dynamic_update_slice_in_dim(rows, tile, j * block, axis=1)
 
 
 def _t_matmul(a_t: jax.Array, p: jax.Array, acc) -> jax.Array:
@@ -61,9 +67,9 @@ def _backward(st: _Static, res, cotangents, offset=None):
     lse = jnp.where(lse == -jnp.inf, jnp.inf, lse)  # rows that see nothing: p = 0
     lseb = _q_blocks(lse, kh, st.bq, fill=jnp.inf)  # [nq, B, K, G, bq]; pad rows: p = 0
     # d lse / d s = p, so the lse cotangent enters as ds = p * (dp - (delta - dlse)).
-    delta = jnp.sum(_q_blocks(out, kh, st.bq).astype(acc) * dob.astype(acc), axis=-1)
-    delta = delta - _q_blocks(jnp.asarray(dlse, acc), kh, st.bq)
-    kb, vb = _kv_blocks(k, st.bk), _kv_blocks(v, st.bk)
+    delta = jnp.sum(out.astype(acc) * jnp.asarray(dout).astype(acc), axis=-1)
+    delta = _q_blocks(delta - jnp.asarray(dlse, acc), kh, st.bq)  # [nq, B, K, G, bq]
+    kr, vr = _kv_rows(k, st.bk), _kv_rows(v, st.bk)  # key tiles sliced one at a time
     # dK and dV accumulate transposed, dK^T += Q_i^T dS and dV^T += dO_i^T P, from Q and dO
     # transposed once here: a matmul of row-major operands, where dS^T Q (the transposed
     # left operand) runs at about half the speed on XLA's CPU backend (the engine's report).
@@ -76,7 +82,8 @@ def _backward(st: _Static, res, cotangents, offset=None):
     part_num, part_idx, full_num, full_idx = lists[4:]
 
     def kv_tile(carry, args):
-        j, k_j, v_j, p_num, p_idx, f_num, f_idx = args  # k_j: [B, K, bk, H]
+        j, p_num, p_idx, f_num, f_idx = args
+        k_j, v_j = _kv_tile(kr, j, st.bk), _kv_tile(vr, j, st.bk)  # [B, K, bk, H]
 
         def run(partial, lst):
             def body(t, carry):
@@ -127,7 +134,7 @@ def _backward(st: _Static, res, cotangents, offset=None):
 
             return body
 
-        dq, dparams, dconsts, dscale, dbias = carry
+        dq, dparams, dconsts, dscale, dbias, dk_all, dv_all = carry
         dk0 = jnp.zeros(_swap(k_j).shape if dot else k_j.shape, acc)
         inner = (dk0, jnp.zeros(_swap(v_j).shape, acc), dq, dparams, dconsts, dscale, dbias)
         skip = None if max_len is None else k_first[j] >= max_len
@@ -135,24 +142,25 @@ def _backward(st: _Static, res, cotangents, offset=None):
             count = num if skip is None else jnp.where(skip, 0, num)
             inner = jax.lax.fori_loop(0, count, run(partial, lst), inner)
         dk, dv, dq, dparams, dconsts, dscale, dbias = inner
-        return (dq, dparams, dconsts, dscale, dbias), (_swap(dk) if dot else dk, _swap(dv))
+        dk = _swap(dk) if dot else dk  # [B, K, bk, H]
+        dk = dk if folded else dk * scale
+        # Each key tile's gradients are final here: written once, in the inputs' layout.
+        dk_all = _write_rows(dk_all, dk, j, st.bk)
+        dv_all = _write_rows(dv_all, _swap(dv), j, st.bk)
+        return (dq, dparams, dconsts, dscale, dbias, dk_all, dv_all), None
 
     dparams0 = jax.tree.map(lambda x: jnp.zeros(x.shape, acc), params)
     dconsts0 = tuple(jnp.zeros(jnp.shape(score_consts[c]), acc) for c in diff)
     dbias0 = None if bias is None else jnp.zeros(bias.shape, acc)
-    init = (jnp.zeros(qb.shape, acc), dparams0, dconsts0, jnp.zeros((), acc), dbias0)
-    xs = (
-        jnp.arange(kb.shape[0]),
-        kb,
-        vb,
-        *(jnp.asarray(x) for x in (part_num, part_idx, full_num, full_idx)),
-    )
-    (dq_raw, dparams, dconsts, dscale, dbias), (dk_raw, dv) = jax.lax.scan(kv_tile, init, xs)
+    init = (jnp.zeros(qb.shape, acc), dparams0, dconsts0, jnp.zeros((), acc), dbias0,
+            jnp.zeros(kr.shape, k.dtype), jnp.zeros(vr.shape, v.dtype))  # fmt: skip
+    nk = kr.shape[1] // st.bk
+    xs = (jnp.arange(nk), *(jnp.asarray(x) for x in (part_num, part_idx, full_num, full_idx)))
+    (dq_raw, dparams, dconsts, dscale, dbias, dk, dv), _ = jax.lax.scan(kv_tile, init, xs)
     if st.score.linear_in_q:  # sum(dS * score) = sum(dQ_raw * Q) for a score linear in q
         dscale = jnp.sum(dq_raw * _q_blocks(q, kh, st.bq).astype(acc))
     dq = _q_unblocks(dq_raw * scale, q.shape[1]).astype(q.dtype)
-    dk = _kv_unblocks(dk_raw if folded else dk_raw * scale, k.shape[1]).astype(k.dtype)
-    dv = _kv_unblocks(dv, k.shape[1]).astype(v.dtype)
+    dk, dv = dk[:, : k.shape[1]], dv[:, : k.shape[1]]
     dparams = jax.tree.map(lambda g, x: (g * scale).astype(x.dtype), dparams, params)
     d_score_consts = [None] * len(score_consts)
     for c, g in zip(diff, dconsts, strict=True):
