@@ -148,6 +148,39 @@ def profile(exe, args, calls: int = 3) -> dict[str, float]:
     return dict(total)
 
 
+#: The tile matmuls of the engine (per head: b=4 heads batched, h=64): name -> einsum.
+MATMULS = {
+    "S = Q K^T (fwd, bwd)": ("bqh,bsh->bqs", "q", "k"),
+    "O += P V (fwd)": ("bqs,bsh->bqh", "s", "k"),
+    "dK += dS^T Q (transposed left operand)": ("bqs,bqh->bsh", "s", "q"),
+    "dK^T += Q^T dS (what the engine runs)": ("bhq,bqs->bhs", "qt", "s"),
+}
+
+
+def matmul_table(tiles=((512, 256), (256, 512), (256, 256), (128, 128)), rounds: int = 9):
+    """Markdown rows: GFLOP/s of each tile matmul at each tile shape (32 in a loop)."""
+    lines = ["| matmul | " + " | ".join(f"{a}x{b}" for a, b in tiles) + " |",
+             "|---|" + "---:|" * len(tiles)]  # fmt: skip
+    for name, (spec, a_name, b_name) in MATMULS.items():
+        cells = []
+        for bq, bk in tiles:
+            shapes = {"q": (32, 4, bq, H), "k": (32, 4, bk, H), "s": (32, 4, bq, bk),
+                      "qt": (32, 4, H, bq)}  # fmt: skip
+            a = bench.random_normal(shapes[a_name], np.float32, 0)
+            b = bench.random_normal(shapes[b_name], np.float32, 1)
+            out = jax.eval_shape(lambda x, y, spec=spec: jax.numpy.einsum(spec, x[0], y[0]), a, b)
+
+            def loop(x, y, spec=spec, out=out):
+                body = lambda j, acc: acc + jax.numpy.einsum(spec, x[j], y[j])  # noqa: E731
+                return jax.lax.fori_loop(0, 32, body, jax.numpy.zeros(out.shape, out.dtype))
+
+            exe = bench.compiled(loop, a, b)[0]
+            t = min(bench.time_compiled(exe, (a, b), repeats=rounds))
+            cells.append(f"{32 * 4 * bq * bk * H * 2 / t / 1e9:,.0f}")
+        lines.append(f"| {name} | {' | '.join(cells)} |")
+    return lines
+
+
 def tile_table(lengths: list[int], rounds: int) -> list[str]:
     """Markdown rows: each candidate tile's median time relative to 512x256, per length."""
     lines = ["| T | pass | " + " | ".join(f"{a}x{b}" for a, b in TILES) + " | best |",
@@ -229,6 +262,8 @@ def main() -> None:
         xla, ours_ = mem["xla"], mem["blockwise"]
         lines.append(f"| {'fwd+bwd' if backward else 'fwd'} | {xla / 2**20:,.1f} | "
                      f"{ours_ / 2**20:,.1f} | {ours_ / xla:.4f} |")  # fmt: skip
+    lines += ["", "## Tile matmuls on this CPU (GFLOP/s, best of rounds; 4 heads, head_dim 64)",
+              "", *matmul_table()]  # fmt: skip
     for t in (int(x) for x in args.profile.split(",") if x):
         lines += ["", f"## Where the time goes: blockwise, T={t} (thunk seconds per call)", "",
                   "| kind | fwd ms | fwd share | fwd+bwd ms | fwd+bwd share |",
