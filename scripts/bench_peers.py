@@ -2,12 +2,13 @@
 
 ``blockwise`` (the XLA tile engine, default options) against
 ``torch.nn.functional.scaled_dot_product_attention`` (PyTorch's CPU flash
-kernel) on the same inputs: B=1, 4 heads, head_dim 64, float32, causal, each in
-the same memory (``[B, T, N, H]``; torch gets ``[B, N, T, H]`` views of it). Forward, and
-forward+backward with the output cotangent passed in (both sides). Each round
-calls every (length, pass, side) once, after a warm-up round, so load from other
-processes falls on both sides of a ratio alike; figures are medians over rounds
-of the per-round ratio (and of the times). torch is optional (``pip install
+kernel) on the same inputs in the same memory: B=1, 4 heads, head_dim 64,
+float32, causal, ``[B, T, N, H]`` (torch gets ``[B, N, T, H]`` views of it).
+Forward, and forward+backward with the output cotangent passed in (both sides). Each round
+runs every (length, pass, side) three times in a row and times the last two (see
+:func:`interleaved`), after a warm-up round, so load from other processes falls on
+both sides of a ratio alike; figures are medians over rounds of the per-round ratio
+(and of the times). torch is optional (``pip install
 torch==2.13.0``, or ``efficient_attn[peers]``): without it only our times, the
 memory bars and the profile are written.
 
@@ -93,14 +94,21 @@ def _time(f) -> float:
     return time.perf_counter() - start
 
 
-def interleaved(calls: dict, rounds: int) -> dict:
-    """``name -> [seconds per round]`` of zero-argument calls, one of each per round."""
+def interleaved(calls: dict, rounds: int, burst: int = 3) -> dict:
+    """``name -> [seconds per round]`` of zero-argument calls: per round each call runs
+    ``burst`` times in a row and the mean of all but the first is its time.
+
+    The first call after the other side absorbs the hand-over of the cores: torch's
+    OpenMP threads spin for a while after each call (``OMP_WAIT_POLICY`` unset), which
+    doubled our 1k forward when calls alternated one by one (7.1 -> 13.7 ms).
+    """
     for f in calls.values():
         f()
     times = {name: [] for name in calls}
     for _ in range(rounds):
         for name, f in calls.items():
-            times[name].append(_time(f))
+            f()
+            times[name].append(statistics.mean(_time(f) for _ in range(burst - 1)))
     return times
 
 
