@@ -10,7 +10,8 @@ Prints markdown tables:
    each against ``xla`` (``jax.nn.dot_product_attention``), and throughput
    (tokens/s) against ``linear_elu``;
 2. time slope 8192 -> 32768: ``t(32768) / t(8192) / 4`` (1.0 is linear), forward and
-   forward+backward.
+   forward+backward: the median over rounds, each timing both lengths once (interleaved,
+   so that a shared machine's load weighs on both alike).
 
 Times are medians of ``--repeats`` runs after one warm-up, each blocked on with
 ``block_until_ready``. Targets per method: forward at 8192 <= 0.08x xla,
@@ -60,15 +61,33 @@ def _fn(method: str, names: tuple[str, ...], backward: bool):
     return fwd_bwd
 
 
-def timings(method: str, n: int, repeats: int, modes=("fwd", "fwd+bwd")) -> dict:
-    """{mode: bench.Timing} of ``method``, causal, at length ``n``."""
+def _args(method: str, n: int) -> tuple[tuple[str, ...], tuple]:
+    """(array option names, arguments ``(q, k, v, *arrays)``) of ``method`` at length ``n``."""
     q, k, v = bench.random_inputs(BATCH, n, n, HEADS, HEADS, HEAD_DIM, jnp.float32)
     arrays = ea.init_arrays(method, jax.random.PRNGKey(2), HEAD_DIM, **bench.input_dims(q, k))
-    names = tuple(arrays)
-    args = (q, k, v, *arrays.values())
+    return tuple(arrays), (q, k, v, *arrays.values())
+
+
+def timings(method: str, n: int, repeats: int, modes=("fwd", "fwd+bwd")) -> dict:
+    """{mode: bench.Timing} of ``method``, causal, at length ``n``."""
+    names, args = _args(method, n)
     return {
         mode: bench.measure(_fn(method, names, mode == "fwd+bwd"), args, repeats) for mode in modes
     }
+
+
+def slopes_of(method: str, repeats: int) -> dict:
+    """{mode: (seconds at LONG_LEN, t(LONG_LEN) / t(MAIN_LEN) / 4)}, both lengths timed in
+    interleaved rounds (:func:`bench.interleaved_ratios`) so that load from other processes
+    weighs on both sides of the ratio alike."""
+    (names, long_args), (_, main_args) = _args(method, LONG_LEN), _args(method, MAIN_LEN)
+    pairs = []
+    for mode in ("fwd", "fwd+bwd"):
+        f = _fn(method, names, mode == "fwd+bwd")
+        exes = (bench.compiled(f, *long_args)[0], bench.compiled(f, *main_args)[0])
+        pairs.append((mode, (exes[0], long_args), (exes[1], main_args)))
+    ratios = bench.interleaved_ratios(pairs, repeats)
+    return {mode: (r[1], r[0] / (LONG_LEN / MAIN_LEN)) for mode, r in ratios.items()}
 
 
 def xla_temp_bytes(n: int) -> int:
@@ -130,11 +149,10 @@ def report(args: argparse.Namespace) -> list[str]:
     say("|---|---:|---:|---:|---:|")
     slopes = {}
     for m in (*(b for b in baselines if b == "linear_elu"), *gated):
-        long = timings(m, LONG_LEN, args.repeats)
         cells = []
-        for mode in ("fwd", "fwd+bwd"):
-            slopes[(m, mode)] = long[mode].median_s / main[m][mode].median_s / 4
-            cells += [f"{1e3 * long[mode].median_s:.0f}", f"{slopes[(m, mode)]:.2f}"]
+        for mode, (long_s, slope) in slopes_of(m, args.repeats).items():
+            slopes[(m, mode)] = slope
+            cells += [f"{1e3 * long_s:.0f}", f"{slope:.2f}"]
         say(f"| {m} | {' | '.join(cells)} |")
     say("\n## Targets\n")
     for m in gated:

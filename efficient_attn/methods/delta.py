@@ -17,7 +17,7 @@ cumulative log decay ``b`` and entering state ``S``, the written values
 
 so ``N = U - W S`` with ``U = (I + L)^-1 diag(beta) V`` and
 ``W = (I + L)^-1 diag(beta exp(b)) K`` (the WY representation; one triangular
-solve per chunk, by forward substitution for all chunks at once:
+inverse per chunk, blocked as FLA's ``solve_tril``, for all chunks at once:
 :func:`unit_lower_inverse`). Then
 
     o_i = exp(b_i) S^T q'_i + sum_{j <= i} exp(b_i - b_j) (q'_i . k_j) n_j,
@@ -41,13 +41,11 @@ DELTANET = base.Rule("deltanet", decay=None, delta=True)
 GATED_DELTANET = base.Rule("gated_deltanet", decay="scalar", delta=True)
 
 
-@jax.custom_vjp
-def unit_lower_inverse(lower: jax.Array) -> jax.Array:
-    """``(I + lower)^-1`` of strictly lower-triangular ``lower [..., C, C]``.
+BLOCK = 16  # rows of the diagonal blocks inverted by substitution (FLA's solve_tril)
 
-    Forward substitution one row at a time, for all chunks at once (plain XLA,
-    no LAPACK call); the backward pass is ``dL = -X^T dX X^T`` (strictly lower).
-    """
+
+def _substitution(lower: jax.Array) -> jax.Array:
+    """``(I + lower)^-1`` by forward substitution, one row at a time (``C`` steps)."""
     c = lower.shape[-1]
 
     def row(i, a):  # a: the strictly lower part of the inverse, rows < i final
@@ -56,6 +54,42 @@ def unit_lower_inverse(lower: jax.Array) -> jax.Array:
         return jax.lax.dynamic_update_index_in_dim(a, r, i, axis=-2)
 
     return jax.lax.fori_loop(1, c, row, -lower) + jnp.eye(c, dtype=lower.dtype)
+
+
+def _blocks(x: jax.Array, m: int, pairs: list[tuple[int, int]]) -> jax.Array:
+    """The ``m x m`` blocks ``(i, j)`` in ``pairs`` of ``x [..., P, P]``: ``[..., n, m, m]``."""
+    return jnp.stack([x[..., i * m : (i + 1) * m, j * m : (j + 1) * m] for i, j in pairs], -3)
+
+
+@jax.custom_vjp
+def unit_lower_inverse(lower: jax.Array) -> jax.Array:
+    """``(I + lower)^-1`` of strictly lower-triangular ``lower [..., C, C]``, blocked.
+
+    flash-linear-attention's ``solve_tril``: the diagonal ``16 x 16`` blocks are
+    inverted by forward substitution (16 steps, all blocks of all chunks at once),
+    then pairs of neighbouring inverses merge level by level with the block inverse
+    ``[[A, 0], [L, D]]^-1 = [[A^-1, 0], [-D^-1 L A^-1, D^-1]]`` (two matmuls;
+    ``log2(C / 16)`` levels, ``C`` padded to ``16 * 2^p`` with identity rows). Plain
+    XLA, no LAPACK call; the backward pass is ``dL = -X^T dX X^T`` (strictly lower).
+    """
+    c = lower.shape[-1]
+    if c <= BLOCK:
+        return _substitution(lower)
+    nb = 1 << (-(-c // BLOCK) - 1).bit_length()  # diagonal blocks, a power of two
+    p = nb * BLOCK
+    lower = jnp.pad(lower, [(0, 0)] * (lower.ndim - 2) + [(0, p - c), (0, p - c)])
+    x = _substitution(_blocks(lower, BLOCK, [(i, i) for i in range(nb)]))  # [..., nb, 16, 16]
+    m = BLOCK
+    while m < p:
+        n = p // (2 * m)  # pairs merged at this level
+        lower_21 = _blocks(lower, m, [(2 * i + 1, 2 * i) for i in range(n)])  # [..., n, m, m]
+        x = x.reshape(*x.shape[:-3], n, 2, m, m)
+        x_11, x_22 = x[..., 0, :, :], x[..., 1, :, :]
+        top = jnp.concatenate([x_11, jnp.zeros_like(x_11)], axis=-1)
+        bottom = jnp.concatenate([-(x_22 @ lower_21 @ x_11), x_22], axis=-1)
+        x = jnp.concatenate([top, bottom], axis=-2)  # [..., n, 2m, 2m]
+        m *= 2
+    return x[..., 0, :c, :c]
 
 
 def _inverse_fwd(lower):
