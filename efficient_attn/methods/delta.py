@@ -114,27 +114,30 @@ def delta_chunks(x: base.Inputs, chunk: int) -> jax.Array:
     v = chunked.to_chunks(x.v, 2, chunk)  # [B, K, nc, C, Hv]
     beta = chunked.to_chunks(x.beta, 2, chunk)  # [B, K, nc, C]
     b = jnp.cumsum(chunked.to_chunks(x.g, 2, chunk)[..., 0], axis=-1)  # [B, K, nc, C]
-    decays = causal_decays(b[..., None])[..., 0]  # [B, K, nc, C, C], j <= i
-    kk = jnp.einsum("bknih,bknjh->bknij", k, k)
-    strict = jnp.tril(jnp.ones((chunk, chunk), bool), -1)
-    lower = jnp.where(strict, beta[..., :, None] * kk * decays, 0.0)
-    rhs = jnp.concatenate([beta[..., None] * v, (beta * jnp.exp(b))[..., None] * k], axis=-1)
-    solved = unit_lower_inverse(lower) @ rhs  # the UT transform applied to [beta V, beta e^b K]
-    u, w = solved[..., :hv], solved[..., hv:]  # [B, K, nc, C, Hv], [B, K, nc, C, H]
-    last = b[..., -1:]  # [B, K, nc, 1]
-    kd = k * jnp.exp(last - b)[..., None]
-    keep = jnp.exp(last)[..., None]  # [B, K, nc, 1, 1]
+    strict = jnp.tri(chunk, k=-1, dtype=bool)
 
     def body(s, xs):  # s: [B, K, H, Hv], the state entering the chunk
-        u_n, w_n, kd_n, keep_n = xs
-        new = u_n - jnp.einsum("bkch,bkhd->bkcd", w_n, s)  # written values n_i
-        return keep_n * s + jnp.einsum("bkch,bkcd->bkhd", kd_n, new), (s, new)
+        q_n, k_n, v_n, beta_n, b_n = xs  # [B, K, G, C, H], [B, K, C, H | Hv], [B, K, C] x 2
+        decays = causal_decays(b_n[..., None])[..., 0]  # [B, K, C, C], j <= i
+        kk = jnp.einsum("bkih,bkjh->bkij", k_n, k_n)
+        lower = jnp.where(strict, beta_n[..., :, None] * kk * decays, 0.0)
+        rhs = jnp.concatenate(
+            [beta_n[..., None] * v_n, (beta_n * jnp.exp(b_n))[..., None] * k_n], axis=-1
+        )
+        solved = unit_lower_inverse(lower) @ rhs  # the UT transform of [beta V, beta e^b K]
+        u, w = solved[..., :hv], solved[..., hv:]  # [B, K, C, Hv], [B, K, C, H]
+        new = u - jnp.einsum("bkch,bkhd->bkcd", w, s)  # written values n_i
+        a = jnp.einsum("bkgih,bkjh->bkgij", q_n, k_n) * decays[:, :, None]
+        out = jnp.einsum("bkgih,bkhd->bkgid", q_n * jnp.exp(b_n)[:, :, None, :, None], s)
+        out = out + jnp.einsum("bkgij,bkjd->bkgid", a, new)
+        last = b_n[..., -1:]  # [B, K, 1]
+        kd = k_n * jnp.exp(last - b_n)[..., None]
+        s = jnp.exp(last)[..., None] * s + jnp.einsum("bkch,bkcd->bkhd", kd, new)
+        return s, out
 
     s0 = jnp.zeros((*k.shape[:2], k.shape[-1], hv), k.dtype)
-    _, (states, new) = chunked.scan_chunks(body, s0, (u, w, kd, keep), 2, 2)
-    a = jnp.einsum("bkgnih,bknjh->bkgnij", q, k) * decays[:, :, None]
-    inter = jnp.einsum("bkgnih,bknhd->bkgnid", q * jnp.exp(b)[:, :, None, ..., None], states)
-    out = inter + jnp.einsum("bkgnij,bknjd->bkgnid", a, new)
+    xs = (q, k, v, beta, b)
+    out = chunked.scan_chunks(body, s0, xs, (3, 2, 2, 2, 2), 3, checkpoint=True)[1]
     return chunked.from_chunks(out, 3, t)
 
 
