@@ -17,15 +17,17 @@ cumulative log decay ``b`` and entering state ``S``, the written values
 
 so ``N = U - W S`` with ``U = (I + L)^-1 diag(beta) V`` and
 ``W = (I + L)^-1 diag(beta exp(b)) K`` (the WY representation; one triangular
-inverse per chunk, blocked as FLA's ``solve_tril``, for all chunks at once:
-:func:`unit_lower_inverse`). Then
+inverse per chunk, blocked as FLA's ``solve_tril``: :func:`unit_lower_inverse`).
+Then
 
     o_i = exp(b_i) S^T q'_i + sum_{j <= i} exp(b_i - b_j) (q'_i . k_j) n_j,
     S'  = exp(b_C) S + sum_j exp(b_C - b_j) k_j n_j^T.
 
-Only ``S -> (N, S')`` is sequential: a ``jax.lax.scan`` over chunks of two
-``C x H x Hv`` matmuls, storing ``T / C`` states for the backward pass.
-Cost per head: ``O(T C (H + Hv) + T H Hv)`` plus a ``C x C`` solve per chunk.
+The chunks run in order, one per step of a ``jax.lax.scan`` carrying ``S``
+(the UT transform, the outputs and ``S'`` of one chunk per step), each step
+rematerialised in the backward pass: it stores only the ``T / C`` entering
+states, and the working set does not grow with ``T``.
+Cost per head: ``O(T C (H + Hv) + T H Hv)`` plus a ``C x C`` inverse per chunk.
 """
 
 from __future__ import annotations

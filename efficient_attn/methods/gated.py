@@ -13,18 +13,16 @@ the state entering it,
     o_i = (q'_i * exp(b_i)) S + sum_{j <= i} (sum_h q'_ih k_jh exp(b_ih - b_jh)) v_j,
     S'  = exp(b_C) * S + sum_j (k_j * exp(b_C - b_j)) v_j^T.
 
-Every exponent is ``<= 0`` (no overflow, whatever the decays). For
-``retnet`` and ``mamba2`` the intra-chunk ``C x C`` matrices and the chunk
-contributions to the state are computed for all chunks at once; only the
-chunk-boundary states are a ``jax.lax.scan``, so the backward pass stores
-``T / C`` states. ``gla`` (a decay per key channel) follows FLA's ``chunk_gla``
-(Yang et al. 2024, secondary chunking): inside a chunk, sub-chunks of 16
-positions; the blocks between sub-chunks are plain matmuls and only the
-diagonal blocks need per-channel ``[16, 16, H]`` decays (:func:`_channel_scores`);
-its chunks run one per step of a scan carrying the state, each rematerialised
-in the backward pass (:func:`_channel_chunks`), so nothing larger than the
-inputs and the ``T / C`` states is stored. Cost per head: ``O(T C (H + Hv))``
-time (``O(T 16 H)`` exponentials for ``gla``) plus ``O(T H Hv)``.
+Every exponent is ``<= 0`` (no overflow, whatever the decays). The chunks
+run in order, one per step of a ``jax.lax.scan`` carrying ``S``, each step
+rematerialised in the backward pass (:func:`decay_chunks`): the backward pass
+stores only the ``T / C`` entering states, and every step works on one chunk,
+so the working set does not grow with ``T``. ``gla`` (a decay per key
+channel) follows FLA's ``chunk_gla`` (Yang et al. 2024, secondary chunking):
+inside a chunk, sub-chunks of 16 positions; the blocks between sub-chunks are
+plain matmuls and only the diagonal blocks need per-channel ``[16, 16, H]``
+decays (:func:`_channel_scores`). Cost per head: ``O(T C (H + Hv) + T H Hv)``
+time (``O(T 16 H)`` exponentials for ``gla``), ``O(T (H + Hv))`` memory.
 """
 
 from __future__ import annotations
@@ -122,49 +120,38 @@ def _channel_scores(q: jax.Array, k: jax.Array, b: jax.Array) -> jax.Array:
     return jnp.concatenate(rows, axis=-2)[..., :cc, :cc]
 
 
-def _channel_chunks(q: jax.Array, k: jax.Array, v: jax.Array, b: jax.Array) -> jax.Array:
-    """gla's chunks in order, one per step of a scan carrying the state: ``[B, K, G, nc, C, Hv]``.
-
-    q: [B, K, G, nc, C, H], k, b: [B, K, nc, C, H], v: [B, K, nc, C, Hv]. Each
-    step is rematerialised in the backward pass, which so stores only the
-    ``T / C`` entering states: the per-channel decays and scores exist for one
-    chunk at a time (memory ``O(T H + T Hv)`` per head, as FLA's kernels).
-    """
-
-    def body(s, xs):  # s: [B, K, H, Hv], the state entering the chunk
-        q_n, k_n, v_n, b_n = xs  # [B, K, G, C, H], [B, K, C, H], [B, K, C, Hv], [B, K, C, H]
-        last = b_n[..., -1:, :]  # [B, K, 1, H]
-        out = jnp.einsum("bkgih,bkhd->bkgid", q_n * jnp.exp(b_n)[:, :, None], s)
-        out = out + jnp.einsum("bkgij,bkjd->bkgid", _channel_scores(q_n, k_n, b_n), v_n)
-        u = jnp.einsum("bkch,bkcd->bkhd", k_n * jnp.exp(last - b_n), v_n)
-        return jnp.exp(last[..., 0, :])[..., None] * s + u, out
-
-    s0 = jnp.zeros((*k.shape[:2], k.shape[-1], v.shape[-1]), k.dtype)
-    return chunked.scan_chunks(body, s0, (q, k, v, b), (3, 2, 2, 2), 3, checkpoint=True)[1]
+def _scores(q: jax.Array, k: jax.Array, b: jax.Array) -> jax.Array:
+    """One chunk's decayed causal scores ``[B, K, G, C, C]`` of q: [B, K, G, C, H],
+    k: [B, K, C, H], b: [B, K, C, 1 or H] (cumulative log decays)."""
+    if b.shape[-1] != 1:  # gla: a decay per key channel
+        return _channel_scores(q, k, b)
+    return jnp.einsum("bkgih,bkjh->bkgij", q, k) * causal_decays(b)[:, :, None, ..., 0]
 
 
 def decay_chunks(x: base.Inputs, chunk: int) -> jax.Array:
-    """The chunkwise form: prepared :class:`~gated_base.Inputs` -> ``[B, K, G, T, Hv]``."""
+    """The chunkwise form: prepared :class:`~gated_base.Inputs` -> ``[B, K, G, T, Hv]``.
+
+    The chunks in order, one per step of a scan carrying the state; each step is
+    rematerialised in the backward pass, which so stores only the ``T / C``
+    entering states, and works on one chunk at a time (a working set that does
+    not grow with ``T``; memory ``O(T (H + Hv))`` per head, as FLA's kernels).
+    """
     t = x.k.shape[2]
     q = chunked.to_chunks(x.q, 3, chunk)  # [B, K, G, nc, C, H]
     k = chunked.to_chunks(x.k, 2, chunk)  # [B, K, nc, C, H]
     v = chunked.to_chunks(x.v, 2, chunk)  # [B, K, nc, C, Hv]
     b = jnp.cumsum(chunked.to_chunks(x.g, 2, chunk), axis=-2)  # [B, K, nc, C, 1 or H]
-    if b.shape[-1] != 1:  # gla: a decay per key channel
-        return chunked.from_chunks(_channel_chunks(q, k, v, b), 3, t)
-    a = jnp.einsum("bkgnih,bknjh->bkgnij", q, k) * causal_decays(b)[:, :, None, ..., 0]
-    last = b[..., -1:, :]  # [B, K, nc, 1, 1]
-    u = jnp.einsum("bknch,bkncd->bknhd", k * jnp.exp(last - b), v)  # chunk's own keys
-    keep = jnp.exp(last[..., 0, :])[..., None]  # [B, K, nc, 1, 1]
 
     def body(s, xs):  # s: [B, K, H, Hv], the state entering the chunk
-        keep_n, u_n = xs
-        return keep_n * s + u_n, s
+        q_n, k_n, v_n, b_n = xs  # [B, K, G, C, H], [B, K, C, H], [B, K, C, Hv], [B, K, C, 1|H]
+        last = b_n[..., -1:, :]  # [B, K, 1, 1 or H]
+        out = jnp.einsum("bkgih,bkhd->bkgid", q_n * jnp.exp(b_n)[:, :, None], s)
+        out = out + jnp.einsum("bkgij,bkjd->bkgid", _scores(q_n, k_n, b_n), v_n)
+        u = jnp.einsum("bkch,bkcd->bkhd", k_n * jnp.exp(last - b_n), v_n)  # chunk's own keys
+        return jnp.exp(last[..., 0, :])[..., None] * s + u, out
 
     s0 = jnp.zeros((*k.shape[:2], k.shape[-1], v.shape[-1]), k.dtype)
-    _, states = chunked.scan_chunks(body, s0, (keep, u), 2, 2)  # [B, K, nc, H, Hv]
-    inter = jnp.einsum("bkgnih,bknhd->bkgnid", q * jnp.exp(b)[:, :, None], states)
-    out = inter + jnp.einsum("bkgnij,bknjd->bkgnid", a, v)
+    out = chunked.scan_chunks(body, s0, (q, k, v, b), (3, 2, 2, 2), 3, checkpoint=True)[1]
     return chunked.from_chunks(out, 3, t)
 
 
