@@ -68,11 +68,11 @@ def test_chunkwise_matches_float64_recurrence(method, t, chunk):
     assert rel_err(out, _reference(method, q, k, v, arrays, lengths)) < F32_TOL
 
 
-@pytest.mark.parametrize("method", _params())
-def test_gradients_match_autodiff_of_float64_recurrence(method):
-    """d(q, k, v, per-token inputs) of the chunkwise form vs autodiff of the per-token scan."""
-    q, k, v, arrays, lengths = _inputs(method, 37, seed=1)
-    dout = np.random.default_rng(2).standard_normal((2, 37, 4, 6))
+def _gradients(method, q, k, v, arrays, lengths, chunk):
+    """(float32 gradients of the chunkwise form, float64 ones of the per-token scan) of
+    ``sum(out * dout)`` with respect to q, k, v and the per-token inputs, in that order."""
+    b, t, n = q.shape[:3]
+    dout = np.random.default_rng(2).standard_normal((b, t, n, v.shape[-1]))
     names = list(arrays)
 
     def loss(fn, dtype):
@@ -82,7 +82,9 @@ def test_gradients_match_autodiff_of_float64_recurrence(method):
         return f
 
     def chunkwise(q, k, v, xs):
-        return ea.attention(q, k, v, method=method, causal=True, kv_lengths=lengths, chunk=8, **xs)
+        return ea.attention(
+            q, k, v, method=method, causal=True, kv_lengths=lengths, chunk=chunk, **xs
+        )
 
     def recurrence(q, k, v, xs):
         return base.scan_reference(RULES[method], q, k, v, kv_lengths=lengths, **xs)
@@ -95,9 +97,53 @@ def test_gradients_match_autodiff_of_float64_recurrence(method):
             *(np.asarray(x, np.float64) for x in args)
         )
         ref = [np.asarray(r) for r in ref]
-    for name, g, r in zip(["q", "k", "v", *names], got, ref, strict=True):
+    return dict(zip(["q", "k", "v", *names], zip(got, ref, strict=True), strict=True))
+
+
+@pytest.mark.parametrize("method", _params())
+def test_gradients_match_autodiff_of_float64_recurrence(method):
+    """d(q, k, v, per-token inputs) of the chunkwise form vs autodiff of the per-token scan."""
+    q, k, v, arrays, lengths = _inputs(method, 37, seed=1)
+    for name, (g, r) in _gradients(method, q, k, v, arrays, lengths, chunk=8).items():
         assert np.isfinite(np.asarray(g)).all(), name
         assert rel_err(g, r) < 1e-4, (name, rel_err(g, r))
+
+
+def test_gla_subchunks_exact_with_strong_decays():
+    """gla's sub-chunked scores (16-position sub-chunks; a 40-position chunk padded to 48):
+    output and gradients vs the recurrence, with log decays summing to about -120 per
+    chunk, where a positive exponent (``exp(b_j - b_i)`` factored any other way) overflows."""
+    q, k, v, _, lengths = _inputs("gla", 50, seed=3)
+    rng = np.random.default_rng(4)
+    strong = -rng.exponential(6.0, (2, 50, 2, 8)) * (rng.random((2, 50, 2, 8)) < 0.5)
+    arrays = {"log_decay": strong.astype(np.float32)}
+    out = ea.attention(q, k, v, method="gla", causal=True, kv_lengths=lengths, chunk=40, **arrays)
+    assert rel_err(out, _reference("gla", q, k, v, arrays, lengths)) < F32_TOL
+    for name, (g, r) in _gradients("gla", q, k, v, arrays, lengths, chunk=40).items():
+        assert rel_err(g, r) < 1e-4, (name, rel_err(g, r))
+
+
+@pytest.mark.parametrize("c", [1, 7, 16, 40, 64])
+def test_unit_lower_inverse_matches_triangular_solve(c):
+    """The blocked inverse (16 x 16 substitution blocks, merged; 40 padded to 64) and its
+    custom VJP vs float64 ``solve_triangular`` and its autodiff, for 3 chunks at once."""
+    rng = np.random.default_rng(c)
+    lower = np.tril(rng.uniform(-1, 1, (3, c, c)), -1) * 0.5
+    weights = rng.standard_normal((3, c, c))
+
+    def solve(x):
+        eye = jnp.broadcast_to(jnp.eye(c, dtype=x.dtype), x.shape)
+        return jax.scipy.linalg.solve_triangular(eye + jnp.tril(x, -1), eye, lower=True)
+
+    got = delta.unit_lower_inverse(jnp.asarray(lower, jnp.float32))
+    got_grad = jax.grad(lambda x: jnp.sum(delta.unit_lower_inverse(x) * weights))(
+        jnp.asarray(lower, jnp.float32)
+    )
+    with jax.enable_x64(True):
+        ref = np.asarray(solve(jnp.asarray(lower)))
+        ref_grad = np.asarray(jax.grad(lambda x: jnp.sum(solve(x) * weights))(jnp.asarray(lower)))
+    assert rel_err(got, ref) < 1e-5
+    assert rel_err(got_grad, ref_grad) < 1e-5
 
 
 @pytest.mark.parametrize("method", _params())

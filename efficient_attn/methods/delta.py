@@ -17,15 +17,17 @@ cumulative log decay ``b`` and entering state ``S``, the written values
 
 so ``N = U - W S`` with ``U = (I + L)^-1 diag(beta) V`` and
 ``W = (I + L)^-1 diag(beta exp(b)) K`` (the WY representation; one triangular
-solve per chunk, by forward substitution for all chunks at once:
-:func:`unit_lower_inverse`). Then
+inverse per chunk, blocked as FLA's ``solve_tril``: :func:`unit_lower_inverse`).
+Then
 
     o_i = exp(b_i) S^T q'_i + sum_{j <= i} exp(b_i - b_j) (q'_i . k_j) n_j,
     S'  = exp(b_C) S + sum_j exp(b_C - b_j) k_j n_j^T.
 
-Only ``S -> (N, S')`` is sequential: a ``jax.lax.scan`` over chunks of two
-``C x H x Hv`` matmuls, storing ``T / C`` states for the backward pass.
-Cost per head: ``O(T C (H + Hv) + T H Hv)`` plus a ``C x C`` solve per chunk.
+The chunks run in order, one per step of a ``jax.lax.scan`` carrying ``S``
+(the UT transform, the outputs and ``S'`` of one chunk per step), each step
+rematerialised in the backward pass: it stores only the ``T / C`` entering
+states, and the working set does not grow with ``T``.
+Cost per head: ``O(T C (H + Hv) + T H Hv)`` plus a ``C x C`` inverse per chunk.
 """
 
 from __future__ import annotations
@@ -41,13 +43,11 @@ DELTANET = base.Rule("deltanet", decay=None, delta=True)
 GATED_DELTANET = base.Rule("gated_deltanet", decay="scalar", delta=True)
 
 
-@jax.custom_vjp
-def unit_lower_inverse(lower: jax.Array) -> jax.Array:
-    """``(I + lower)^-1`` of strictly lower-triangular ``lower [..., C, C]``.
+BLOCK = 16  # rows of the diagonal blocks inverted by substitution (FLA's solve_tril)
 
-    Forward substitution one row at a time, for all chunks at once (plain XLA,
-    no LAPACK call); the backward pass is ``dL = -X^T dX X^T`` (strictly lower).
-    """
+
+def _substitution(lower: jax.Array) -> jax.Array:
+    """``(I + lower)^-1`` by forward substitution, one row at a time (``C`` steps)."""
     c = lower.shape[-1]
 
     def row(i, a):  # a: the strictly lower part of the inverse, rows < i final
@@ -56,6 +56,42 @@ def unit_lower_inverse(lower: jax.Array) -> jax.Array:
         return jax.lax.dynamic_update_index_in_dim(a, r, i, axis=-2)
 
     return jax.lax.fori_loop(1, c, row, -lower) + jnp.eye(c, dtype=lower.dtype)
+
+
+def _blocks(x: jax.Array, m: int, pairs: list[tuple[int, int]]) -> jax.Array:
+    """The ``m x m`` blocks ``(i, j)`` in ``pairs`` of ``x [..., P, P]``: ``[..., n, m, m]``."""
+    return jnp.stack([x[..., i * m : (i + 1) * m, j * m : (j + 1) * m] for i, j in pairs], -3)
+
+
+@jax.custom_vjp
+def unit_lower_inverse(lower: jax.Array) -> jax.Array:
+    """``(I + lower)^-1`` of strictly lower-triangular ``lower [..., C, C]``, blocked.
+
+    flash-linear-attention's ``solve_tril``: the diagonal ``16 x 16`` blocks are
+    inverted by forward substitution (16 steps, all blocks of all chunks at once),
+    then pairs of neighbouring inverses merge level by level with the block inverse
+    ``[[A, 0], [L, D]]^-1 = [[A^-1, 0], [-D^-1 L A^-1, D^-1]]`` (two matmuls;
+    ``log2(C / 16)`` levels, ``C`` padded to ``16 * 2^p`` with identity rows). Plain
+    XLA, no LAPACK call; the backward pass is ``dL = -X^T dX X^T`` (strictly lower).
+    """
+    c = lower.shape[-1]
+    if c <= BLOCK:
+        return _substitution(lower)
+    nb = 1 << (-(-c // BLOCK) - 1).bit_length()  # diagonal blocks, a power of two
+    p = nb * BLOCK
+    lower = jnp.pad(lower, [(0, 0)] * (lower.ndim - 2) + [(0, p - c), (0, p - c)])
+    x = _substitution(_blocks(lower, BLOCK, [(i, i) for i in range(nb)]))  # [..., nb, 16, 16]
+    m = BLOCK
+    while m < p:
+        n = p // (2 * m)  # pairs merged at this level
+        lower_21 = _blocks(lower, m, [(2 * i + 1, 2 * i) for i in range(n)])  # [..., n, m, m]
+        x = x.reshape(*x.shape[:-3], n, 2, m, m)
+        x_11, x_22 = x[..., 0, :, :], x[..., 1, :, :]
+        top = jnp.concatenate([x_11, jnp.zeros_like(x_11)], axis=-1)
+        bottom = jnp.concatenate([-(x_22 @ lower_21 @ x_11), x_22], axis=-1)
+        x = jnp.concatenate([top, bottom], axis=-2)  # [..., n, 2m, 2m]
+        m *= 2
+    return x[..., 0, :c, :c]
 
 
 def _inverse_fwd(lower):
@@ -80,27 +116,30 @@ def delta_chunks(x: base.Inputs, chunk: int) -> jax.Array:
     v = chunked.to_chunks(x.v, 2, chunk)  # [B, K, nc, C, Hv]
     beta = chunked.to_chunks(x.beta, 2, chunk)  # [B, K, nc, C]
     b = jnp.cumsum(chunked.to_chunks(x.g, 2, chunk)[..., 0], axis=-1)  # [B, K, nc, C]
-    decays = causal_decays(b[..., None])[..., 0]  # [B, K, nc, C, C], j <= i
-    kk = jnp.einsum("bknih,bknjh->bknij", k, k)
-    strict = jnp.tril(jnp.ones((chunk, chunk), bool), -1)
-    lower = jnp.where(strict, beta[..., :, None] * kk * decays, 0.0)
-    rhs = jnp.concatenate([beta[..., None] * v, (beta * jnp.exp(b))[..., None] * k], axis=-1)
-    solved = unit_lower_inverse(lower) @ rhs  # the UT transform applied to [beta V, beta e^b K]
-    u, w = solved[..., :hv], solved[..., hv:]  # [B, K, nc, C, Hv], [B, K, nc, C, H]
-    last = b[..., -1:]  # [B, K, nc, 1]
-    kd = k * jnp.exp(last - b)[..., None]
-    keep = jnp.exp(last)[..., None]  # [B, K, nc, 1, 1]
+    strict = jnp.tri(chunk, k=-1, dtype=bool)
 
     def body(s, xs):  # s: [B, K, H, Hv], the state entering the chunk
-        u_n, w_n, kd_n, keep_n = xs
-        new = u_n - jnp.einsum("bkch,bkhd->bkcd", w_n, s)  # written values n_i
-        return keep_n * s + jnp.einsum("bkch,bkcd->bkhd", kd_n, new), (s, new)
+        q_n, k_n, v_n, beta_n, b_n = xs  # [B, K, G, C, H], [B, K, C, H | Hv], [B, K, C] x 2
+        decays = causal_decays(b_n[..., None])[..., 0]  # [B, K, C, C], j <= i
+        kk = jnp.einsum("bkih,bkjh->bkij", k_n, k_n)
+        lower = jnp.where(strict, beta_n[..., :, None] * kk * decays, 0.0)
+        rhs = jnp.concatenate(
+            [beta_n[..., None] * v_n, (beta_n * jnp.exp(b_n))[..., None] * k_n], axis=-1
+        )
+        solved = unit_lower_inverse(lower) @ rhs  # the UT transform of [beta V, beta e^b K]
+        u, w = solved[..., :hv], solved[..., hv:]  # [B, K, C, Hv], [B, K, C, H]
+        new = u - jnp.einsum("bkch,bkhd->bkcd", w, s)  # written values n_i
+        a = jnp.einsum("bkgih,bkjh->bkgij", q_n, k_n) * decays[:, :, None]
+        out = jnp.einsum("bkgih,bkhd->bkgid", q_n * jnp.exp(b_n)[:, :, None, :, None], s)
+        out = out + jnp.einsum("bkgij,bkjd->bkgid", a, new)
+        last = b_n[..., -1:]  # [B, K, 1]
+        kd = k_n * jnp.exp(last - b_n)[..., None]
+        s = jnp.exp(last)[..., None] * s + jnp.einsum("bkch,bkcd->bkhd", kd, new)
+        return s, out
 
     s0 = jnp.zeros((*k.shape[:2], k.shape[-1], hv), k.dtype)
-    _, (states, new) = chunked.scan_chunks(body, s0, (u, w, kd, keep), 2, 2)
-    a = jnp.einsum("bkgnih,bknjh->bkgnij", q, k) * decays[:, :, None]
-    inter = jnp.einsum("bkgnih,bknhd->bkgnid", q * jnp.exp(b)[:, :, None, ..., None], states)
-    out = inter + jnp.einsum("bkgnij,bknjd->bkgnid", a, new)
+    xs = (q, k, v, beta, b)
+    out = chunked.scan_chunks(body, s0, xs, (3, 2, 2, 2, 2), 3, checkpoint=True)[1]
     return chunked.from_chunks(out, 3, t)
 
 
