@@ -58,10 +58,12 @@ def default_tiles(q_len: int, k_len: int, backward: bool = False) -> tuple[int, 
 
     Measured on a 2-core CPU (``python scripts/bench_peers.py --tiles 1024,2048,4096``,
     experiments/results/cpu/peers/tiles.md; B=1, 4 heads, head_dim 64, causal): 512x256
-    is the fastest forward at 1k and within noise of the fastest at 2k and 4k; 256x512
-    gives the fastest forward+backward at every length (0.81x of 512x256's at 1k) while
-    its forward alone is slower, so the backward runs its own 256x512 tiles. XLA's CPU
-    matmuls use both cores only from about 512x256x64 per head: smaller tiles lose.
+    is the fastest forward at 1k and 4k and within a few percent of the fastest at 2k.
+    256x512 trains fastest at 1k (forward+backward 0.81-0.88x of 512x256 in three runs)
+    while its forward alone is slower, so the backward runs its own 256x512 tiles; at 2k
+    and 4k the two tilings' forward+backward differ by under 10%, either way from run to
+    run. XLA's CPU matmuls use both cores only from about 512x256x64 per head: smaller
+    tiles lose.
     The lengths are accepted for tables that depend on them (tiles are clipped to the
     lengths where they are used).
     """
