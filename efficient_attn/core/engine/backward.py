@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from efficient_attn.core import masking
-from efficient_attn.core.engine.score import DotScore, rows_matmul
+from efficient_attn.core.engine.score import DotScore, rows_matmul, rows_t, t_matmul
 from efficient_attn.core.engine.tiling import (
     _head_index,
     _kv_rows,
@@ -34,21 +34,10 @@ def _swap(x: jax.Array) -> jax.Array:
     return jnp.swapaxes(x, -1, -2)
 
 
-def _rows_t(x: jax.Array) -> jax.Array:
-    """Query-row tiles ``[nq, B, K, G, bq, D]`` -> ``[nq, B, K, D, G*bq]`` (transposed once)."""
-    return _swap(x.reshape(*x.shape[:3], -1, x.shape[-1]))
-
-
 def _write_rows(rows: jax.Array, tile: jax.Array, j, block: int) -> jax.Array:
     """``rows [B, T, K, D]`` with key tile ``j`` (``tile [B, K, block, D]``) written in."""
     tile = jnp.swapaxes(tile, 1, 2).astype(rows.dtype)
     return jax.lax.dynamic_update_slice_in_dim(rows, tile, j * block, axis=1)
-
-
-def _t_matmul(a_t: jax.Array, p: jax.Array, acc) -> jax.Array:
-    """``a^T p`` of ``a_t [B, K, D, G*bq]`` and ``p [B, K, G, bq, bk]``: ``[B, K, D, bk]``."""
-    p = p.reshape(*p.shape[:2], -1, p.shape[-1])
-    return jnp.einsum("bkdq,bkqs->bkds", a_t, p, preferred_element_type=acc)
 
 
 def _backward(st: _Static, res, cotangents, offset=None):
@@ -74,8 +63,8 @@ def _backward(st: _Static, res, cotangents, offset=None):
     # transposed once here: a matmul of row-major operands, where dS^T Q (the transposed
     # left operand) runs at about half the speed on XLA's CPU backend (the engine's report).
     dot = isinstance(st.score, DotScore)
-    qbt = _rows_t(qb) if dot else None  # [nq, B, K, H, G*bq]
-    dobt = _rows_t(dob)  # [nq, B, K, Hv, G*bq]
+    qbt = rows_t(qb) if dot else None  # [nq, B, K, H, G*bq]
+    dobt = rows_t(dob)  # [nq, B, K, Hv, G*bq]
     k_first = k_pos[:: st.bk]
     max_len = None if kv_len is None else jnp.max(kv_len)
     diff = [i for i, c in enumerate(score_consts) if _floating(c)]
@@ -111,7 +100,7 @@ def _backward(st: _Static, res, cotangents, offset=None):
                 if mask is not None:
                     p = jnp.where(mask, p, 0.0)
                 drop = tile.dropout(seed)  # one mask for p and dp
-                dv = dv + _t_matmul(dobt[i], drop(p).astype(v.dtype), acc)
+                dv = dv + t_matmul(dobt[i], drop(p).astype(v.dtype), acc)
                 dp = rows_matmul("bkqd,bksd->bkqs", do_i, vv, acc)
                 ds = p * (drop(dp) - delta[i][..., None])
                 if mask is not None:
@@ -121,10 +110,8 @@ def _backward(st: _Static, res, cotangents, offset=None):
                     dconsts = tuple(a + g.astype(a.dtype) for a, g in zip(dconsts, dc, strict=True))
                 if bias is not None:
                     dbias = tile.add_bias_grad(dbias, ds)
-                if dot:
-                    ds_q = ds.astype(q.dtype)
-                    dq_i = rows_matmul("bkqs,bksh->bkqh", ds_q, k_jj, acc)
-                    dk_j, dparams_ij = _t_matmul(qbt[i], ds_q, acc), None
+                if dot:  # dk_j transposed: [B, K, H, bk]
+                    (dq_i, dk_j), dparams_ij = st.score.vjp_t(qbt[i], k_jj, ds, acc), None
                 else:
                     dq_i, dk_j, dparams_ij = st.score.vjp(params, q_i, k_jj, ds, acc)
                 if not st.score.linear_in_q:
@@ -158,7 +145,8 @@ def _backward(st: _Static, res, cotangents, offset=None):
     xs = (jnp.arange(nk), *(jnp.asarray(x) for x in (part_num, part_idx, full_num, full_idx)))
     (dq_raw, dparams, dconsts, dscale, dbias, dk, dv), _ = jax.lax.scan(kv_tile, init, xs)
     if st.score.linear_in_q:  # sum(dS * score) = sum(dQ_raw * Q) for a score linear in q
-        dscale = jnp.sum(dq_raw * _q_blocks(q, kh, st.bq).astype(acc))
+        q_blocks = _q_blocks(q, kh, st.bq) if folded else qb  # the unscaled queries
+        dscale = jnp.sum(dq_raw * q_blocks.astype(acc))
     dq = _q_unblocks(dq_raw * scale, q.shape[1]).astype(q.dtype)
     dk, dv = dk[:, : k.shape[1]], dv[:, : k.shape[1]]
     dparams = jax.tree.map(lambda g, x: (g * scale).astype(x.dtype), dparams, params)

@@ -54,6 +54,13 @@ class DotScore(Score):
         dk = rows_matmul("bkqs,bkqh->bksh", ds, q_i, acc)
         return dq, dk, None
 
+    def vjp_t(self, q_t, k_j, ds, acc):
+        """``(dq_i, dk_j^T)`` from ``q_t = rows_t(q_i)``: the key gradient as ``Q^T dS``
+        (``[B, K, H, bk]``), a matmul of row-major operands, where ``dS^T Q`` (the
+        transposed left operand) runs at about half speed on XLA's CPU backend."""
+        ds = ds.astype(q_t.dtype)
+        return rows_matmul("bkqs,bksh->bkqh", ds, k_j, acc), t_matmul(q_t, ds, acc)
+
 
 def rows_matmul(spec: str, a: jax.Array, b: jax.Array, acc: Any) -> jax.Array:
     """``einsum(spec)`` of tiles whose query rows are ``[..., G, bq, X]`` (a, and b when its
@@ -73,3 +80,15 @@ def rows_matmul(spec: str, a: jax.Array, b: jax.Array, acc: Any) -> jax.Array:
 
 
 DOT = DotScore()
+
+
+def rows_t(x: jax.Array) -> jax.Array:
+    """Query-row tiles ``[..., B, K, G, bq, D]`` -> ``[..., B, K, D, G*bq]``."""
+    return jnp.swapaxes(x.reshape(*x.shape[:-3], -1, x.shape[-1]), -1, -2)
+
+
+def t_matmul(a_t: jax.Array, p: jax.Array, acc: Any) -> jax.Array:
+    """``a^T p`` of ``a_t [B, K, D, G*bq]`` (:func:`rows_t`) and ``p [B, K, G, bq, bk]``:
+    ``[B, K, D, bk]``."""
+    p = p.reshape(*p.shape[:2], -1, p.shape[-1])
+    return jnp.einsum("bkdq,bkqs->bkds", a_t, p, preferred_element_type=acc)

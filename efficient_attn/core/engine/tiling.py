@@ -23,12 +23,9 @@ from efficient_attn.core.engine.score import DotScore, Score
 
 def _q_blocks(x: jax.Array, kv_heads: int, block: int, fill: float = 0.0) -> jax.Array:
     """[B, T, N, *D] -> [nb, B, K, G, block, *D], padded with ``fill``."""
-    x = jnp.asarray(x)
-    b, t, n = x.shape[:3]
-    d = x.shape[3:]
-    nb = masking.cdiv(t, block)
-    x = jnp.pad(x, [(0, 0), (0, nb * block - t)] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
-    x = x.reshape(b, nb, block, kv_heads, n // kv_heads, *d)
+    x = _q_rows(x, kv_heads, block, fill)
+    b, t = x.shape[:2]
+    x = x.reshape(b, t // block, block, *x.shape[2:])
     return jnp.moveaxis(x, (1, 2), (0, 4))
 
 
@@ -44,12 +41,6 @@ def _kv_blocks(x: jax.Array, block: int) -> jax.Array:
     x = masking.pad_axis(jnp.asarray(x), 1, block)
     b, t, k, h = x.shape
     return x.reshape(b, t // block, block, k, h).transpose(1, 0, 3, 2, 4)
-
-
-def _kv_unblocks(x: jax.Array, length: int) -> jax.Array:
-    """[nb, B, K, block, D] -> [B, length, K, D]."""
-    nb, b, k, block, d = x.shape
-    return x.transpose(1, 0, 3, 2, 4).reshape(b, nb * block, k, d)[:, :length]
 
 
 def default_tiles(q_len: int, k_len: int, backward: bool = False) -> tuple[int, int]:
