@@ -100,7 +100,7 @@ def interleaved(calls: dict, rounds: int, burst: int = 3) -> dict:
 
     The first call after the other side absorbs the hand-over of the cores: torch's
     OpenMP threads spin for a while after each call (``OMP_WAIT_POLICY`` unset), which
-    doubled our 1k forward when calls alternated one by one (7.1 -> 13.7 ms).
+    slowed our short calls that followed them when calls alternated one by one.
     """
     for f in calls.values():
         f()
